@@ -1,19 +1,111 @@
-"""``python -m conceptgate``: the command line."""
+"""``python -m conceptgate``: inspect, convert, and (as the mechanisms land) demo / bench / train / edit."""
+
+from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 
+def cmd_inspect(args) -> int:
+    from .adapters.files import describe
+
+    status = 0
+    for path in args.files:
+        info, problems = describe(path)
+        if args.json:
+            print(json.dumps({**info, "problems": problems}, indent=2))
+        else:
+            print(f"== {path}")
+            for key in ("name", "kind", "method", "format", "concepts", "base_family", "modules", "rank",
+                        "parameters", "vectors", "size_bytes", "sha256"):
+                if key in info:
+                    value = ", ".join(info[key]) if key == "concepts" else info[key]
+                    if key == "size_bytes":
+                        value = f"{info[key] / 1e6:.2f} MB ({info[key]} bytes)"
+                    print(f"  {key:12s} {value}")
+            print("  problems     " + ("none" if not problems else ""))
+            for p in problems:
+                print(f"    - {p}")
+        status = status or (1 if problems else 0)
+    return status
+
+
+def cmd_convert(args) -> int:
+    """Pickled LoRA/SPM state dicts -> safetensors, read with ``torch.load(weights_only=True)``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .adapters.errors import EraserFileError
+    from .adapters.files import describe
+
+    try:
+        obj = torch.load(args.file, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain containers
+        print(f"{args.file}: cannot be read safely (weights_only=True): {e}", file=sys.stderr)
+        return 2
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        print(f"{args.file}: not a flat dictionary of tensors", file=sys.stderr)
+        return 2
+    if not any(k.startswith("lora_unet_") for k in obj):
+        print(f"{args.file}: holds no kohya LoRA keys (lora_unet_*). Full UNet checkpoints (e.g. RECE/UCE) are "
+              "converted against their base model by the closed-form edit tools.", file=sys.stderr)
+        return 2
+    meta = {"prompts": args.concepts} if args.concepts else {}
+    save_file({k: v.contiguous() for k, v in obj.items()}, args.out, metadata=meta)
+    info, problems = describe(args.out)
+    print(f"wrote {args.out}: {info.get('modules', 0)} modules, problems: {problems or 'none'}")
+    if problems:
+        raise EraserFileError(args.out, "; ".join(problems))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m conceptgate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m conceptgate",
+                                     description="ConceptGate: gated concept erasure for diffusers, ComfyUI and A1111/Forge.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    p = sub.add_parser("inspect", help="print what an eraser file holds and every validation problem")
+    p.add_argument("files", nargs="+", help=".safetensors eraser files")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="convert a pickled (.pt/.ckpt) LoRA/SPM file to .safetensors, read safely")
+    p.add_argument("file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--concepts", default="", help="comma-separated erased concepts to record")
+    p.set_defaults(func=cmd_convert)
+
+    for module in _plugin_modules():
+        module.add_cli(sub)
     return parser
+
+
+def _plugin_modules():
+    """Subcommands contributed by the mechanisms and the toy world (each module has ``add_cli``)."""
+    import importlib
+
+    names = ["conceptgate.toyworld.cli"]
+    found = []
+    for name in names:
+        try:
+            found.append(importlib.import_module(name.replace("conceptgate", __package__, 1)))
+        except ModuleNotFoundError as e:
+            if e.name and e.name.endswith(name.rsplit(".", 1)[-1]):
+                continue  # not shipped yet
+            raise
+    return found
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in ("demo", "bench"):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return int(args.func(args) or 0)
 
 

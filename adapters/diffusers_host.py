@@ -36,7 +36,9 @@ class DiffusersTextEncoder:
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> EncodedText:
-        ids = self.tokenizer(list(texts), padding="max_length", max_length=self.tokenizer.model_max_length,
+        # the text encoder's window (77), not the tokenizer's model_max_length (some copies say 8192)
+        window = self.text_encoder.config.max_position_embeddings
+        ids = self.tokenizer(list(texts), padding="max_length", max_length=window,
                              truncation=True, return_tensors="pt").input_ids
         device = next(self.text_encoder.parameters()).device
         if self.clip_skip:

@@ -1,4 +1,5 @@
-"""ComfyUI nodes of ConceptGate."""
+"""ComfyUI nodes of ConceptGate (imported only when ComfyUI loads the pack)."""
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+from .nodes_conceptgate import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -202,6 +202,8 @@ def row_gated(model, stack: EraserStack, clip, report_sink=None):
     check_fits(model, stack)
     m = model.clone()
     runtime = RowGateRuntime(m, stack, ComfyTextEncoder(clip), report_sink)
+    for entry in stack.entries:  # encode the concepts now, not in the middle of sampling
+        runtime.banks.get(entry.eraser)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, KEY, runtime.calc_cond_batch_wrapper)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, runtime.diffusion_model_wrapper)
     m.set_injections(KEY, [comfy.patcher_extension.PatcherInjection(

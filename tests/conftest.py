@@ -1,0 +1,22 @@
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import comfy_host  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """The real ComfyUI 0.3.75, booted for CPU (skips nothing: a missing ComfyUI is an error)."""
+    return comfy_host.boot_comfyui()
+
+
+@pytest.fixture(scope="session")
+def executor(comfy):
+    """ComfyUI's PromptExecutor with this checkout and the test pack loaded as custom nodes."""
+    return comfy_host.Executor()
