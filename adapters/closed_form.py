@@ -446,8 +446,6 @@ def uce_edit(weights: Mapping[str, torch.Tensor], erase, guide, preserve=None,
     lam = _check_scalar(lam, "lam")
     a_e = _check_scalar(erase_scale, "erase_scale")
     pres = _as_preserve(preserve, d, n_preserve_prompts)
-    if pres is not None and n_preserve_prompts is not None and not isinstance(preserve, PreserveGram):
-        pres = PreserveGram(pres.gram, pres.n_vectors, int(n_preserve_prompts))
     if preserve_scale is None:
         n_p = 0 if pres is None else (pres.n_prompts if n_preserve_prompts is None
                                       else int(n_preserve_prompts))
@@ -901,6 +899,13 @@ def _encoder_identity(encode, encoder_key):
 
 class EncodingCache:
     """Memoises text encodings per (encoder identity, text), LRU-bounded per encoder.
+
+    Entries are the encoder's own tensors (dtype and device as returned), one
+    ``L x D`` hidden state per text: an SD1.x fp32 prompt is ~236 KB, so the
+    default bound of 4,096 texts is at most ~1 GB (SDXL: ~2.5 GB); lower
+    ``max_texts_per_encoder`` where memory is tight.  Per-text entries let a
+    preserve list that changes by one prompt (e.g. "all other artists") reuse
+    every other encoding.
 
     Encoder identity: ``encoder_key`` when given (recommended: e.g. a model
     fingerprint + CLIP-skip setting), else the callable itself (for bound methods
