@@ -41,7 +41,7 @@ DEFAULT_CONFIG = {
     "clip_steps": 2000, "clip_batch": 64, "clip_lr": 5e-4,
     "vae_steps": 2000, "vae_batch": 32, "vae_crop": 32, "vae_lr": 4e-4, "vae_kl": 1e-6,
     "judge_steps": 1200, "judge_batch": 64, "judge_garbage": 32, "judge_lr": 2e-3,
-    "unet_steps": 7000, "unet_batch": 32, "unet_lr": 4e-4, "unet_warmup": 200, "ema": 0.999,
+    "unet_steps": 8000, "unet_batch": 32, "unet_lr": 4e-4, "unet_warmup": 200, "ema": 0.999,
     "caption_dropout": 0.1,
     "eval_steps": 25, "eval_cfg": 5.0, "eval_prompts": 96, "eval_seeds": 1, "eval_renders": 2000,
     "ckpt_every": 500,
@@ -136,7 +136,9 @@ def _lr(step, total, base, warmup):
 def _pbar(total, initial, desc):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, mininterval=2.0, file=sys.stdout, dynamic_ncols=True)
+    tty = sys.stdout.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, mininterval=2.0 if tty else 20.0, file=sys.stdout,
+                dynamic_ncols=tty, ascii=not tty)
 
 
 def _run_loop(name, cfg, ck, resume, models, opt, step_fn, total, lr_base, warmup, state_extra=None):
@@ -217,7 +219,7 @@ def train_clip(cfg, dev, ck, resume, pool, amp):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     te.train(), tower.train(), head.train()
     stats = _run_loop("clip", cfg, ck, resume, {"te": te, "tower": tower, "head": head}, opt, step,
@@ -250,7 +252,7 @@ def train_vae(cfg, dev, ck, resume, pool, amp):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     vae.train()
     stats = _run_loop("vae", cfg, ck, resume, {"vae": vae}, opt, step, cfg["vae_steps"], cfg["vae_lr"], 100)
@@ -287,7 +289,7 @@ def train_judges(cfg, dev, ck, resume, pool, amp):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     judge.train()
     stats = _run_loop("judge", cfg, ck, resume, {"judge": judge}, opt, step, cfg["judge_steps"], cfg["judge_lr"], 50)
@@ -359,7 +361,7 @@ def train_unet(cfg, dev, ck, resume, pool, te, latents, sf, amp):
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - d)
-        return float(loss)
+        return float(loss.detach())
 
     unet.train()
     stats = _run_loop("unet", cfg, ck, resume, {"unet": unet}, opt, step, cfg["unet_steps"], cfg["unet_lr"],
