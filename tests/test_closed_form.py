@@ -273,6 +273,33 @@ def test_rece_fast_path_matches_dense_reference_every_epoch():
         current = apply_deltas(w, acc)
     for name in w:
         assert torch.allclose(res[name], acc[name], rtol=0, atol=1e-12)
+    after1 = res.deltas_after(1)
+    for name in w:
+        assert torch.allclose(after1[name], sum_deltas(start, *[
+            {n: u @ dn for n, (u, dn) in res.epoch_factors[0].items()}])[name], atol=1e-12)
+        assert torch.allclose(res.deltas_after(3)[name], res[name], atol=1e-12)
+        assert torch.equal(res.deltas_after(0)[name], start[name])
+
+
+def test_rece_dense_start_and_gram_cache_give_the_same_edit():
+    w = make_weights()
+    c, g, pres = randn(5, D, seed=44), randn(5, D, seed=45), randn(5, D, seed=46)
+    start = uce_edit(w, c, g, pres)
+    cf.clear_gram_cache()
+    a = rece_edit(w, c, g, pres, start=start, epochs=2, lam_reg=0.1)            # factored start
+    b = rece_edit(w, c, g, pres, start=dict(start), epochs=2, lam_reg=0.1)      # dense start
+    hit = rece_edit(w, c, g, pres, start=start, epochs=2, lam_reg=0.1)          # cached Gram
+    assert b.factors is None and a.rank == 5 + 2 * 5
+    for name in w:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-12)
+        assert torch.equal(a[name], hit[name])
+    # an in-place change of the weights invalidates the cached Gram
+    name = next(iter(w))
+    w[name].mul_(2.0)
+    fresh = rece_edit(w, c, g, pres, start=uce_edit(w, c, g, pres), epochs=1, lam_reg=0.1,
+                      gram_cache=False)
+    cached = rece_edit(w, c, g, pres, start=uce_edit(w, c, g, pres), epochs=1, lam_reg=0.1)
+    assert torch.allclose(fresh.embeddings[0], cached.embeddings[0], rtol=0, atol=1e-12)
 
 
 def test_rece_type_defaults_and_batched_concepts():
