@@ -44,7 +44,8 @@ class DiffusersTextEncoder:
         if self.clip_skip:
             out = self.text_encoder(ids.to(device), output_hidden_states=True)
             hidden = out.hidden_states[-(self.clip_skip + 1)]
-            hidden = self.text_encoder.text_model.final_layer_norm(hidden)
+            inner = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers 5 flattened it
+            hidden = inner.final_layer_norm(hidden)
         else:
             hidden = self.text_encoder(ids.to(device))[0]
         return EncodedText(hidden.float(), [self._content(row.tolist()) for row in ids])
