@@ -810,12 +810,14 @@ def rece_edit(weights_orig: Mapping[str, torch.Tensor], concept_emb, target_emb,
         epoch_factors.append({name: (new_up[name], down) for name in names})
 
     dcat = torch.cat(downs, 0)
+    d_ep = torch.cat(downs[n_start_blocks:], 0)
     deltas, factors = {}, {}
     for name in names:
         w = wo[name]
         ucat = torch.cat(ups[name], 1)
-        total = ucat @ dcat
-        if not base_is_orig and name in start:
+        # the start's own delta is already dense: only the epochs' blocks are multiplied out
+        total = torch.cat(ups[name][n_start_blocks:], 1) @ d_ep
+        if start is not None and name in start:
             total += start[name].to(device=dev, dtype=_F64)
         deltas[name] = total.to(w.dtype)
         factors[name] = (ucat, dcat)
