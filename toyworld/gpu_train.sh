@@ -64,7 +64,7 @@ fi
 "$PY" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)"
 
 START=$(date +%s)
-"$PY" -u -m conceptgate.toyworld.train train --device cuda --workers 16 \
+"$PY" -u -m conceptgate.toyworld.train train --device "${DEVICE:-cuda}" --workers 16 \
   --out "$OUT/run" --weights "$OUT/weights" \
   --set eval_prompts=258 --set eval_seeds=2 "$@" 2>&1 | tee "$OUT/run/train.log"
 echo "[$(date +%H:%M:%S)] gpu_train.sh: done in $(( $(date +%s) - START )) s; weights in $OUT/weights"

@@ -140,13 +140,15 @@ def sample_labels(
     that are re-drawn (used to hold out pairs from training)."""
     rng = np.random.default_rng(rng)
 
-    def pick(spec, k):
+    def allowed(spec, k):
         if spec is None:
-            return rng.integers(0, k, n)
+            return np.arange(k)
         spec = np.atleast_1d(np.asarray(spec, np.int64))
-        if len(spec) == n and n > 1 and not isinstance(spec, range):
-            return spec.copy()
-        return rng.choice(spec, n) if len(spec) > 1 else np.full(n, spec[0])
+        return None if (len(spec) == n and n > 1) else spec  # None: one value per item, given
+
+    def pick(spec, k):
+        a = allowed(spec, k)
+        return np.asarray(spec, np.int64).copy() if a is None else rng.choice(a, n)
 
     obj = pick(objects, len(OBJECTS))
     sty = pick(styles, len(STYLES))
@@ -155,16 +157,17 @@ def sample_labels(
         ex = np.zeros((len(OBJECTS), len(STYLES)), bool)
         for o, s in exclude_pairs:
             ex[o, s] = True
-        for _ in range(100):
+        a_sty, a_obj = allowed(styles, len(STYLES)), allowed(objects, len(OBJECTS))
+        for _ in range(200):
             bad = ex[obj, sty]
             if not bad.any():
                 break
             m = int(bad.sum())
-            # re-draw whichever attribute was free; if both fixed, give up (caller's choice)
-            if styles is None:
-                sty[bad] = rng.integers(0, len(STYLES), m)
-            elif objects is None:
-                obj[bad] = rng.integers(0, len(OBJECTS), m)
+            # re-draw a free attribute within its allowed set
+            if a_sty is not None and len(a_sty) > 1:
+                sty[bad] = rng.choice(a_sty, m)
+            elif a_obj is not None and len(a_obj) > 1:
+                obj[bad] = rng.choice(a_obj, m)
             else:
                 break
     wm = rng.random(n) < watermark_rate
