@@ -117,26 +117,44 @@ def comfy_patches(model, modules: dict[str, ModuleDelta]) -> dict:
     return comfy.lora.load_lora(kohya_state_dict(modules), key_map, log_missing=True)
 
 
-def weight_patched(model, stack: EraserStack, coeffs: torch.Tensor):
-    """A clone of ``model`` with the stack as weight patches at coefficients ``coeffs`` [E]."""
-    check_fits(model, stack)
-    m = model.clone()
-    coeffs = coeffs.flatten()
-    if stack.combine == "official":
+def combined_modules(stack: EraserStack, coeffs: torch.Tensor) -> dict[str, ModuleDelta]:
+    """The whole stack at coefficients ``coeffs`` as ONE delta per module.
+
+    additive: ``[c_1 s_1 U_1 | c_2 s_2 U_2 | ...] @ [D_1; D_2; ...]`` (rank = sum of ranks), so ComfyUI
+    runs one LoRA product per weight however many erasers are stacked; official: ``s (sum c_i U_i)(sum c_i D_i)``.
+    Modules that carry a full ``diff`` get the dense sum.
+    """
+    coeffs = coeffs.flatten().float()
+    out: dict[str, ModuleDelta] = {}
+    official = stack.combine == "official"
+    if official:
         stack.check_official_combinable()
-        merged = {}
-        for name in stack.modules():
-            parts = [(float(coeffs[i]), e.eraser.modules[name]) for i, e in stack.weight_entries if name in e.eraser.modules]
+    for name in stack.modules():
+        parts = [(float(coeffs[i]), e.eraser.modules[name]) for i, e in stack.weight_entries
+                 if name in e.eraser.modules and float(coeffs[i]) != 0.0]
+        if not parts:
+            continue
+        if any(not d.is_low_rank for _, d in parts):
+            out[name] = ModuleDelta(diff=sum(c * d.full() for c, d in parts))
+        elif official:
             up = sum(c * d.up.float() for c, d in parts)
             down = sum(c * d.down.float() for c, d in parts)
-            merged[name] = ModuleDelta(up=up, down=down, alpha=parts[0][1].scale * up.shape[1])
-        if float(coeffs.abs().sum()) > 0:
-            m.add_patches(comfy_patches(m, merged), 1.0)
-        return m
-    for i, entry in stack.weight_entries:
-        c = float(coeffs[i])
-        if c != 0.0:
-            m.add_patches(comfy_patches(m, entry.eraser.modules), c)
+            out[name] = ModuleDelta(up=up, down=down, alpha=parts[0][1].scale * up.shape[1])
+        else:
+            up = torch.cat([c * d.scale * d.up.float() for c, d in parts], 1)
+            down = torch.cat([d.down.float() for _, d in parts], 0)
+            out[name] = ModuleDelta(up=up, down=down, alpha=float(up.shape[1]))  # scale 1
+    return out
+
+
+def weight_patched(model, stack: EraserStack, coeffs: torch.Tensor):
+    """A clone of ``model`` with the stack as weight patches at coefficients ``coeffs`` [E]
+    (one LoRA patch per weight; ComfyUI applies it when it loads the model and keeps its backup)."""
+    check_fits(model, stack)
+    m = model.clone()
+    merged = combined_modules(stack, coeffs)
+    if merged:
+        m.add_patches(comfy_patches(m, merged), 1.0)
     return m
 
 

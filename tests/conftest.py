@@ -19,4 +19,4 @@ def comfy():
 @pytest.fixture(scope="session")
 def executor(comfy):
     """ComfyUI's PromptExecutor with this checkout and the test pack loaded as custom nodes."""
-    return comfy_host.Executor()
+    return comfy_host.Executor(packs=(comfy_host.REPO, os.path.join(HERE, "comfy_test_pack")))

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m conceptgate bench ...` writes BENCHMARKS.md (speed and quality, measured)."""
