@@ -55,67 +55,68 @@ def dense_deltas(stack: EraserStack, coeffs: torch.Tensor, dtype=torch.float32) 
 
 
 class _ModuleTerms:
-    """The erasers' factors on one module, concatenated along the rank axis."""
+    """The erasers' factors on one module, concatenated along the rank axis (built once)."""
 
-    def __init__(self, name: str, terms: list[tuple[int, ModuleDelta]], n_entries: int, official: bool):
+    def __init__(self, name: str, terms: list[tuple[int, ModuleDelta]], official: bool):
         self.name = name
         self.official = official
         low = [(i, d) for i, d in terms if d.is_low_rank]
         self.full = [(i, d.full()) for i, d in terms if not d.is_low_rank]
         self.conv = any(d.is_conv for _, d in terms)
+        self.down = None
         if low:
             self.down = torch.cat([d.down.float() for _, d in low], 0)  # [R, in(, kh, kw)]
-            self.up = torch.cat([d.up.float().flatten(1) for _, d in low], 1)  # [out, R]
+            up = torch.cat([d.up.float().flatten(1) for _, d in low], 1)  # [out, R]
+            self.up = up[:, :, None, None] if self.conv else up
             # which stack entry each rank column belongs to, and its kohya scale
             self.entry_of_rank = torch.cat([torch.full((d.rank,), i, dtype=torch.long) for i, d in low])
             self.scale_of_rank = torch.cat([torch.full((d.rank,), d.scale) for _, d in low])
             self.rank = low[0][1].rank
             self.official_scale = low[0][1].scale
-        else:
-            self.down = None
-        self._cache: dict = {}
+            self.signature = (tuple(self.entry_of_rank.tolist()), tuple(self.scale_of_rank.tolist()))
+        self._device_copies: dict = {}
 
-    def _on(self, ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def on(self, ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on ``ref``'s device and dtype, converted once."""
         key = (id(t), ref.device, ref.dtype)
-        hit = self._cache.get(key)
+        hit = self._device_copies.get(key)
         if hit is None:
-            hit = t.to(device=ref.device, dtype=ref.dtype)
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != id(t)}  # one copy per tensor
-            self._cache[key] = hit
+            hit = self._device_copies[key] = t.to(device=ref.device, dtype=ref.dtype)
         return hit
 
-    def delta_output(self, module: nn.Module, x: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor | None:
-        """The eraser contribution for input ``x`` with per-row coefficients ``coeffs`` [B, E]."""
+    def rank_weights(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-row, per-rank-column multipliers [B, R] (strength x gate x kohya scale)."""
+        w = rows[:, self.entry_of_rank.to(rows.device)]
+        return w if self.official else w * self.scale_of_rank.to(w)
+
+    def delta_output(self, module: nn.Module, x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor | None:
+        """The eraser contribution for input ``x``; ``rows`` [B, E] coefficients, ``w`` their [B, R] form."""
         y = None
         if self.down is not None:
-            w = coeffs[:, self.entry_of_rank.to(coeffs.device)]  # [B, R]
-            if not self.official:
-                w = w * self.scale_of_rank.to(w)
-            down = self._on(x, self.down)
-            up = self._on(x, self.up)
+            down, up = self.on(x, self.down), self.on(x, self.up)
+            w = w.to(x.dtype)
             if self.conv:
                 z = F.conv2d(x, down, None, module.stride, module.padding, module.dilation)  # [B, R, H, W]
+                shape = (w.shape[0], w.shape[1], 1, 1)
             else:
                 z = F.linear(x, down)  # [B, ..., R]
+                shape = (w.shape[0],) + (1,) * (z.dim() - 2) + (w.shape[1],)
+            z = z * w.view(shape)
             if self.official:
-                # s = sum_j c_j D_j x ; y = sum_i c_i U_i s  (rank axis grouped per entry)
-                zc = _scale_rank_axis(z, w, self.conv)
-                groups = zc.shape[1 if self.conv else -1] // self.rank
+                # s = sum_j c_j D_j x ; y = s_kohya * sum_i c_i U_i s  (rank columns grouped per entry)
+                groups = w.shape[1] // self.rank
                 if self.conv:
-                    s = zc.unflatten(1, (groups, self.rank)).sum(1)  # [B, r, H, W]
-                    s = s.repeat(1, groups, 1, 1)
+                    s = z.unflatten(1, (groups, self.rank)).sum(1).repeat(1, groups, 1, 1)
                 else:
-                    s = zc.unflatten(-1, (groups, self.rank)).sum(-2)
+                    s = z.unflatten(-1, (groups, self.rank)).sum(-2)
                     s = s.repeat(*([1] * (s.dim() - 1)), groups)
-                z = _scale_rank_axis(s, w * self.official_scale, self.conv)
-            else:
-                z = _scale_rank_axis(z, w, self.conv)
-            y = torch.einsum("brhw,or->bohw", z, up) if self.conv else F.linear(z, up)
+                z = s * (w * self.official_scale).view(shape)
+            y = F.conv2d(z, up) if self.conv else F.linear(z, up)
         for i, diff in self.full:
-            c = coeffs[:, i]
+            c = rows[:, i]
             if not bool((c != 0).any()):
                 continue
-            diff = self._on(x, diff)
+            diff = self.on(x, diff)
             if self.conv:
                 part = F.conv2d(x, diff, None, module.stride, module.padding, module.dilation)
             else:
@@ -125,11 +126,37 @@ class _ModuleTerms:
         return y
 
 
-def _scale_rank_axis(z: torch.Tensor, w: torch.Tensor, conv: bool) -> torch.Tensor:
-    w = w.to(z)
-    if conv:
-        return z * w[:, :, None, None]
-    return z * w.view(w.shape[0], *([1] * (z.dim() - 2)), w.shape[1])
+class _RowState:
+    """Coefficients for the current UNet call, with everything that does not depend on the module
+    computed once per call instead of once per hooked module."""
+
+    def __init__(self, coeffs: torch.Tensor | None):
+        self.coeffs = coeffs
+        self.active = coeffs is not None and bool((coeffs != 0).any())
+        self._rows: dict = {}
+        self._weights: dict = {}
+
+    def rows(self, batch: int, device) -> torch.Tensor:
+        key = (batch, device)
+        hit = self._rows.get(key)
+        if hit is None:
+            n = self.coeffs.shape[0]
+            if batch % n:
+                raise RuntimeError(f"{n} coefficient rows do not divide a batch of {batch}")
+            hit = self._rows[key] = self.coeffs.to(device).repeat_interleave(batch // n, 0)
+        return hit
+
+    def weights(self, terms: _ModuleTerms, rows: torch.Tensor) -> torch.Tensor | None:
+        if terms.down is None:
+            return None
+        key = (terms.signature, rows.shape[0], rows.device)
+        hit = self._weights.get(key)
+        if hit is None:
+            hit = self._weights[key] = terms.rank_weights(rows)
+        return hit
+
+
+_INACTIVE = _RowState(None)
 
 
 class RowGatedDeltas:
@@ -150,13 +177,11 @@ class RowGatedDeltas:
         for i, e in stack.weight_entries:
             for name, d in e.eraser.modules.items():
                 per_module.setdefault(name, []).append((i, d))
-        self.terms = {n: _ModuleTerms(n, t, len(stack.entries), official) for n, t in per_module.items()}
+        self.terms = {n: _ModuleTerms(n, t, official) for n, t in per_module.items()}
         self.resolve = resolve
         self._handles: list = []
-        self._local = threading.local()
-        self.default: torch.Tensor | None = None
+        self._local = threading.local()  # parallel samplers do not see each other's gates
 
-    # coefficient state (thread-local so parallel samplers do not see each other's gates)
     def set_coefficients(self, coeffs: torch.Tensor | None):
         if coeffs is not None:
             coeffs = torch.as_tensor(coeffs, dtype=torch.float32)
@@ -164,27 +189,26 @@ class RowGatedDeltas:
                 coeffs = coeffs[None]
             if coeffs.shape[1] != len(self.stack.entries):
                 raise ValueError(f"coefficients have {coeffs.shape[1]} columns, the stack {len(self.stack.entries)} entries")
-        self._local.coeffs = coeffs
+        self._local.state = _RowState(coeffs)
 
     def current(self) -> torch.Tensor | None:
-        return getattr(self._local, "coeffs", self.default)
+        return getattr(self._local, "state", _INACTIVE).coeffs
 
     class _Scope:
         def __init__(self, owner, coeffs):
             self.owner, self.coeffs = owner, coeffs
 
         def __enter__(self):
-            self.prev = getattr(self.owner._local, "coeffs", None)
+            self.prev = getattr(self.owner._local, "state", _INACTIVE)
             self.owner.set_coefficients(self.coeffs)
             return self.owner
 
         def __exit__(self, *exc):
-            self.owner._local.coeffs = self.prev
+            self.owner._local.state = self.prev
 
     def coefficients(self, coeffs):
         return self._Scope(self, coeffs)
 
-    # hooks
     def attach(self) -> "RowGatedDeltas":
         if self._handles:
             return self
@@ -205,16 +229,15 @@ class RowGatedDeltas:
         self.detach()
 
     def _make_hook(self, terms: _ModuleTerms):
+        local = self._local
+
         def hook(module, args, output):
-            coeffs = self.current()
-            if coeffs is None or not bool((coeffs != 0).any()):
+            state = getattr(local, "state", _INACTIVE)
+            if not state.active:
                 return None
             x = args[0]
-            b = x.shape[0]
-            if b % coeffs.shape[0]:
-                raise RuntimeError(f"{coeffs.shape[0]} coefficient rows do not divide a batch of {b}")
-            rows = coeffs.to(x.device).repeat_interleave(b // coeffs.shape[0], 0)
-            delta = terms.delta_output(module, x, rows)
+            rows = state.rows(x.shape[0], x.device)
+            delta = terms.delta_output(module, x, rows, state.weights(terms, rows))
             return output if delta is None else output + delta.to(output.dtype)
 
         return hook
