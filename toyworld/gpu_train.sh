@@ -66,6 +66,6 @@ fi
 START=$(date +%s)
 "$PY" -u -m conceptgate.toyworld.train train --device "${DEVICE:-cuda}" --workers 16 \
   --out "$OUT/run" --weights "$OUT/weights" \
-  --set eval_prompts=258 --set eval_seeds=2 "$@" 2>&1 | tee "$OUT/run/train.log"
+  --deadline-min "${DEADLINE_MIN:-6.5}" --set eval_prompts=258 --set eval_seeds=2 "$@" 2>&1 | tee "$OUT/run/train.log"
 echo "[$(date +%H:%M:%S)] gpu_train.sh: done in $(( $(date +%s) - START )) s; weights in $OUT/weights"
 du -sh "$OUT/weights" || true

@@ -63,7 +63,7 @@ def make_garbage(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.T
     # 5: blend of two different renders
     m = int((kind == 5).sum())
     if m:
-        other = x[torch.randperm(n, generator=gen, device="cpu").to(dev)[:m]]
+        other = x[torch.argsort(rand(n))[:m]]
         out[kind == 5] = 0.5 * x[kind == 5] + 0.5 * other.flip(2)
     # 6: drowned in noise
     m = int((kind == 6).sum())

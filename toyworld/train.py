@@ -126,6 +126,16 @@ class Ckpt:
         return torch.load(p, map_location="cpu", weights_only=False) if os.path.exists(p) else None
 
 
+def _adamw(params, **kw):
+    params = list(params)
+    if params and params[0].is_cuda:
+        kw["fused"] = True
+    return torch.optim.AdamW(params, **kw)
+
+
+DEADLINE = {"t": None}  # absolute time after which training loops stop early (``--deadline-min``)
+
+
 def _lr(step, total, base, warmup):
     if step < warmup:
         return base * (step + 1) / warmup
@@ -156,7 +166,12 @@ def _run_loop(name, cfg, ck, resume, models, opt, step_fn, total, lr_base, warmu
     t0 = time.time()
     bar = _pbar(total, start, name)
     ema_loss = None
+    stopped = None
     for step in range(start, total):
+        if DEADLINE["t"] is not None and time.time() > DEADLINE["t"]:
+            stopped = step
+            log(f"{name}: DEADLINE reached, stopping early at step {step} of {total}")
+            break
         for g in opt.param_groups:
             g["lr"] = _lr(step, total, lr_base, warmup)
         loss = step_fn(step)
@@ -171,9 +186,11 @@ def _run_loop(name, cfg, ck, resume, models, opt, step_fn, total, lr_base, warmu
             })
     bar.close()
     dt = time.time() - t0
-    n = max(1, total - start)
-    log(f"{name}: {total - start} steps in {dt:.1f}s ({dt / n:.3f} s/step), final loss {ema_loss}")
-    return {"seconds": dt, "s_per_step": dt / n, "final_loss": None if ema_loss is None else float(ema_loss)}
+    end = stopped if stopped is not None else total
+    n = max(1, end - start)
+    log(f"{name}: {end - start} steps in {dt:.1f}s ({dt / n:.3f} s/step), final loss {ema_loss}")
+    return {"seconds": dt, "s_per_step": dt / n, "steps_run": end - start, "stopped_early_at": stopped,
+            "final_loss": None if ema_loss is None else float(ema_loss)}
 
 
 # ------------------------------------------------------------------------------------- stages
@@ -187,7 +204,7 @@ def train_clip(cfg, dev, ck, resume, pool, amp):
     tok = load_tokenizer()
     cache = {}
     params = list(te.parameters()) + list(tower.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg["clip_lr"], weight_decay=0.01)
+    opt = _adamw(params, lr=cfg["clip_lr"], weight_decay=0.01)
     B = cfg["clip_batch"]
 
     def step(i):
@@ -233,7 +250,7 @@ C_PAD = 49407
 def train_vae(cfg, dev, ck, resume, pool, amp):
     imgs, _ = pool
     vae = make_vae().to(dev)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg["vae_lr"], weight_decay=0.0)
+    opt = _adamw(vae.parameters(), lr=cfg["vae_lr"], weight_decay=0.0)
     B, cs = cfg["vae_batch"], cfg["vae_crop"]
 
     def step(i):
@@ -263,7 +280,7 @@ def train_vae(cfg, dev, ck, resume, pool, amp):
 def train_judges(cfg, dev, ck, resume, pool, amp):
     imgs, lab = pool
     judge = Judge(ARCH["judge_width"]).to(dev)
-    opt = torch.optim.AdamW(judge.parameters(), lr=cfg["judge_lr"], weight_decay=1e-4)
+    opt = _adamw(judge.parameters(), lr=cfg["judge_lr"], weight_decay=1e-4)
     B, G = cfg["judge_batch"], cfg["judge_garbage"]
     targets_all = {
         "object": torch.from_numpy(lab["object"]),
@@ -316,7 +333,7 @@ def train_unet(cfg, dev, ck, resume, pool, te, latents, sf, amp):
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     sched = make_scheduler("ddpm")
     acp = sched.alphas_cumprod.to(dev)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["unet_lr"], weight_decay=0.0)
+    opt = _adamw(unet.parameters(), lr=cfg["unet_lr"], weight_decay=0.0)
     tc = TextCache(load_tokenizer())
     emb_cache: dict = {}
     B = cfg["unet_batch"]
@@ -359,10 +376,10 @@ def train_unet(cfg, dev, ck, resume, pool, te, latents, sf, amp):
         opt.step()
         d = min(cfg["ema"], (1 + i) / (10 + i))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - d)
+            torch._foreach_lerp_(ema_params, unet_params, 1 - d)
         return float(loss.detach())
 
+    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
     unet.train()
     stats = _run_loop("unet", cfg, ck, resume, {"unet": unet}, opt, step, cfg["unet_steps"], cfg["unet_lr"],
                       cfg["unet_warmup"], state_extra=EmaState())
@@ -511,6 +528,9 @@ def run_train(args) -> dict:
     os.makedirs(out, exist_ok=True)
     ck = Ckpt(out)
     t_start = time.time()
+    if args.deadline_min:
+        DEADLINE["t"] = t_start + 60.0 * args.deadline_min
+        log(f"deadline: training loops stop at {args.deadline_min} min after start (recorded in the manifest)")
     walls = {}
     log(f"config: {json.dumps(cfg)}")
     log(f"device {dev}, bf16 autocast {amp}, torch {torch.__version__}, out {out}")
@@ -604,7 +624,7 @@ def run_train(args) -> dict:
         "threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      **_lib_versions()},
-        "train_wall_seconds": train_wall, "stage_stats": stats, "walls": walls,
+        "train_wall_seconds": train_wall, "deadline_min": args.deadline_min, "stage_stats": stats, "walls": walls,
         "vae_reconstruction_mse": vae_mse, "vae_scaling_factor": sf,
         "evaluation": results,
         "heldout_pairs": [[R.OBJECTS[o], R.STYLES[s]] for o, s in C.HELDOUT_PAIRS],
@@ -668,6 +688,8 @@ def _add_train_args(p):
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (cuda only)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
     p.add_argument("--workers", type=int, default=None, help="render processes (default: 1 on cpu, 16 on cuda)")
+    p.add_argument("--deadline-min", type=float, default=None,
+                   help="safety net: stop training loops early after this many minutes (recorded in the manifest)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
 
 
