@@ -408,6 +408,16 @@ def export(out_dir, te, vae, unet, judge, tower, head):
         feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    # keep the classic BPE files next to tokenizer.json, for hosts/tokenizer versions that need them
+    import shutil
+
+    from .models import TOKENIZER_DIR
+
+    for n in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+        dst = os.path.join(out_dir, "tokenizer", n)
+        if not os.path.exists(dst):
+            shutil.copyfile(os.path.join(TOKENIZER_DIR, n), dst)
+    shutil.copyfile(os.path.join(os.path.dirname(TOKENIZER_DIR), "ATTRIBUTION.md"), os.path.join(out_dir, "ATTRIBUTION.md"))
     save_file({k: v.detach().cpu().float().contiguous() for k, v in judge.state_dict().items()},
               os.path.join(out_dir, "judges.safetensors"))
     clip_sd = {"tower." + k: v for k, v in tower.state_dict().items()}
