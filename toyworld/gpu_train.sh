@@ -6,7 +6,8 @@
 #     bash toyworld/gpu_train.sh OUTDIR [extra `toyworld train` args]
 #
 # Writes OUTDIR/weights (diffusers folder + judges + MANIFEST.json, what gets committed as
-# toyworld/weights) and OUTDIR/run (checkpoints, samples.png, log).  Needs python3 with torch,
+# toyworld/weights, ~56 MB), OUTDIR/train.log and OUTDIR/samples.png.  Checkpoints (large) stay in
+# $RUN_DIR (default /tmp/toyworld-run); rerunning with `--resume` continues from there.  Needs python3 with torch,
 # transformers, safetensors, tqdm, numpy, pillow; diffusers is taken from .whl/diffusers-*.whl
 # (installed with --target /tmp/site) when it is not importable.
 set -euo pipefail
@@ -15,7 +16,8 @@ shift
 PY="${PYTHON:-python3}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SITE=/tmp/site
-mkdir -p "$SITE" /tmp/cg_pkg "$OUT/run"
+RUN="${RUN_DIR:-/tmp/toyworld-run}"
+mkdir -p "$SITE" /tmp/cg_pkg "$OUT" "$RUN"
 OUT="$(cd "$OUT" && pwd)"
 # the checkout is the package `conceptgate`: expose it under that name
 ln -sfn "$ROOT" /tmp/cg_pkg/conceptgate
@@ -65,7 +67,8 @@ fi
 
 START=$(date +%s)
 "$PY" -u -m conceptgate.toyworld.train train --device "${DEVICE:-cuda}" --workers 16 \
-  --out "$OUT/run" --weights "$OUT/weights" \
-  --deadline-min "${DEADLINE_MIN:-6.5}" --set eval_prompts=258 --set eval_seeds=2 "$@" 2>&1 | tee "$OUT/run/train.log"
+  --out "$RUN" --weights "$OUT/weights" \
+  --deadline-min "${DEADLINE_MIN:-6.5}" --set eval_prompts=258 --set eval_seeds=2 "$@" 2>&1 | tee "$OUT/train.log"
+cp "$RUN/samples.png" "$OUT/" 2>/dev/null || true
 echo "[$(date +%H:%M:%S)] gpu_train.sh: done in $(( $(date +%s) - START )) s; weights in $OUT/weights"
 du -sh "$OUT/weights" || true
