@@ -1,0 +1,89 @@
+"""Module-level webui callbacks: the ``<erase:...>`` extra network, the settings entry, the CFG
+callback that feeds the A1111 row table, and clean-up. Registered once (:func:`register`)."""
+
+from __future__ import annotations
+
+import logging
+
+from modules import extra_networks, script_callbacks, shared
+
+from .library import OPTION, Library, default_folder
+from .params import NETWORK, tag_params
+from .state import TAGS_ATTR
+
+log = logging.getLogger("conceptgate")
+
+_registered = False
+ACTIVE: dict = {"state": None, "p": None}  # the generation whose hooks are attached (A1111)
+LAST: dict = {"text": "ConceptGate: no generation yet"}
+
+
+_LIBRARIES: dict = {}
+
+
+def library() -> Library:
+    """The eraser folder in use (one :class:`Library`, and its load cache, per folder)."""
+    configured = getattr(shared.opts, OPTION, "") if getattr(shared, "opts", None) is not None else ""
+    folder = default_folder(getattr(shared, "models_path", None), configured)
+    if folder not in _LIBRARIES:
+        _LIBRARIES[folder] = Library(folder)
+    return _LIBRARIES[folder]
+
+
+class ExtraNetworkErase(extra_networks.ExtraNetwork):
+    """``<erase:name:strength>``: recorded on ``p`` for the script; it never touches other networks
+    (the built-in Lora extension keeps its own ``<lora:...>`` list)."""
+
+    def __init__(self):
+        super().__init__(NETWORK)
+
+    def activate(self, p, params_list):
+        setattr(p, TAGS_ATTR, [tag_params(list(params.items)) for params in params_list])
+
+    def deactivate(self, p):
+        pass
+
+
+def on_before_ui():
+    # extra_networks.initialize() clears the registry after scripts load, so register here.
+    extra_networks.register_extra_network(ExtraNetworkErase())
+
+
+def on_ui_settings():
+    shared.opts.add_option(OPTION, shared.OptionInfo(
+        "", "ConceptGate eraser folder (empty: models/conceptgate; point it at ComfyUI's models/conceptgate to share files)",
+        section=("conceptgate", "ConceptGate")))
+
+
+def set_active(state, p):
+    ACTIVE["state"], ACTIVE["p"] = state, p
+
+
+def reset_active():
+    """Detach whatever a previous generation left (it may have stopped before ``postprocess``)."""
+    state = ACTIVE["state"]
+    if state is not None:
+        state.release()
+    ACTIVE["state"] = ACTIVE["p"] = None
+
+
+def on_cfg_denoiser(params):
+    state, p = ACTIVE["state"], ACTIVE["p"]
+    if state is None:
+        return
+    state.on_cfg_denoiser(p, params, getattr(shared, "sd_model", None))
+
+
+def on_script_unloaded():
+    reset_active()
+
+
+def register():
+    global _registered
+    if _registered:
+        return
+    script_callbacks.on_before_ui(on_before_ui)
+    script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
+    script_callbacks.on_script_unloaded(on_script_unloaded)
+    _registered = True

@@ -1,0 +1,138 @@
+"""Weight erasers in Forge: LoRA patches on a clone of ``p.sd_model.forge_objects.unet``.
+
+Forge resets ``forge_objects`` right before every sampling pass (and again for the hires pass), so
+the patches are added in ``process_before_every_sampling``::
+
+    unet = p.sd_model.forge_objects.unet.clone()
+    unet.add_patches(filename=..., patches=..., strength_patch=m)     # Forge HEAD (keyword-only)
+    unet.add_patches(patches, m)                                       # old Forge / reForge (ComfyUI API)
+    p.sd_model.forge_objects.unet = unet
+
+The patches come from the host's own LoRA loader (``load_lora`` with ``model_lora_keys_unet(model,
+{})``, as Forge's Lora extension does), fed with the eraser's kohya tensors. Forge HEAD re-merges
+only when ``str(list(lora_patches.keys()))`` changes; the identifier holds ``filename``, so the
+filename carries the file's content hash and the gate (and the strength is in the key as well).
+
+One set of weights serves the whole batch, so a batch gets one coefficient per eraser: per eraser,
+the strongest gate over the batch's prompts and their AND parts (an eraser cannot be bypassed by
+putting the concept in the second prompt of a batch). ``cond_only`` cannot be honoured with shared
+weights; the report says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+
+import torch
+
+from ..adapters.errors import IncompatibleModelError
+from ..adapters.gate import GateReport
+from ..adapters.lowrank import ModuleDelta
+from ..adapters.naming import to_kohya
+from ..adapters.stack import BankCache, EraserStack
+from . import host as _host
+from . import ldm
+from .a1111 import image_coefficients
+from .text import HostTextEncoder, subprompts
+
+
+def kohya_state_dict(modules: dict[str, ModuleDelta]) -> dict[str, torch.Tensor]:
+    """An eraser's deltas as kohya LoRA tensors (the file layout, see ``adapters/files.py``)."""
+    sd = {}
+    for name, d in modules.items():
+        prefix = to_kohya(name)
+        if d.is_low_rank:
+            sd[f"{prefix}.lora_up.weight"] = d.up
+            sd[f"{prefix}.lora_down.weight"] = d.down
+            sd[f"{prefix}.alpha"] = torch.tensor(float(d.alpha if d.alpha is not None else d.rank))
+        else:
+            sd[f"{prefix}.diff"] = d.diff
+    return sd
+
+
+def lora_module(host: str):
+    return importlib.import_module("backend.patcher.lora" if host == _host.FORGE else "ldm_patched.modules.lora")
+
+
+def host_patches(unet, modules: dict[str, ModuleDelta], host: str, source: str) -> dict:
+    lora = lora_module(host)
+    key_map = lora.model_lora_keys_unet(unet.model, {})  # a fresh dict: the default is shared
+    loaded = lora.load_lora(kohya_state_dict(modules), key_map)
+    patches = loaded[0] if isinstance(loaded, tuple) else loaded  # HEAD returns (patches, remaining)
+    if len(patches) != len(modules):
+        raise IncompatibleModelError(source, f"the host mapped {len(patches)} of {len(modules)} modules")
+    return patches
+
+
+def content_hash(stack: EraserStack, coeffs: torch.Tensor, which: list[int]) -> str:
+    h = hashlib.sha256()
+    for i in which:
+        e = stack.entries[i].eraser
+        h.update((e.sha256 or f"{e.name}:{id(e)}").encode())
+        h.update(f":{float(coeffs[i]):.8g};".encode())
+    h.update(stack.combine.encode())
+    return h.hexdigest()[:16]
+
+
+def patch_filename(stack: EraserStack, coeffs: torch.Tensor, which: list[int]) -> str:
+    names = "+".join(stack.entries[i].eraser.name for i in which)
+    gates = ",".join(f"{float(coeffs[i]):.6g}" for i in which)
+    return f"conceptgate:{names}:{content_hash(stack, coeffs, which)}:m={gates}"
+
+
+def patch_unet(unet, stack: EraserStack, coeffs: torch.Tensor, host: str) -> tuple[object, list[str]]:
+    """A clone of ``unet`` with the stack's weight erasers at coefficients ``coeffs`` [E];
+    returns (clone, the filenames used)."""
+    layout, names = ldm.module_map(unet.model.diffusion_model)
+    ldm.check_fits(stack, layout, names)
+    m = unet.clone()
+    coeffs = coeffs.flatten()
+    used = []
+
+    def add(patches, strength, filename):
+        if host == _host.FORGE:
+            m.add_patches(filename=filename, patches=patches, strength_patch=strength)
+        else:
+            m.add_patches(patches, strength)
+        used.append(filename)
+
+    weight = [i for i, _ in stack.weight_entries]
+    if stack.combine == "official":
+        stack.check_official_combinable()
+        live = [i for i in weight if float(coeffs[i]) != 0.0]
+        if live:
+            merged = {}
+            for name in stack.modules():
+                parts = [(float(coeffs[i]), stack.entries[i].eraser.modules[name]) for i in weight
+                         if name in stack.entries[i].eraser.modules]
+                up = sum(c * d.up.float() for c, d in parts)
+                down = sum(c * d.down.float() for c, d in parts)
+                merged[name] = ModuleDelta(up=up, down=down, alpha=parts[0][1].scale * up.shape[1])
+            add(host_patches(m, merged, host, "official stack"), 1.0, patch_filename(stack, coeffs, live))
+        return m, used
+    for i in weight:
+        c = float(coeffs[i])
+        if c == 0.0:
+            continue
+        e = stack.entries[i].eraser
+        add(host_patches(m, e.modules, host, e.source or e.name), c, patch_filename(stack, coeffs, [i]))
+    return m, used
+
+
+def batch_gates(stack: EraserStack, sd_model, prompts, banks: BankCache | None = None) -> tuple[torch.Tensor, GateReport, torch.Tensor]:
+    """(coefficients [E] for the batch, report of the first prompt, per-image coefficients [B, E])."""
+    encoder = banks.encoder if banks is not None else HostTextEncoder(sd_model)
+    banks = banks or BankCache(encoder)
+    texts, image_of_row = [], []
+    for i, prompt in enumerate(prompts):
+        for part in subprompts(prompt):
+            texts.append(part)
+            image_of_row.append(i)
+    coeffs, report = stack.gates(encoder(texts), banks=banks, tokens_known=encoder.tokens_known)
+    per_image = image_coefficients(coeffs, image_of_row, len(prompts))
+    batch = image_coefficients(per_image, [0] * len(prompts), 1)[0]
+    for row, entry in zip(report.rows, stack.entries):
+        if entry.gate.cond_only:
+            row["detail"] = (row["detail"] + "; " if row["detail"] else "") + "cond_only not possible with Forge weight patches"
+    return batch, report, per_image

@@ -1,0 +1,81 @@
+"""The ``scripts.Script`` the webui instantiates (entered through ``scripts/conceptgate_webui.py``).
+
+Stages, in ``modules/processing.py::process_images_inner`` order:
+
+* ``process``: read the arguments, load the preset and the selected erasers (errors name the file),
+  detach anything a stopped generation left behind.
+* (the webui parses ``<erase:...>`` tags and activates extra networks, then) ``process_batch``:
+  A1111: attach the per-row hooks for the batch's stack; Forge: nothing yet.
+* A1111 sampling: ``on_cfg_denoiser`` (see :mod:`.callbacks`) fills the row table every step.
+* Forge: ``process_before_every_sampling``: gates from the prompts, patches on a unet clone
+  (again for the hires pass).
+* ``postprocess_batch``: gates into the infotext; ``postprocess``: hooks removed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import modules.scripts as scripts
+
+from . import callbacks
+from . import host as _host
+from .params import TITLE, ScriptArgs
+from .state import STATE_ATTR, GenerationState
+
+log = logging.getLogger("conceptgate")
+
+
+class ConceptGateScript(scripts.Script):
+    sorting_priority = 50
+
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        from .ui import build
+
+        return build(self, is_img2img)
+
+    # ------------------------------------------------------------- stages
+    def process(self, p, *args):
+        callbacks.reset_active()
+        state = GenerationState(ScriptArgs.from_args(args), callbacks.library(), _host.HOST)
+        setattr(p, STATE_ATTR, state)
+
+    def process_batch(self, p, *args, **kwargs):
+        state = getattr(p, STATE_ATTR, None)
+        if state is None:
+            return
+        state.report = None
+        if _host.is_forge(state.host):
+            return  # Forge: everything happens in process_before_every_sampling
+        state.sync_a1111(p)
+        if state.runtime is not None:
+            state.runtime.first_report = None
+            callbacks.set_active(state, p)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):  # Forge only; A1111 never calls it
+        state = getattr(p, STATE_ATTR, None)
+        if state is not None and _host.is_forge(state.host):
+            state.forge_before_sampling(p)
+
+    def postprocess_batch(self, p, *args, **kwargs):
+        state = getattr(p, STATE_ATTR, None)
+        if state is None:
+            return
+        state.write_infotext(p)
+        callbacks.LAST["text"] = state.summary()
+
+    def postprocess(self, p, processed, *args):
+        state = getattr(p, STATE_ATTR, None)
+        if state is None:
+            return
+        state.release()
+        callbacks.reset_active()
+        callbacks.LAST["text"] = state.summary()
+        if state.stack is not None and len(state.stack):
+            log.info("%s", callbacks.LAST["text"].replace("\n", "; "))

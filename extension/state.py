@@ -1,0 +1,175 @@
+"""One generation's ConceptGate state, kept on ``p`` (``p.conceptgate``) between the script stages.
+
+The stack of a batch is, in this order (an eraser named again overrides the strength of the earlier
+entry and keeps its gate settings): the preset's entries, the accordion's selection (both only
+when the accordion is enabled), then the ``<erase:...>`` tags of the batch's first prompt (A1111
+takes extra networks from the first prompt of a batch only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+
+import torch
+
+from ..adapters.errors import EraserFileError
+from ..adapters.gate import GateReport, GateSettings
+from ..adapters.stack import BankCache, EraserStack
+from . import host as _host
+from .library import Library
+from .mechanisms import reachable_kind
+from .params import NO_PRESET, ScriptArgs, UsedEraser, infotext_params
+
+log = logging.getLogger("conceptgate")
+TAGS_ATTR = "conceptgate_tags"  # set on p by the <erase:...> extra network
+STATE_ATTR = "conceptgate"
+
+
+def _key(eraser) -> str:
+    return os.path.realpath(eraser.source) if eraser.source else f"<{eraser.name}>"
+
+
+class GenerationState:
+    def __init__(self, args: ScriptArgs, library: Library, host: str | None = None):
+        self.args = args
+        self.library = library
+        self.host = host or _host.HOST
+        self.base = self._base_stack()
+        self._stacks: dict[tuple, EraserStack] = {}
+        self.stack: EraserStack | None = None
+        self.runtime = None  # A1111Runtime
+        self.report: GateReport | None = None
+        self.image_gates: torch.Tensor | None = None
+        self.forge_files: list[str] = []
+        self._banks: dict[int, BankCache] = {}
+
+    # ------------------------------------------------------------- stacks
+    def _settings(self) -> GateSettings:
+        return GateSettings(rule=self.args.gate, cond_only=self.args.cond_only)
+
+    def _base_stack(self) -> EraserStack:
+        stack = EraserStack(combine=self.args.combine)
+        if not self.args.enabled:
+            return stack
+        if self.args.preset and self.args.preset != NO_PRESET:
+            for e in self.library.load_preset(self.args.preset).entries:
+                stack = _merge(stack, e.eraser, e.strength, e.gate, e.enabled)
+        for name, strength in self.args.erasers:
+            stack = _merge(stack, self.library.load(name), strength, self._settings())
+        return stack
+
+    def stack_for(self, tags) -> EraserStack:
+        key = tuple(tags or ())
+        if key not in self._stacks:
+            stack = self.base
+            for name, strength in key:
+                stack = _merge(stack, self.library.load(name), strength, self._settings())
+            for e in stack.entries:
+                why = reachable_kind(e.eraser.kind)
+                if why is not None:
+                    raise EraserFileError(e.eraser.source or e.eraser.name, f"{why} (eraser {e.eraser.name!r})")
+            self._stacks[key] = stack
+        return self._stacks[key]
+
+    def banks(self, encoder) -> BankCache:
+        key = id(encoder.sd_model)
+        if key not in self._banks or self._banks[key].encoder.sd_model is not encoder.sd_model:
+            self._banks[key] = BankCache(encoder)
+        return self._banks[key]
+
+    # ------------------------------------------------------------- A1111
+    def sync_a1111(self, p, sd_model=None):
+        """(Re)build the hooks for the batch's stack; set the batch's prompts."""
+        from .a1111 import A1111Runtime
+
+        stack = self.stack_for(getattr(p, TAGS_ATTR, None))
+        if not stack.weight_entries or not any(e.enabled for _, e in stack.weight_entries):
+            self.release()
+            self.stack = stack
+            return
+        if self.runtime is None or self.runtime.stack is not stack:
+            self.release()
+            self.runtime = A1111Runtime(stack, sd_model or p.sd_model).attach()
+            self.runtime.is_hr = lambda: bool(getattr(p, "is_hr_pass", False))
+        self.stack = stack
+        self._prompts_key = None
+        self.sync_prompts(p)
+
+    def sync_prompts(self, p):
+        prompts, hr = list(getattr(p, "prompts", None) or []), list(getattr(p, "hr_prompts", None) or [])
+        key = (tuple(prompts), tuple(hr))
+        if self.runtime is not None and key != getattr(self, "_prompts_key", None):
+            self.runtime.set_prompts(prompts, hr or None)
+            self._prompts_key = key
+
+    def on_cfg_denoiser(self, p, params, sd_model=None):
+        if getattr(p, TAGS_ATTR, None) is not None and self.stack is not self.stack_for(getattr(p, TAGS_ATTR, None)):
+            self.sync_a1111(p, sd_model)  # hires pass with other <erase:...> tags
+        if self.runtime is None:
+            return
+        self.runtime.follow_model(sd_model)
+        self.sync_prompts(p)
+        self.runtime.on_cfg_denoiser(params)
+        if self.report is None:
+            self.report = self.runtime.first_report
+        self.image_gates = self.runtime.image_gates
+
+    def release(self):
+        if self.runtime is not None:
+            self.runtime.detach()
+            self.runtime = None
+
+    # ------------------------------------------------------------- Forge
+    def forge_before_sampling(self, p):
+        from . import forge
+        from .text import HostTextEncoder
+
+        stack = self.stack_for(getattr(p, TAGS_ATTR, None))
+        self.stack = stack
+        if not any(e.enabled for _, e in stack.weight_entries):
+            return
+        hr = bool(getattr(p, "is_hr_pass", False)) and getattr(p, "hr_prompts", None)
+        prompts = list(p.hr_prompts if hr else p.prompts)
+        sd_model = p.sd_model
+        banks = self.banks(HostTextEncoder(sd_model))
+        coeffs, report, per_image = forge.batch_gates(stack, sd_model, prompts, banks)
+        unet, files = forge.patch_unet(sd_model.forge_objects.unet, stack, coeffs, self.host)
+        sd_model.forge_objects.unet = unet
+        self.forge_files = files
+        self.image_gates = per_image
+        if self.report is None or not hr:
+            self.report = report
+
+    # ------------------------------------------------------------- results
+    def used(self) -> list[UsedEraser]:
+        if self.stack is None:
+            return []
+        rows = self.report.rows if self.report is not None else []
+        out = []
+        for i, e in enumerate(self.stack.entries):
+            gate = rows[i]["gate"] if i < len(rows) else None
+            out.append(UsedEraser(e.eraser.name, e.strength, gate if e.enabled else None, e.eraser.sha256))
+        return out
+
+    def write_infotext(self, p):
+        params = infotext_params(self.used(), self.args)
+        if params:
+            p.extra_generation_params.update(params)
+
+    def summary(self) -> str:
+        if self.stack is None or not len(self.stack):
+            return "ConceptGate: no erasers in the last generation"
+        lines = [self.report.text() if self.report is not None else "ConceptGate: no gate computed (no sampling step ran)"]
+        if self.image_gates is not None and self.image_gates.shape[0] > 1:
+            for i, row in enumerate(self.image_gates.tolist()):
+                lines.append(f"image {i + 1}: " + ", ".join(f"{e.eraser.name} {m:.3f}" for e, m in zip(self.stack.entries, row)))
+        return "\n".join(lines)
+
+
+def _merge(stack: EraserStack, eraser, strength: float, gate: GateSettings, enabled: bool = True) -> EraserStack:
+    for i, e in enumerate(stack.entries):
+        if _key(e.eraser) == _key(eraser):
+            return stack.with_entry(i, strength=float(strength), enabled=bool(enabled))
+    return stack.with_eraser(eraser, enabled, strength, replace(gate))

@@ -1,0 +1,91 @@
+"""The "ConceptGate" accordion (gradio, imported only when the webui builds its UI).
+
+The script's arguments are six stable components (see :mod:`.params`): the per-eraser toggles and
+strength sliders drive the ``erasers`` text box, and the text box drives them back (so infotext
+paste and API calls use one field). Eraser rows are created for the files present when the UI is
+built; files added later are usable by name in the text box or with ``<erase:name:strength>``.
+"""
+
+from __future__ import annotations
+
+from . import callbacks
+from .params import GATE_RULES, KEY, KEY_COMBINE, KEY_COND_ONLY, KEY_GATE, KEY_HASHES, KEY_PRESET, NO_PRESET, TITLE
+from .params import format_selection, parse_selection, restore
+from ..adapters.stack import COMBINE_MODES
+
+MAX_ROWS = 48
+
+
+def build(script, is_img2img):
+    import gradio as gr
+
+    lib = callbacks.library()
+    usable, unavailable = lib.listing()
+    rows = usable[:MAX_ROWS]
+    toggles, sliders = [], []
+    with gr.Accordion(TITLE, open=False, elem_id=script.elem_id("conceptgate")):
+        enabled = gr.Checkbox(False, label="Use the erasers and preset selected here (<erase:name:strength> in the prompt always works)",
+                              elem_id=script.elem_id("conceptgate_enabled"))
+        with gr.Row():
+            preset = gr.Dropdown([NO_PRESET] + list(lib.presets()), value=NO_PRESET, label="Stack preset",
+                                 elem_id=script.elem_id("conceptgate_preset"))
+            refresh = gr.Button("Refresh presets", elem_id=script.elem_id("conceptgate_refresh"))
+        if not rows:
+            gr.Markdown(f"No erasers in `{lib.folder}`.")
+        for name in rows:
+            with gr.Row():
+                toggles.append(gr.Checkbox(False, label=name, elem_id=script.elem_id(f"conceptgate_on_{name}")))
+                sliders.append(gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label=f"{name} strength",
+                                         elem_id=script.elem_id(f"conceptgate_strength_{name}")))
+        erasers = gr.Textbox("", label="Selected erasers (name:strength, ...)", lines=1,
+                             elem_id=script.elem_id("conceptgate_erasers"))
+        with gr.Row():
+            combine = gr.Dropdown(list(COMBINE_MODES), value="additive", label="Combine",
+                                  elem_id=script.elem_id("conceptgate_combine"))
+            gate = gr.Dropdown(list(GATE_RULES), value="ft", label="Gate rule (ft = official Facilitated Transport)",
+                               elem_id=script.elem_id("conceptgate_gate"))
+            cond_only = gr.Checkbox(False, label="Conditional rows only (non-official)",
+                                    elem_id=script.elem_id("conceptgate_cond_only"))
+        if unavailable:
+            gr.Markdown("Not usable in the webui yet: " + "; ".join(f"`{n}` ({why})" for n, why in unavailable.items()))
+        last = gr.Textbox(callbacks.LAST["text"], label="Gates of the last generation", lines=3, interactive=False,
+                          elem_id=script.elem_id("conceptgate_last"))
+        show_last = gr.Button("Show gates of the last generation", elem_id=script.elem_id("conceptgate_show_last"))
+
+    def rows_to_text(text, *values):
+        on, strength = values[:len(rows)], values[len(rows):]
+        typed = [(n, s) for n, s in _safe_parse(text) if n not in rows]
+        return format_selection([(n, float(s)) for n, o, s in zip(rows, on, strength) if o] + typed)
+
+    def text_to_rows(text):
+        chosen = dict(_safe_parse(text))
+        return ([gr.update(value=n in chosen) for n in rows]
+                + [gr.update(value=chosen[n]) if n in chosen else gr.update() for n in rows])
+
+    for comp in toggles + sliders:
+        comp.input(rows_to_text, inputs=[erasers] + toggles + sliders, outputs=[erasers])
+    if rows:
+        erasers.change(text_to_rows, inputs=[erasers], outputs=toggles + sliders)
+    refresh.click(lambda: gr.update(choices=[NO_PRESET] + list(callbacks.library().presets())), inputs=[], outputs=[preset])
+    show_last.click(lambda: callbacks.LAST["text"], inputs=[], outputs=[last])
+
+    def rename(name, sha12):
+        return callbacks.library().name_for_hash(name, sha12)
+
+    script.infotext_fields = [
+        (enabled, lambda d: restore(d).enabled),
+        (erasers, lambda d: format_selection(restore(d, rename).erasers)),
+        (preset, lambda d: restore(d).preset),
+        (combine, lambda d: restore(d).combine),
+        (gate, lambda d: restore(d).gate),
+        (cond_only, lambda d: restore(d).cond_only),
+    ]
+    script.paste_field_names = [KEY, KEY_HASHES, KEY_PRESET, KEY_COMBINE, KEY_GATE, KEY_COND_ONLY]
+    return [enabled, erasers, preset, combine, gate, cond_only]
+
+
+def _safe_parse(text):
+    try:
+        return parse_selection(text)
+    except ValueError:
+        return []
