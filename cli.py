@@ -89,7 +89,7 @@ def _plugin_modules():
     """Subcommands contributed by the mechanisms and the toy world (each module has ``add_cli``)."""
     import importlib
 
-    names = ["conceptgate.toyworld.cli"]
+    names = ["conceptgate.toyworld.cli", "conceptgate.adapters.cli_edit"]
     found = []
     for name in names:
         try:

@@ -588,7 +588,9 @@ _GRAM_LOCK = threading.Lock()
 
 
 def _weights_fingerprint(wo, names) -> tuple:
-    return tuple((n, w.data_ptr(), w._version, tuple(w.shape), w.dtype, str(w.device),
+    # inference tensors (ComfyUI runs nodes under torch.inference_mode) have no version counter;
+    # the checksums below still tell changed contents apart
+    return tuple((n, w.data_ptr(), -1 if w.is_inference() else w._version, tuple(w.shape), w.dtype, str(w.device),
                   float(w.sum()), float(w[0].sum()), float(w[-1].sum()))
                  for n, w in ((n, wo[n]) for n in names))
 
@@ -632,7 +634,8 @@ def rece_edit(weights_orig: Mapping[str, torch.Tensor], concept_emb, target_emb,
               lam: float = RECE_EDIT_DEFAULTS["lam"],
               preserve_scale: float = RECE_EDIT_DEFAULTS["preserve_scale"],
               erase_scale: float = RECE_EDIT_DEFAULTS["erase_scale"],
-              gram_cache: bool = True) -> RECEResult:
+              gram_cache: bool = True,
+              progress: Callable[[int, int], None] | None = None) -> RECEResult:
     """RECE: K epochs of (adversarial embedding, closed-form edit of the current weights).
 
     Args:
@@ -654,6 +657,8 @@ def rece_edit(weights_orig: Mapping[str, torch.Tensor], concept_emb, target_emb,
         gram_cache: memoise ``sum_l W_l^T W_l`` of the original weights (keyed by the
             tensors' storage, version and a checksum), so repeated RECE runs on the same
             loaded model skip the only dense ``ctx_dim x ctx_dim`` product.
+        progress: called as ``progress(k, epochs)`` after epoch ``k`` (1-based), e.g. for a
+            host's progress bar; an exception raised there (a user interrupt) aborts the edit.
 
     Speed: the current weights are kept as ``W_l + Ucat_l @ Dcat`` with ``Dcat`` shared
     by all layers, so ``sum_l W'^T W'`` and ``sum_l W'^T W c`` are updated from thin
@@ -808,6 +813,8 @@ def rece_edit(weights_orig: Mapping[str, torch.Tensor], concept_emb, target_emb,
             new_up[name] = u.mul_(a_e)
         append_block(new_up, down)
         epoch_factors.append({name: (new_up[name], down) for name in names})
+        if progress is not None:
+            progress(_k + 1, epochs)
 
     dcat = torch.cat(downs, 0)
     d_ep = torch.cat(downs[n_start_blocks:], 0)
