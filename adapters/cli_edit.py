@@ -32,6 +32,21 @@ def _read_lines(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
+def _friendly(fn):
+    """Missing files, bad inputs and unreadable files end with one line on stderr and status 2."""
+    def run(args) -> int:
+        from .errors import EraserFileError
+
+        try:
+            return fn(args)
+        except (FileNotFoundError, EraserFileError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    run.__name__ = fn.__name__
+    return run
+
+
+@_friendly
 def cmd_edit(args) -> int:
     from .uce_rece import DiffusersEditHost, EditSpec, compute_edit, resolve_model_path, save_edit
 
@@ -52,6 +67,7 @@ def cmd_edit(args) -> int:
     return 0
 
 
+@_friendly
 def cmd_import(args) -> int:
     from .uce_rece import import_published, save_import
 

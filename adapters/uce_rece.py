@@ -56,6 +56,7 @@ __all__ = [
     "PUBLISHED_FULL_UNET_BYTES", "METHODS", "CONCEPT_TYPES", "EditHost", "DiffusersEditHost",
     "DiffusersSDXLTextEncoder", "EditSpec", "EditOutcome", "EditCache", "DEFAULT_EDIT_CACHE",
     "weights_fingerprint", "compute_edit", "edit_to_eraser", "save_edit", "stacked_interference",
+    "gated_stack_effect",
     "read_published_weights", "base_cross_attention_weights", "import_published", "ImportOutcome",
     "is_cross_attention_kv",
 ]
@@ -129,6 +130,20 @@ class EditHost:
 
     def unet_fingerprint(self, weights: Mapping[str, torch.Tensor] | None = None) -> str:
         return weights_fingerprint(self.cross_attention_weights() if weights is None else weights)
+
+    def gate_encoder(self):
+        """A text encoder for the stack's gates (:class:`~.gate.EncodedText`): by default this host's
+        context and the content tokens (between BOS and the first EoT)."""
+        from .gate import EncodedText
+
+        def enc(texts):
+            hidden, ids = self.encode(list(texts))
+            toks = []
+            for row in ids.tolist():
+                end = next((i for i, t in enumerate(row[1:], 1) if t == cf.CLIP_EOS_TOKEN_ID), len(row))
+                toks.append({t for t in row[1:end] if t >= 0})
+            return EncodedText(hidden.float(), toks)
+        return enc
 
 
 class DiffusersSDXLTextEncoder:
@@ -225,6 +240,9 @@ class DiffusersEditHost(EditHost):
         ids = self.tokenizer(texts, padding="max_length", max_length=window, truncation=True,
                              return_tensors="pt").input_ids
         return hidden, ids
+
+    def gate_encoder(self):
+        return super().gate_encoder() if self.sdxl else self._encoder     # what GatedPipeline uses
 
     def text_fingerprint(self) -> str:
         extra = f"diffusers|sdxl={self.sdxl}|clip_skip={self.clip_skip}"
@@ -558,6 +576,40 @@ def stacked_interference(host: EditHost, concepts: Sequence[str], method: str = 
     out["concepts"] = concepts
     out["method"] = method
     return out
+
+
+def gated_stack_effect(host: EditHost, outcomes: Sequence[EditOutcome], prompts: Sequence[str],
+                       gate=None) -> list[dict]:
+    """What a stack of separately computed edits does to each prompt once gated.
+
+    For every prompt: the gate each eraser takes (default: the official Facilitated Transport rule,
+    computed with the host's own encoder as the samplers do) and ``rel_change`` =
+    ``||sum_i m_i d_i C_p|| / ||W C_p||`` over all layers, with ``C_p`` the prompt's 77 context rows:
+    how much the gated stack moves this prompt's keys/values (an unrelated prompt should stay near
+    0; the FT cosine half of the gate is rarely 0, so some of every eraser leaks into every prompt).
+    """
+    from .gate import GateSettings
+    from .stack import EraserStack
+
+    gate = gate or GateSettings()
+    enc = host.gate_encoder()
+    stack = EraserStack()
+    for o in outcomes:
+        stack = stack.with_eraser(o.eraser, gate=gate)
+    coeffs, _ = stack.gates(enc(list(prompts)), encoder=enc)
+    weights = host.cross_attention_weights()
+    hidden, _ = host.encode(list(prompts))
+    rows = []
+    for i, p in enumerate(prompts):
+        ct = hidden[i].to(torch.float64).T
+        num = den = 0.0
+        for mod, w in weights.items():
+            ct_d = ct.to(w.device)
+            d = sum(float(coeffs[i, j]) * o.result[mod].to(torch.float64) for j, o in enumerate(outcomes))
+            num += float(torch.linalg.norm(d @ ct_d)) ** 2
+            den += float(torch.linalg.norm(w.to(torch.float64) @ ct_d)) ** 2
+        rows.append({"prompt": p, "gates": [round(float(g), 4) for g in coeffs[i]], "rel_change": math.sqrt(num / den)})
+    return rows
 
 
 # ---------------------------------------------------------------------------

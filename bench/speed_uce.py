@@ -20,7 +20,10 @@ COMMAND = 'python -c "from conceptgate.bench.speed_uce import bench_uce_rece; be
 TARGETS = {"uce": 1.0, "uce_plus_rece": 3.0}  # issue 5: UCE < 1 s, RECE (3 epochs) < 3 s, SD1.5 shapes, CPU
 
 
-class _RandomSD15Host:
+from ..adapters.uce_rece import EditHost  # noqa: E402  (no host import: plain torch)
+
+
+class _RandomSD15Host(EditHost):
     """SD1.5-shaped random attn2 weights + a randomly initialised CLIP-L-sized text encoder
     (real tokenizer, real EoT padding), for the interference measurement when the toy model is absent."""
 
@@ -62,10 +65,13 @@ def _interference_host():
     from ..adapters.uce_rece import DiffusersEditHost, resolve_model_path
 
     try:
-        return DiffusersEditHost.from_folder(resolve_model_path("toy")), ("star", "striped style"), "toy model"
+        return (DiffusersEditHost.from_folder(resolve_model_path("toy")), ("star", "striped style"),
+                ("a red star in flat style", "a blue circle in striped style", "a green heart in checkered style"),
+                "toy model")
     except FileNotFoundError:
-        return _RandomSD15Host(), ("van gogh", "snoopy"), \
-            "random SD1.5-shaped weights + random-init CLIP-L (toy model absent)"
+        return (_RandomSD15Host(), ("van gogh", "snoopy"),
+                ("a painting by van gogh", "snoopy on a red house", "a photo of a cat on a sofa"),
+                "random SD1.5-shaped weights + random-init CLIP-L (toy model absent)")
 
 
 def _file_sizes(epochs: int, seed: int = 0) -> dict:
@@ -98,7 +104,7 @@ def bench_uce_rece(write: bool = True, json_path=None, archs=("sd15", "sdxl"), r
                    n_preserve_prompts: int = 10, epochs: int = 3, num_threads: int | None = None,
                    sizes: bool = True, interference: bool = True):
     from ..adapters import closed_form as cf
-    from ..adapters.uce_rece import PUBLISHED_FULL_UNET_BYTES, stacked_interference
+    from ..adapters.uce_rece import PUBLISHED_FULL_UNET_BYTES, compute_edit, gated_stack_effect, stacked_interference
 
     load_before = os.getloadavg()[0]
     speed = {arch: cf.benchmark_speed(arch, n_preserve_prompts=n_preserve_prompts, epochs=epochs, repeats=repeats,
@@ -136,7 +142,7 @@ def bench_uce_rece(write: bool = True, json_path=None, archs=("sd15", "sdxl"), r
                           ("ratio", "vs 3.44 GB"), ("full_delta_mb", "dense deltas MB"),
                           ("rel_error_max", "reconstruction error"), ("export_s", "export s")]))
     if interference:
-        host, concepts, what = _interference_host()
+        host, concepts, prompts, what = _interference_host()
         rows = []
         for method in ("uce", "rece"):
             kw = {"epochs": 1} if method == "rece" else {}
@@ -145,7 +151,9 @@ def bench_uce_rece(write: bool = True, json_path=None, archs=("sd15", "sdxl"), r
                          "ts": f"{m['target_rel_err_stacked']:.3f}", "tj": f"{m['target_rel_err_joint']:.3f}",
                          "ps": f"{m.get('preserve_rel_change_stacked', float('nan')):.4f}",
                          "pj": f"{m.get('preserve_rel_change_joint', float('nan')):.4f}"})
-        data["interference"] = {"host": what, "concepts": list(concepts), "rows": rows}
+        separate = [compute_edit(host, method="uce", concepts=(c,), cache=None) for c in concepts]
+        gated = gated_stack_effect(host, separate, prompts)
+        data["interference"] = {"host": what, "concepts": list(concepts), "rows": rows, "gated": gated}
         body += (f"\nStacking separately computed edits vs one joint solve ({what}; concepts {', '.join(concepts)}; "
                  f"UCE defaults, RECE 1 epoch). When a prompt fires only one eraser's gate, exactly that concept's "
                  f"own edit acts; when both fire, the stack applies the sum of the two deltas, which is not the joint "
@@ -155,6 +163,13 @@ def bench_uce_rece(write: bool = True, json_path=None, archs=("sd15", "sdxl"), r
                  + table(rows, [("method", "method"), ("out", "outputs off joint"), ("delta", "deltas off joint"),
                                 ("ts", "target error, stacked"), ("tj", "target error, joint"),
                                 ("ps", "preserve change, stacked"), ("pj", "preserve change, joint")]))
+        body += ("\nThe two separate UCE erasers in one stack, each gated by the official Facilitated Transport rule "
+                 "(max of embedding cosine and token overlap) for a few prompts: the gates they take and how much the "
+                 "gated stack changes the prompt's keys/values (||sum_i m_i d_i C_p|| / ||W C_p||).\n\n"
+                 + table([{"prompt": g["prompt"], "gates": " / ".join(f"{x:.3f}" for x in g["gates"]),
+                           "change": f"{g['rel_change']:.4f}"} for g in gated],
+                         [("prompt", "prompt"), ("gates", " / ".join(concepts) + " gates"),
+                          ("change", "relative change of its keys/values")]))
     body += f"\nLoad average (1 min) at start: {load_before:.2f}."
     if write:
         write_section("speed-uce-rece", "UCE / RECE: speed, file size, stacking (issue 5)", body, COMMAND,

@@ -83,6 +83,9 @@ class ComfyEditHost(EditHost):
             ids.append(self.token_ids(tokens))
         return torch.cat(hidden), torch.stack(ids)
 
+    def gate_encoder(self):
+        return comfy_glue.ComfyTextEncoder(self.clip)        # what Apply Eraser Stack gates with
+
     def text_fingerprint(self) -> str:
         """CLIP weights (sampled, with this CLIP's own patches applied) + the CLIP-skip layer."""
         h = hashlib.sha256(f"comfyui|layer={self.clip.layer_idx}|{type(self.clip.cond_stage_model).__name__}".encode())

@@ -210,6 +210,16 @@ def test_joint_solve_and_stacked_interference(host):
     assert {"preserve_rel_change_stacked", "preserve_rel_change_joint", "delta_rel_diff"} <= set(m)
 
 
+def test_gated_stack_effect_per_prompt(host):
+    from conceptgate.adapters.uce_rece import gated_stack_effect
+
+    sep = [compute_edit(host, method="uce", concepts=(c,), cache=None) for c in ("red triangle", "blue circle")]
+    rows = gated_stack_effect(host, sep, ["red triangle", "a blue circle", "a green square"])
+    assert rows[0]["gates"][0] == 1.0 and rows[1]["gates"][1] == 1.0      # token overlap: the named concept fires
+    assert all(0.0 <= g <= 1.0 for r in rows for g in r["gates"])
+    assert rows[2]["rel_change"] < min(rows[0]["rel_change"], rows[1]["rel_change"])
+
+
 def test_spec_validation():
     with pytest.raises(ValueError, match="method"):
         EditSpec(method="esd", concepts=("x",))
@@ -252,6 +262,23 @@ def test_cli_edit_uce_and_rece(model_dir, tmp_path, capsys, host):
     assert "RECE epoch 1/1" in capsys.readouterr().out
     e2 = load_eraser(out2)
     assert e2.method == "rece" and next(iter(e2.modules.values())).up.dtype == torch.float16
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from conceptgate.adapters.uce_rece import resolve_model_path
+    from conceptgate.cli import main
+
+    assert main(["edit", "uce", "--model", str(tmp_path / "nowhere"), "--concept", "x", "--out", str(tmp_path / "o")]) == 2
+    assert "not a diffusers model folder" in capsys.readouterr().err
+    try:
+        resolve_model_path("toy")
+    except FileNotFoundError:   # until the toy model is committed, '--model toy' says so
+        assert main(["edit", "rece", "--model", "toy", "--concept", "x", "--out", str(tmp_path / "o")]) == 2
+        assert "toy model is not present" in capsys.readouterr().err
+    (tmp_path / "evil.pt").write_bytes(b"not a pickle")
+    assert main(["edit", "import", str(tmp_path / "evil.pt"), "--base", str(tmp_path), "--concept", "x",
+                 "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "weights_only" in capsys.readouterr().err
 
 
 def _published_uce(host, path):
