@@ -637,7 +637,12 @@ def read_published_weights(path) -> dict:
         sd, _ = read_safetensors(path)
     else:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            try:   # zip-format checkpoints are memory-mapped (a full SD UNet is 3.4 GB)
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise EraserFileError(path, f"cannot be read safely (torch.load weights_only=True refused it: "
                                         f"{str(e).splitlines()[0][:200]})") from None
@@ -725,6 +730,17 @@ def _guess_concepts(path: str) -> list[str]:
     return []
 
 
+def _guess_method(path: str, full_unet: bool) -> str:
+    """UCE's old code names files ``erased-...-method_replace...``; RECE's are ``<concept>_ep<k>.pt``;
+    the new UCE code writes safetensors of the edited weights only."""
+    base = os.path.basename(path)
+    if base.startswith("erased-") or path.lower().endswith(".safetensors"):
+        return "uce"
+    if re.search(r"_ep\d+\.", base) or full_unet:
+        return "rece"
+    return "uce"
+
+
 def import_published(path, base, concepts: Sequence[str] | None = None, *, method: str | None = None,
                      name: str | None = None, rank: int | None = None, tol: float = 1e-3,
                      full: bool = False, store_dtype: torch.dtype = torch.float32,
@@ -755,7 +771,7 @@ def import_published(path, base, concepts: Sequence[str] | None = None, *, metho
     other_changed = []
     if check_other_keys and len(sd) > len(edited) and not isinstance(base, (Mapping,)):
         other_changed = _other_keys_changed(sd, base, set(edited))
-    method = method or ("rece" if len(sd) > 2 * len(edited) else "uce")
+    method = method or _guess_method(path, len(sd) > 2 * len(edited))
     concepts = [c for c in (concepts or _guess_concepts(path)) if c.strip()]
     if not concepts:
         raise EraserFileError(path, "no concept list: pass the erased concept(s) (--concept)")
