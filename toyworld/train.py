@@ -325,11 +325,11 @@ def encode_pool(vae, imgs, dev, batch=256):
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(cfg, dev, ck, resume, pool, te, latents, sf, amp):
+def train_unet(cfg, dev, ck, resume, pool, te, latents, sf, amp, init_unet=None):
     _, lab = pool
     mean, std = latents
     mean, std = mean.to(dev), std.to(dev)
-    unet = make_unet().to(dev)
+    unet = (init_unet if init_unet is not None else make_unet()).to(dev).float()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     sched = make_scheduler("ddpm")
     acp = sched.alphas_cumprod.to(dev)
@@ -554,8 +554,13 @@ def run_train(args) -> dict:
     log(f"rendered {len(gen_pool[0])} + {len(judge_pool[0])} images in {walls['render_pools']:.1f}s ({workers} workers)")
 
     stats = {}
+    init = _load_init(args.init_from, dev) if getattr(args, "init_from", None) else None
     done = ck.load("clip_done") if args.resume else None
-    if done is None:
+    if init is not None and done is None:
+        te, tower, head, vae, judge = init["te"], init["tower"], init["head"], init["vae"], init["judge"]
+        stats.update({k: v for k, v in init["stats"].items() if k in ("clip", "vae", "judge")})
+        log(f"init-from {args.init_from}: text encoder, image tower, VAE and judges loaded; UNet warm-started")
+    elif done is None:
         te, tower, head, stats["clip"] = train_clip(cfg, dev, ck, args.resume, gen_pool, amp)
         ck.save("clip_done", {"te": te.state_dict(), "tower": tower.state_dict(), "head": head.state_dict(), "stats": stats["clip"]})
     else:
@@ -566,7 +571,9 @@ def run_train(args) -> dict:
         log("clip: loaded finished stage")
 
     done = ck.load("vae_done") if args.resume else None
-    if done is None:
+    if init is not None and done is None:
+        pass
+    elif done is None:
         vae, stats["vae"] = train_vae(cfg, dev, ck, args.resume, gen_pool, amp)
         ck.save("vae_done", {"vae": vae.state_dict(), "stats": stats["vae"]})
     else:
@@ -577,7 +584,9 @@ def run_train(args) -> dict:
         log("vae: loaded finished stage")
 
     done = ck.load("judge_done") if args.resume else None
-    if done is None:
+    if init is not None and done is None:
+        pass
+    elif done is None:
         judge, stats["judge"] = train_judges(cfg, dev, ck, args.resume, judge_pool, amp)
         ck.save("judge_done", {"judge": judge.state_dict(), "stats": stats["judge"]})
     else:
@@ -601,7 +610,8 @@ def run_train(args) -> dict:
 
     done = ck.load("unet_done") if args.resume else None
     if done is None:
-        unet, stats["unet"] = train_unet(cfg, dev, ck, args.resume, gen_pool, te, latents, sf, amp)
+        unet, stats["unet"] = train_unet(cfg, dev, ck, args.resume, gen_pool, te, latents, sf, amp,
+                                         init_unet=init["unet"] if init is not None else None)
         ck.save("unet_done", {"unet": unet.state_dict(), "stats": stats["unet"]})
     else:
         unet = make_unet().to(dev)
@@ -635,6 +645,8 @@ def run_train(args) -> dict:
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      **_lib_versions()},
         "train_wall_seconds": train_wall, "deadline_min": args.deadline_min, "stage_stats": stats, "walls": walls,
+        # a warm start records the run it continued, so the weights' whole history stays in the manifest
+        "continued_from": init["manifest"] if init is not None else None,
         "vae_reconstruction_mse": vae_mse, "vae_scaling_factor": sf,
         "evaluation": results,
         "heldout_pairs": [[R.OBJECTS[o], R.STYLES[s]] for o, s in C.HELDOUT_PAIRS],
@@ -647,6 +659,21 @@ def run_train(args) -> dict:
                       "judge_none_on_garbage": results["judge_none_rate_on_garbage"],
                       "generation": results["generation"]}, indent=2), flush=True)
     return info
+
+
+def _load_init(path, dev):
+    """Finished stages from an exported weights folder (``--init-from``): every model but the UNet is
+    reused as is, the UNet is trained further from its (EMA) weights."""
+    from . import load_clip_judge, load_judges, load_pipeline
+
+    pipe = load_pipeline(path, device="cpu", dtype=torch.float32)
+    tower, head = load_clip_judge(path, device=str(dev))
+    manifest = json.load(open(os.path.join(path, "MANIFEST.json")))
+    prev = {k: manifest.get(k) for k in ("config", "device", "train_wall_seconds", "deadline_min", "stage_stats",
+                                          "evaluation", "continued_from")}
+    return {"te": pipe.text_encoder.to(dev).eval(), "vae": pipe.vae.to(dev).eval(), "unet": pipe.unet,
+            "judge": load_judges(path, device=str(dev)), "tower": tower, "head": head,
+            "stats": manifest.get("stage_stats", {}), "manifest": prev}
 
 
 def _lib_versions():
@@ -695,6 +722,8 @@ def _add_train_args(p):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="tiny step counts: proves the pipeline runs")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
+    p.add_argument("--init-from", default=None, metavar="WEIGHTS",
+                   help="continue from an exported weights folder: reuse its text encoder, VAE and judges, train the UNet further")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (cuda only)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
     p.add_argument("--workers", type=int, default=None, help="render processes (default: 1 on cpu, 16 on cuda)")
