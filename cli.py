@@ -86,19 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugin_modules():
-    """Subcommands contributed by the mechanisms and the toy world (each module has ``add_cli``)."""
-    import importlib
+    """Subcommands contributed by the mechanisms, the toy world and the benchmarks (each has ``add_cli``)."""
+    from .adapters import cli_edit
+    from .bench import cli as bench_cli
+    from .toyworld import train as toyworld_train
 
-    names = ["conceptgate.toyworld.cli", "conceptgate.adapters.cli_edit"]
-    found = []
-    for name in names:
-        try:
-            found.append(importlib.import_module(name.replace("conceptgate", __package__, 1)))
-        except ModuleNotFoundError as e:
-            if e.name and e.name.endswith(name.rsplit(".", 1)[-1]):
-                continue  # not shipped yet
-            raise
-    return found
+    return [toyworld_train, cli_edit, bench_cli]
 
 
 def main(argv=None) -> int:

@@ -149,3 +149,44 @@ def test_incompatible_eraser_is_refused_on_comfy_model(world):
     sdxl.source = "xl.safetensors"
     with pytest.raises(IncompatibleModelError, match="xl.safetensors"):
         comfy_glue.weight_patched(world["model"], EraserStack().with_eraser(sdxl), torch.tensor([1.0]))
+
+
+def test_official_spm_file_through_every_path(world, tmp_path, comfy):
+    """An official-format SPM file (kohya keys + prompts/rank/alpha, no ConceptGate metadata): inspected,
+    then applied through diffusers hooks, ComfyUI weight patches, ComfyUI per-row hooks and ComfyUI's
+    stock LoraLoader; every path matches the hand merge."""
+    import folder_paths
+    import nodes
+    from conceptgate.adapters import describe, load_eraser
+    from conceptgate.adapters.diffusers_host import attach
+    from conceptgate.nodes import comfy_glue
+    from spm_files import write_official_spm
+
+    layout = layout_from_diffusers_config(world["unet"].config)
+    path = write_official_spm(tmp_path / "tri_last.safetensors", layout, prompts="red triangle", seed=31, scale=0.25)
+    info, problems = describe(path)
+    assert problems == [] and info["concepts"] == ["red triangle"] and info["modules"] == len(layout.modules())
+    eraser = load_eraser(path)
+    stack = EraserStack().with_eraser(eraser, strength=0.8, gate=GateSettings(rule="always"))
+    coeffs = torch.tensor([0.8])
+    deltas = dense_deltas(stack, coeffs)
+
+    # diffusers: one UNet call, hooks vs hand merge
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.full((2,), 300), torch.randn(2, 77, 64)
+    unet = world["unet"]
+    with torch.no_grad():
+        with attach(unet, stack) as hooks, hooks.coefficients(coeffs):
+            hooked = unet(x, t, ctx).sample
+        merged_unet = copy.deepcopy(unet)
+        for name, d in deltas.items():
+            merged_unet.get_submodule(name).weight += d
+        assert close(hooked, merged_unet(x, t, ctx).sample)
+
+    # ComfyUI: sampler outputs
+    pos, neg = encode(world["clip"], "a red triangle"), encode(world["clip"], "")
+    reference = sample(merged_model(world, deltas), pos, neg)
+    folder_paths.add_model_folder_path("loras", str(tmp_path), is_default=True)
+    (stock,) = nodes.LoraLoaderModelOnly().load_lora_model_only(world["model"], "tri_last.safetensors", 0.8)
+    for patched in (comfy_glue.weight_patched(world["model"], stack, coeffs),
+                    comfy_glue.row_gated(world["model"], stack, world["clip"]), stock):
+        assert close(sample(patched, pos, neg), reference)

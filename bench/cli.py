@@ -1,0 +1,35 @@
+"""``python -m conceptgate bench ...``: measured numbers into BENCHMARKS.md (and JSON)."""
+
+from __future__ import annotations
+
+import os
+
+from .report import ROOT
+
+
+def run_speed(args) -> int:
+    json_path = args.json or os.path.join(ROOT, "benchmarks.json")
+    if args.what in ("spm", "all"):
+        from .speed import bench_spm
+
+        _, body = bench_spm(steps=args.steps, latent=args.latent, repeats=args.repeats, json_path=json_path)
+        print(body)
+    if args.what in ("uce", "all"):
+        from .speed_uce import bench_uce_rece
+
+        out = bench_uce_rece(json_path=json_path, repeats=args.repeats)
+        print(out[1] if isinstance(out, tuple) else out)
+    return 0
+
+
+def add_cli(subparsers):
+    p = subparsers.add_parser("bench", help="run benchmarks and write BENCHMARKS.md")
+    sub = p.add_subparsers(dest="bench_cmd", required=True)
+    s = sub.add_parser("speed", help="speed on full-size architectures with random weights (CPU or GPU)")
+    s.add_argument("what", nargs="?", default="all", choices=["spm", "uce", "all"])
+    s.add_argument("--steps", type=int, default=20, help="sampling steps (spm)")
+    s.add_argument("--latent", type=int, default=32, help="latent side (spm); 32 = 256x256 pixels")
+    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--json", default=None, help="also write the numbers here (default: benchmarks.json)")
+    s.set_defaults(func=run_speed)
+    return p
