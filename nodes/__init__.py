@@ -1,9 +1,11 @@
 """ComfyUI nodes of ConceptGate (imported only when ComfyUI loads the pack)."""
 
-from .nodes_conceptgate import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from .nodes_uce import NODE_CLASS_MAPPINGS as _UCE_NODES, NODE_DISPLAY_NAME_MAPPINGS as _UCE_NAMES
+from . import nodes_conceptgate, nodes_toy, nodes_uce
 
-NODE_CLASS_MAPPINGS = {**NODE_CLASS_MAPPINGS, **_UCE_NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {**NODE_DISPLAY_NAME_MAPPINGS, **_UCE_NAMES}
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+for _module in (nodes_conceptgate, nodes_uce, nodes_toy):
+    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

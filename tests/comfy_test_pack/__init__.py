@@ -60,4 +60,17 @@ class CaptureLatent:
         return {}
 
 
-NODE_CLASS_MAPPINGS = {"CGTest_TinyCheckpoint": TinyCheckpoint, "CGTest_CaptureLatent": CaptureLatent}
+class CaptureImage(CaptureLatent):
+    FUNCTION = "capture_image"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "key": ("STRING", {"default": "out"})}}
+
+    def capture_image(self, images, key):
+        CAPTURED[key] = images.clone()
+        return {}
+
+
+NODE_CLASS_MAPPINGS = {"CGTest_TinyCheckpoint": TinyCheckpoint, "CGTest_CaptureLatent": CaptureLatent,
+                       "CGTest_CaptureImage": CaptureImage}
