@@ -243,6 +243,36 @@ class RowGatedDeltas:
         return hook
 
 
+def combined_deltas(stack: EraserStack, coeffs: torch.Tensor) -> dict[str, ModuleDelta]:
+    """The whole stack at coefficients ``coeffs`` as ONE delta per module.
+
+    additive: ``[c_1 s_1 U_1 | c_2 s_2 U_2 | ...] @ [D_1; D_2; ...]`` (rank = sum of ranks), so ComfyUI
+    runs one LoRA product per weight however many erasers are stacked; official: ``s (sum c_i U_i)(sum c_i D_i)``.
+    Modules that carry a full ``diff`` get the dense sum.
+    """
+    coeffs = coeffs.flatten().float()
+    out: dict[str, ModuleDelta] = {}
+    official = stack.combine == "official"
+    if official:
+        stack.check_official_combinable()
+    for name in stack.modules():
+        parts = [(float(coeffs[i]), e.eraser.modules[name]) for i, e in stack.weight_entries
+                 if name in e.eraser.modules and float(coeffs[i]) != 0.0]
+        if not parts:
+            continue
+        if any(not d.is_low_rank for _, d in parts):
+            out[name] = ModuleDelta(diff=sum(c * d.full() for c, d in parts))
+        elif official:
+            up = sum(c * d.up.float() for c, d in parts)
+            down = sum(c * d.down.float() for c, d in parts)
+            out[name] = ModuleDelta(up=up, down=down, alpha=parts[0][1].scale * up.shape[1])
+        else:
+            up = torch.cat([c * d.scale * d.up.float() for c, d in parts], 1)
+            down = torch.cat([d.down.float() for _, d in parts], 0)
+            out[name] = ModuleDelta(up=up, down=down, alpha=float(up.shape[1]))  # scale 1
+    return out
+
+
 def merged_copy_state(weights: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``W + delta`` per module, on copies (the reference the equivalence tests compare against)."""
     return {n: weights[n] + deltas[n].to(weights[n]) for n in deltas}

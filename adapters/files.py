@@ -232,12 +232,10 @@ def load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] |
     return eraser
 
 
-def save_eraser(eraser: Eraser, path, hyperparameters: dict | None = None, dtype=None) -> str:
-    """Write ``eraser`` as a ConceptGate file; returns its sha256. SPM files keep the official keys."""
-    from .. import __version__
-
+def kohya_tensors(modules: dict[str, ModuleDelta]) -> dict[str, torch.Tensor]:
+    """Module deltas as kohya LoRA tensors: the file layout, and what hosts' LoRA loaders take."""
     tensors = {}
-    for name, d in eraser.modules.items():
+    for name, d in modules.items():
         prefix = to_kohya(name)
         if d.is_low_rank:
             tensors[f"{prefix}.lora_up.weight"] = d.up
@@ -245,6 +243,14 @@ def save_eraser(eraser: Eraser, path, hyperparameters: dict | None = None, dtype
             tensors[f"{prefix}.alpha"] = torch.tensor(float(d.alpha if d.alpha is not None else d.rank))
         else:
             tensors[f"{prefix}.diff"] = d.diff
+    return tensors
+
+
+def save_eraser(eraser: Eraser, path, hyperparameters: dict | None = None, dtype=None) -> str:
+    """Write ``eraser`` as a ConceptGate file; returns its sha256. SPM files keep the official keys."""
+    from .. import __version__
+
+    tensors = kohya_tensors(eraser.modules)
     for k, t in eraser.tensors.items():
         tensors[TENSOR_PREFIX + k] = t
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and v.dim() else v)

@@ -151,12 +151,13 @@ class BankCache:
 
     def __init__(self, encoder: TextEncoderLike | None):
         self.encoder = encoder
-        self._banks: dict[tuple, ConceptBank] = {}
+        self._banks: dict[tuple, tuple[Eraser, ConceptBank]] = {}
 
     def get(self, eraser: Eraser) -> ConceptBank:
         key = (id(eraser), tuple(eraser.concepts))
-        if key not in self._banks:
+        hit = self._banks.get(key)
+        if hit is None or hit[0] is not eraser:  # the eraser is held, so its id cannot be reused
             if self.encoder is None:
                 raise ValueError("a text encoder is needed to encode the erased concepts")
-            self._banks[key] = ConceptBank.encode(eraser.concepts, self.encoder)
-        return self._banks[key]
+            hit = self._banks[key] = (eraser, ConceptBank.encode(eraser.concepts, self.encoder))
+        return hit[1]

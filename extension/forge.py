@@ -26,29 +26,17 @@ import importlib
 
 import torch
 
+from ..adapters.apply import combined_deltas
+from ..adapters.files import kohya_tensors
+
 from ..adapters.errors import IncompatibleModelError
 from ..adapters.gate import GateReport
 from ..adapters.lowrank import ModuleDelta
-from ..adapters.naming import to_kohya
 from ..adapters.stack import BankCache, EraserStack
 from . import host as _host
 from . import ldm
 from .a1111 import image_coefficients
 from .text import HostTextEncoder, subprompts
-
-
-def kohya_state_dict(modules: dict[str, ModuleDelta]) -> dict[str, torch.Tensor]:
-    """An eraser's deltas as kohya LoRA tensors (the file layout, see ``adapters/files.py``)."""
-    sd = {}
-    for name, d in modules.items():
-        prefix = to_kohya(name)
-        if d.is_low_rank:
-            sd[f"{prefix}.lora_up.weight"] = d.up
-            sd[f"{prefix}.lora_down.weight"] = d.down
-            sd[f"{prefix}.alpha"] = torch.tensor(float(d.alpha if d.alpha is not None else d.rank))
-        else:
-            sd[f"{prefix}.diff"] = d.diff
-    return sd
 
 
 def lora_module(host: str):
@@ -58,7 +46,7 @@ def lora_module(host: str):
 def host_patches(unet, modules: dict[str, ModuleDelta], host: str, source: str) -> dict:
     lora = lora_module(host)
     key_map = lora.model_lora_keys_unet(unet.model, {})  # a fresh dict: the default is shared
-    loaded = lora.load_lora(kohya_state_dict(modules), key_map)
+    loaded = lora.load_lora(kohya_tensors(modules), key_map)
     patches = loaded[0] if isinstance(loaded, tuple) else loaded  # HEAD returns (patches, remaining)
     if len(patches) != len(modules):
         raise IncompatibleModelError(source, f"the host mapped {len(patches)} of {len(modules)} modules")
@@ -97,26 +85,11 @@ def patch_unet(unet, stack: EraserStack, coeffs: torch.Tensor, host: str) -> tup
             m.add_patches(patches, strength)
         used.append(filename)
 
-    weight = [i for i, _ in stack.weight_entries]
-    if stack.combine == "official":
-        stack.check_official_combinable()
-        live = [i for i in weight if float(coeffs[i]) != 0.0]
-        if live:
-            merged = {}
-            for name in stack.modules():
-                parts = [(float(coeffs[i]), stack.entries[i].eraser.modules[name]) for i in weight
-                         if name in stack.entries[i].eraser.modules]
-                up = sum(c * d.up.float() for c, d in parts)
-                down = sum(c * d.down.float() for c, d in parts)
-                merged[name] = ModuleDelta(up=up, down=down, alpha=parts[0][1].scale * up.shape[1])
-            add(host_patches(m, merged, host, "official stack"), 1.0, patch_filename(stack, coeffs, live))
-        return m, used
-    for i in weight:
-        c = float(coeffs[i])
-        if c == 0.0:
-            continue
-        e = stack.entries[i].eraser
-        add(host_patches(m, e.modules, host, e.source or e.name), c, patch_filename(stack, coeffs, [i]))
+    # the whole stack as one patch per weight; the filename changes whenever a gate does, so Forge re-merges
+    live = [i for i, _ in stack.weight_entries if float(coeffs[i]) != 0.0]
+    merged = combined_deltas(stack, coeffs)
+    if merged:
+        add(host_patches(m, merged, host, "conceptgate stack"), 1.0, patch_filename(stack, coeffs, live))
     return m, used
 
 

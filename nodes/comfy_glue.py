@@ -21,11 +21,12 @@ import comfy.lora
 import comfy.patcher_extension
 import comfy.utils
 
-from ..adapters.apply import RowGatedDeltas, dense_deltas
+from ..adapters.apply import RowGatedDeltas, combined_deltas
 from ..adapters.errors import IncompatibleModelError
+from ..adapters.files import kohya_tensors
 from ..adapters.gate import EncodedText, GateReport, special_token_filter, to_window
 from ..adapters.lowrank import ModuleDelta
-from ..adapters.naming import UNetLayout, guess_family, to_kohya
+from ..adapters.naming import UNetLayout, guess_family
 from ..adapters.stack import BankCache, EraserStack
 
 log = logging.getLogger("conceptgate")
@@ -99,52 +100,9 @@ def check_fits(model, stack: EraserStack) -> None:
 
 
 # ------------------------------------------------------------------ weight path
-def kohya_state_dict(modules: dict[str, ModuleDelta]) -> dict[str, torch.Tensor]:
-    sd = {}
-    for name, d in modules.items():
-        prefix = to_kohya(name)
-        if d.is_low_rank:
-            sd[f"{prefix}.lora_up.weight"] = d.up
-            sd[f"{prefix}.lora_down.weight"] = d.down
-            sd[f"{prefix}.alpha"] = torch.tensor(float(d.alpha if d.alpha is not None else d.rank))
-        else:
-            sd[f"{prefix}.diff"] = d.diff
-    return sd
-
-
 def comfy_patches(model, modules: dict[str, ModuleDelta]) -> dict:
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    return comfy.lora.load_lora(kohya_state_dict(modules), key_map, log_missing=True)
-
-
-def combined_modules(stack: EraserStack, coeffs: torch.Tensor) -> dict[str, ModuleDelta]:
-    """The whole stack at coefficients ``coeffs`` as ONE delta per module.
-
-    additive: ``[c_1 s_1 U_1 | c_2 s_2 U_2 | ...] @ [D_1; D_2; ...]`` (rank = sum of ranks), so ComfyUI
-    runs one LoRA product per weight however many erasers are stacked; official: ``s (sum c_i U_i)(sum c_i D_i)``.
-    Modules that carry a full ``diff`` get the dense sum.
-    """
-    coeffs = coeffs.flatten().float()
-    out: dict[str, ModuleDelta] = {}
-    official = stack.combine == "official"
-    if official:
-        stack.check_official_combinable()
-    for name in stack.modules():
-        parts = [(float(coeffs[i]), e.eraser.modules[name]) for i, e in stack.weight_entries
-                 if name in e.eraser.modules and float(coeffs[i]) != 0.0]
-        if not parts:
-            continue
-        if any(not d.is_low_rank for _, d in parts):
-            out[name] = ModuleDelta(diff=sum(c * d.full() for c, d in parts))
-        elif official:
-            up = sum(c * d.up.float() for c, d in parts)
-            down = sum(c * d.down.float() for c, d in parts)
-            out[name] = ModuleDelta(up=up, down=down, alpha=parts[0][1].scale * up.shape[1])
-        else:
-            up = torch.cat([c * d.scale * d.up.float() for c, d in parts], 1)
-            down = torch.cat([d.down.float() for _, d in parts], 0)
-            out[name] = ModuleDelta(up=up, down=down, alpha=float(up.shape[1]))  # scale 1
-    return out
+    return comfy.lora.load_lora(kohya_tensors(modules), key_map, log_missing=True)
 
 
 def weight_patched(model, stack: EraserStack, coeffs: torch.Tensor):
@@ -152,7 +110,7 @@ def weight_patched(model, stack: EraserStack, coeffs: torch.Tensor):
     (one LoRA patch per weight; ComfyUI applies it when it loads the model and keeps its backup)."""
     check_fits(model, stack)
     m = model.clone()
-    merged = combined_modules(stack, coeffs)
+    merged = combined_deltas(stack, coeffs)
     if merged:
         m.add_patches(comfy_patches(m, merged), 1.0)
     return m
