@@ -20,3 +20,14 @@ def comfy():
 def executor(comfy):
     """ComfyUI's PromptExecutor with this checkout and the test pack loaded as custom nodes."""
     return comfy_host.Executor(packs=(comfy_host.REPO, os.path.join(HERE, "comfy_test_pack")))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny float64 factorisations: intra-op threads only add contention on a shared 2-core CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

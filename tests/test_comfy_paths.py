@@ -11,13 +11,8 @@ import torch
 
 from conceptgate.adapters import EraserStack, GateSettings, dense_deltas, layout_from_diffusers_config, save_eraser
 from conceptgate.adapters.synthetic import random_eraser
+from comfy_sampling import close, encode, merged_model, sample
 from tiny_models import tiny_text_encoder, tiny_unet
-
-REL_TOL = 1e-5  # fp32; sampled latents of a random model reach |x| ~ 100, so compare relative to the range
-
-
-def close(a, b):
-    return float((a - b).abs().max()) <= REL_TOL * float(b.abs().max()) + 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -32,29 +27,6 @@ def world(comfy):
     return {"unet": unet, "model": comfy_models.unet_to_comfy(unet), "clip": clip, "erasers": erasers}
 
 
-def encode(clip, text):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
-
-def sample(model, positive, negative, seed=3, steps=3, cfg=4.0):
-    import comfy.sample
-
-    latent = torch.zeros(1, 4, 8, 8)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
-                               denoise=1.0, seed=seed, disable_pbar=True)
-
-
-def merged_model(world, deltas):
-    from conceptgate.nodes import comfy_models
-
-    unet = copy.deepcopy(world["unet"])
-    with torch.no_grad():
-        for name, d in deltas.items():
-            unet.get_submodule(name).weight += d
-    return comfy_models.unet_to_comfy(unet)
-
-
 @pytest.mark.parametrize("combine", ["additive", "official"])
 def test_weight_path_and_row_path_equal_hand_merge(world, combine):
     from conceptgate.nodes import comfy_glue
@@ -65,7 +37,7 @@ def test_weight_path_and_row_path_equal_hand_merge(world, combine):
     coeffs = torch.tensor([0.9, 0.6])
     pos, neg = encode(world["clip"], "a red triangle"), encode(world["clip"], "")
     base = sample(world["model"], pos, neg)
-    reference = sample(merged_model(world, dense_deltas(stack, coeffs)), pos, neg)
+    reference = sample(merged_model(world["unet"], dense_deltas(stack, coeffs)), pos, neg)
     by_weights = sample(comfy_glue.weight_patched(world["model"], stack, coeffs), pos, neg)
     by_rows = sample(comfy_glue.row_gated(world["model"], stack, world["clip"]), pos, neg)
     assert (reference - base).abs().max() > 1e-2
@@ -184,7 +156,7 @@ def test_official_spm_file_through_every_path(world, tmp_path, comfy):
 
     # ComfyUI: sampler outputs
     pos, neg = encode(world["clip"], "a red triangle"), encode(world["clip"], "")
-    reference = sample(merged_model(world, deltas), pos, neg)
+    reference = sample(merged_model(world["unet"], deltas), pos, neg)
     folder_paths.add_model_folder_path("loras", str(tmp_path), is_default=True)
     (stock,) = nodes.LoraLoaderModelOnly().load_lora_model_only(world["model"], "tri_last.safetensors", 0.8)
     for patched in (comfy_glue.weight_patched(world["model"], stack, coeffs),

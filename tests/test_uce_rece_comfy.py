@@ -1,7 +1,6 @@
 """UCE / RECE on a ComfyUI MODEL + CLIP (tiny SD1.x-family model), through ComfyUI's own patcher,
 text encoder, sampler, stock LoRA loader and PromptExecutor."""
 
-import copy
 import glob
 import json
 import os
@@ -12,23 +11,14 @@ import torch
 from conceptgate.adapters import EraserStack, GateSettings, closed_form as cf, layout_from_diffusers_config, load_eraser
 from conceptgate.adapters.synthetic import random_eraser
 from conceptgate.adapters.uce_rece import EditCache, compute_edit, save_edit
+from comfy_sampling import close, encode, merged_model, sample
 from tiny_models import tiny_text_encoder, tiny_unet
 
-REL_TOL = 1e-5
 F64 = torch.float64
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def close(a, b):
-    return float((a - b).abs().max()) <= REL_TOL * float(b.abs().max()) + 1e-5
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel(a, b):
@@ -48,29 +38,6 @@ def host_of(model, clip):
     from conceptgate.nodes.nodes_uce import ComfyEditHost
 
     return ComfyEditHost(model, clip)
-
-
-def encode(clip, text):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
-
-def sample(model, positive, negative, seed=3, steps=3, cfg=4.0):
-    import comfy.sample
-
-    latent = torch.zeros(1, 4, 8, 8)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
-                               denoise=1.0, seed=seed, disable_pbar=True)
-
-
-def merged_model(unet, deltas):
-    from conceptgate.nodes import comfy_models
-
-    u = copy.deepcopy(unet)
-    with torch.no_grad():
-        for name, d in deltas.items():
-            u.get_submodule(name).weight += d.float()
-    return comfy_models.unet_to_comfy(u)
 
 
 def test_comfy_host_reads_weights_and_text_as_the_sampler(world):

@@ -18,13 +18,7 @@ TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny float64 factorizations: intra-op threads only add contention on a shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
