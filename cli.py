@@ -89,9 +89,10 @@ def _plugin_modules():
     """Subcommands contributed by the mechanisms, the toy world and the benchmarks (each has ``add_cli``)."""
     from .adapters import cli_edit
     from .bench import cli as bench_cli
+    from .bench import demo as bench_demo
     from .toyworld import train as toyworld_train
 
-    return [toyworld_train, cli_edit, bench_cli]
+    return [toyworld_train, cli_edit, bench_cli, bench_demo]
 
 
 def main(argv=None) -> int:

@@ -32,4 +32,7 @@ def add_cli(subparsers):
     s.add_argument("--repeats", type=int, default=2)
     s.add_argument("--json", default=None, help="also write the numbers here (default: benchmarks.json)")
     s.set_defaults(func=run_speed)
+    from .quality import add_quality_cli
+
+    add_quality_cli(sub)
     return p

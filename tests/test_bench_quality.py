@@ -1,0 +1,265 @@
+"""Quality benchmark (issue 3): metric definitions on synthetic judge outputs, prompt and gate sets,
+the extension points for other eraser kinds, and one small real run on the committed toy model."""
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from conceptgate.bench import quality as Q
+from conceptgate.toyworld.judges import NONE
+
+TRI = Q.Target("triangle", "object", 2)
+STRIPED = Q.Target("striped", "style", 1)
+
+
+def _pred(obj, sty, col, wm=None):
+    n = len(obj)
+    return {"object": np.array(obj), "style": np.array(sty), "colour": np.array(col),
+            "watermark": np.array(wm if wm is not None else [0] * n)}
+
+
+# ------------------------------------------------------------------------------ metric definitions
+
+
+def test_ua_counts_garbage_as_not_success():
+    # four images of prompts naming the triangle: judged triangle, none (garbage), star, star
+    labels = np.array([[2, 0, 0]] * 4)
+    pred = _pred([2, NONE["object"], 3, 3], [0] * 4, [0] * 4)
+    m = Q.target_metrics(pred, labels, np.arange(4), TRI, n_boot=200)
+    assert m["ua"]["value"] == pytest.approx(0.5)           # only the two stars count
+    assert m["garbage_rate"]["value"] == pytest.approx(0.25)
+    assert m["n_target_images"] == 4 and m["n_other_images"] == 0
+    assert np.isnan(m["ira"]["value"]) and np.isnan(m["cra"]["value"])  # nothing to retain here
+    # all garbage: UA 0, garbage 1
+    g = Q.target_metrics(_pred([NONE["object"]] * 4, [0] * 4, [0] * 4), labels, np.arange(4), TRI, n_boot=50)
+    assert g["ua"]["value"] == 0.0 and g["garbage_rate"]["value"] == 1.0
+
+
+def test_ira_cra_mean_retain_and_replacement():
+    # 2 target prompts (triangle), 2 other prompts (circle, square); 2 seeds each
+    labels = np.array([[2, 1, 0]] * 4 + [[0, 2, 3]] * 2 + [[1, 4, 5]] * 2)
+    pids = np.repeat(np.arange(4), 2)
+    obj = [0, 0, 2, 1] + [0, 0] + [1, 3]          # targets: circle, circle, triangle, square
+    sty = [1, 1, 1, 0] + [2, 2] + [4, 4]
+    col = [0, 0, 0, 0] + [3, 1] + [5, 5]
+    m = Q.target_metrics(_pred(obj, sty, col), labels, pids, TRI, alternative=0, n_boot=200)
+    assert m["ua"]["value"] == pytest.approx(3 / 4)
+    assert m["ira"]["value"] == pytest.approx(3 / 4)                  # 0,0 right; 1 right, 3 wrong
+    # CRA = style and colour accuracy on the non-target images: styles 4/4, colours 3/4
+    assert m["cra"]["value"] == pytest.approx((1 + 0.5 + 1 + 1) / 4)  # per image: mean of style, colour
+    assert m["retain_kinds"] == ["style", "colour"]
+    assert m["retain_on_target"]["value"] == pytest.approx((1 + 1 + 1 + 0.5) / 4)  # style wrong once
+    assert m["replacement_accuracy"]["value"] == pytest.approx(2 / 4) and m["alternative"] == "circle"
+    assert m["mean"]["value"] == pytest.approx((m["ua"]["value"] + m["ira"]["value"] + m["cra"]["value"]) / 3)
+
+
+def test_style_target_cross_domain_is_object_and_colour():
+    labels = np.array([[0, 1, 0], [3, 2, 1]])
+    m = Q.target_metrics(_pred([0, 3], [0, 2], [0, 0]), labels, np.arange(2), STRIPED, n_boot=50)
+    assert m["retain_kinds"] == ["object", "colour"]
+    assert m["ua"]["value"] == 1.0 and m["ira"]["value"] == 1.0
+    assert m["cra"]["value"] == pytest.approx(0.5)      # object right, colour wrong
+
+
+def test_watermark_target():
+    labels = np.array([[0, 0, 0]] * 4)
+    m = Q.target_metrics(_pred([0] * 4, [0] * 4, [0] * 4, wm=[1, 0, 0, NONE["watermark"]]), labels, np.arange(4),
+                         Q.Target("watermark", "watermark", None), n_boot=50)
+    assert m["ua"]["value"] == pytest.approx(0.5) and m["garbage_rate"]["value"] == pytest.approx(0.25)
+    assert m["cra"]["value"] == 1.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bootstrap_interval_contains_point_estimate(seed):
+    rng = np.random.default_rng(seed)
+    den = rng.integers(1, 6, 30).astype(float)
+    num = np.minimum(den, rng.binomial(den.astype(int), rng.uniform(0.1, 0.9)))
+    p, lo, hi, reps = Q.cluster_bootstrap(num, den, n_boot=500, seed=seed)
+    assert p == pytest.approx(num.sum() / den.sum())
+    assert lo <= p <= hi and 0 <= lo and hi <= 1 and len(reps) == 500
+    assert hi - lo > 0
+    # same seed, same clusters -> identical interval; degenerate data -> a point interval
+    assert Q.cluster_bootstrap(num, den, n_boot=500, seed=seed)[1:3] == (lo, hi)
+    assert Q.cluster_bootstrap(den, den, 100)[:3] == (1.0, 1.0, 1.0)
+    assert np.isnan(Q.cluster_bootstrap([], [], 10)[0])
+
+
+def test_bootstrap_resamples_prompts_not_images():
+    # two prompts, each with all seeds agreeing: a prompt-level bootstrap gives {0, 0.5, 1} only
+    pids = np.repeat([0, 1], 50)
+    v = np.r_[np.ones(50), np.zeros(50)]
+    num, den = Q._per_prompt(pids, v, np.ones(100, bool), 2)
+    _, lo, hi, reps = Q.cluster_bootstrap(num, den, 400, 0)
+    assert set(np.round(reps, 6)) <= {0.0, 0.5, 1.0} and lo == 0.0 and hi == 1.0
+
+
+def test_fire_rates_threshold_is_strict():
+    r = Q.fire_rates([0.2, 0.5, 0.6, 0.9])
+    assert r["fire_rate"] == 0.5 and r["mean_gate"] == pytest.approx(0.55) and r["n"] == 4
+    assert Q.fire_rates([0.2, 0.5, 0.6, 0.9], threshold=0.1)["fire_rate"] == 1.0
+    assert Q.fire_rates([])["n"] == 0 and Q.GATE_THRESHOLD == 0.5
+
+
+# ------------------------------------------------------------------------------ vocabulary / prompts
+
+
+def test_resolve_concepts():
+    assert Q.resolve_concept("triangle") == Q.Target("triangle", "object", 2)
+    assert Q.resolve_concept("trigon").index == 2
+    assert Q.resolve_concept("a red plus sign").index == 4 and Q.resolve_concept("plus sign").kind == "object"
+    assert Q.resolve_concept("zebra-lined") == Q.Target("zebra-lined", "style", 1)
+    assert Q.resolve_concept("plain") == Q.Target("plain", "style", 0)
+    assert Q.resolve_concept("Watermark").kind == "watermark"
+    assert Q.resolve_concept("orange").kind == "colour"
+    assert Q.resolve_concept("a photo of a dog") is None
+    assert Q.resolve_concept("ring").index == 5 and Q.resolve_concept("striped").index == 1
+
+
+def test_alternative_from_settings():
+    from conceptgate.adapters.eraser import Eraser
+
+    e = Eraser("x", "weight", ["striped"], settings={"guide": "plain"})
+    assert Q.eraser_alternative(e, STRIPED) == 0
+    assert Q.eraser_alternative(Eraser("y", "weight", ["triangle"], settings={"guide": "shape"}), TRI) is None
+    assert Q.eraser_alternative(Eraser("z", "weight", ["triangle"], settings={"alternative": "disc"}), TRI) == 0
+    assert Q.eraser_alternative(Eraser("w", "weight", ["triangle"], settings={"alternative": "red"}), TRI) is None
+
+
+def test_prompt_sets_cover_targets_and_are_deterministic():
+    tier = dict(Q.TIERS["quick"])
+    a = Q.build_prompt_sets(tier, [TRI, STRIPED])
+    assert a == Q.build_prompt_sets(tier, [TRI, STRIPED])
+    assert set(a) == {"keyword", "synonym", "heldout"}
+    for name, items in a.items():
+        assert len({p for p, _ in items}) == len(items)
+        assert sum(lab[0] == 2 for _, lab in items) >= tier["per_target"]
+        assert sum(lab[1] == 1 for _, lab in items) >= tier["per_target"]
+    assert all("triangle" in p for p, lab in a["keyword"] if lab[0] == 2)
+    assert all("trigon" in p for p, lab in a["synonym"] if lab[0] == 2)
+    assert all("zebra-lined" in p for p, lab in a["synonym"] if lab[1] == 1)
+    from conceptgate.toyworld.captions import HELDOUT_PAIRS
+
+    assert not any((lab[0], lab[1]) in set(HELDOUT_PAIRS) for v in a.values() for _, lab in v)
+
+
+def test_gate_prompt_sets():
+    s = Q.gate_prompt_sets(TRI, 16)
+    assert set(s) == {"target", "synonym", "neighbour", "unrelated"}
+    assert all("triangle" in p for p in s["target"]) and all("trigon" in p for p in s["synonym"])
+    for p in s["neighbour"] + s["unrelated"]:
+        assert "triangle" not in p and "trigon" not in p
+    assert len(s["target"]) == 16 and len(s["unrelated"]) == 16
+
+
+# ------------------------------------------------------------------------------ on the toy model
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from conceptgate import toyworld as tw
+
+    return tw.load_pipeline(), tw.load_judges()
+
+
+def _render_generate(sets):
+    """A stand-in generate_fn that renders what each prompt names (a perfect 'model')."""
+    from conceptgate.toyworld import render as R
+
+    lab_of = {p: lab for items in sets.values() for p, lab in items}
+
+    def gen(prompts, seeds):
+        labs = np.array([lab_of[p] for p in prompts])
+        lab = R.sample_labels(len(prompts), 7, objects=labs[:, 0], styles=labs[:, 1], colours=labs[:, 2],
+                              watermark_rate=0.0)
+        return R.to_tensor(R.render_labels(lab))
+    return gen
+
+
+def test_evaluate_stack_with_generate_fn_and_gates(toy):
+    """The whole evaluation path on perfect 'generations' (renders): accuracy ~1, base UA ~0,
+    and the UCE eraser's gate profile (text only) fires on its target prompts."""
+    from conceptgate.adapters.stack import EraserStack
+
+    pipe, judges = toy
+    (uce,) = Q.make_edit_erasers(pipe, Q.DEFAULT_EDITS[:1])
+    tier = dict(keyword=6, synonym=3, heldout=3, per_target=3, seeds=2, gate_prompts=12, boot=100)
+    stack = EraserStack().with_eraser(uce)
+    sets = Q.build_prompt_sets({**Q.TIERS["quick"], **tier}, [TRI])
+    r = Q.evaluate_stack(pipe, judges, stack, tier=tier, prompt_sets=sets, generate_fn=_render_generate(sets))
+    kw = r["sets"]["keyword"]
+    assert kw["object"]["value"] >= 0.95 and kw["style"]["value"] >= 0.95 and kw["garbage_rate"]["value"] == 0
+    assert kw["watermark_rate"]["value"] == 0 and kw["frechet"] >= 0
+    (t,) = r["targets"]
+    assert t["keyword"] == "triangle" and t["erasers"] == ["uce-triangle"]
+    assert t["sets"]["keyword"]["ua"]["value"] <= 0.05 and t["sets"]["keyword"]["ira"]["value"] >= 0.95
+    g = r["gates"]["uce-triangle"]
+    assert g["target"]["fire_rate"] == 1.0 and g["threshold"] == 0.5 and g["rule"] == "ft"
+    assert set(g) >= {"synonym", "neighbour", "unrelated"}
+    assert r["stack"][0]["method"] == "uce"
+
+
+def test_unsupported_kinds_and_handlers(toy):
+    from conceptgate.adapters.eraser import Eraser
+    from conceptgate.adapters.stack import EraserStack
+
+    pipe, _ = toy
+    cond = Eraser("geom-wm", "conditioning", ["watermark"], method="testgeom", tensors={"v": torch.zeros(1, 128)})
+    stack = EraserStack().with_eraser(cond)
+    with pytest.raises(Q.UnsupportedEraser, match="register_conditioning"):
+        Q.generate_with_stack(pipe, ["a red circle"], [0], stack, steps=1)
+    calls = {}
+
+    def handler(p, entries, prompts, gates):
+        calls["cond"] = (list(prompts), gates.shape)
+        return {"negative_prompt": ["watermark"] * len(prompts)}
+
+    guide = Eraser("abo-star", "guidance", ["star"], method="testabo")
+
+    def guidance(p, entries, prompts, seeds, gates, steps, cfg, sample):
+        calls["guide"] = (len(entries), gates.shape)
+        return sample()
+
+    Q.register_conditioning("testgeom", handler)
+    Q.register_guidance("testabo", guidance)
+    try:
+        imgs, gates = Q.generate_with_stack(pipe, ["a red circle", "a blue star"], [0, 1],
+                                            stack.with_eraser(guide), steps=1, cfg=2.0)
+    finally:
+        Q.CONDITIONING_HANDLERS.pop("testgeom")
+        Q.GUIDANCE_HANDLERS.pop("testabo")
+    assert imgs.shape == (2, 3, 64, 64) and gates.shape == (2, 2)
+    assert calls["cond"] == (["a red circle", "a blue star"], (2, 1)) and calls["guide"] == (1, (2, 1))
+    assert float(gates[1, 1]) == pytest.approx(1.0)     # "star" named: token overlap 1
+
+
+def test_cli_registration():
+    from conceptgate import cli
+
+    p = cli.build_parser()
+    a = p.parse_args(["bench", "quality", "--full", "--stack", "a.json", "--json", "x.json"])
+    assert a.func is Q.run_quality and a.full and a.stack == ["a.json"] and a.json == "x.json"
+    d = p.parse_args(["demo"])
+    from conceptgate.bench import demo
+
+    assert d.func is demo.cmd_demo and d.out == "conceptgate-demo"
+
+
+@pytest.mark.slow
+def test_quick_evaluation_on_the_toy_model_is_sane(toy):
+    """One small real run: the base model draws what the prompts name (well above chance), rarely
+    garbage, and hardly ever 'erases' a concept by itself (low baseline UA)."""
+    pipe, judges = toy
+    tier = dict(keyword=4, synonym=0, heldout=0, per_target=2, seeds=4, steps=15, boot=200, batch=32)
+    r = Q.evaluate_stack(pipe, judges, None, targets=["triangle"], tier=tier)
+    kw = r["sets"]["keyword"]
+    assert kw["n_images"] == 4 * r["settings"]["prompts_per_set"]["keyword"] >= 20
+    assert kw["object"]["value"] >= 0.6 and kw["style"]["value"] >= 0.6 and kw["colour"]["value"] >= 0.5
+    assert kw["object"]["lo"] <= kw["object"]["value"] <= kw["object"]["hi"]
+    assert kw["garbage_rate"]["value"] <= 0.3 and 0.0 <= kw["watermark_rate"]["value"] <= 0.7
+    t = r["targets"][0]["sets"]["keyword"]
+    assert t["ua"]["value"] <= 0.4 and t["ira"]["value"] >= 0.5
+    assert r["gates"] == {} and r["stack"] is None
+    bars = Q.base_bars(r)
+    assert set(bars) == {"object", "style", "colour", "watermark_rate"} and all("met" in b for b in bars.values())
