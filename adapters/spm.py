@@ -1,0 +1,510 @@
+"""SPM membranes trained with Latent Anchoring (Lyu et al., CVPR 2024), host-agnostic (torch + diffusers).
+
+A *membrane* is a rank-1 LoRA (``lora_down`` kaiming-uniform a=sqrt(5), ``lora_up`` zeros, alpha 1) on
+every Linear/Conv2d of every transformer of a diffusers ``UNet2DConditionModel``
+(``layout.modules("spm")``, 192 modules on SD1.x). It acts through forward hooks
+(``y = W x + b + multiplier * (alpha/rank) * U(D(x))``); the UNet's weights are never written.
+
+One iteration of Latent Anchoring (reference notes, section 1.4)::
+
+    k ~ U{1..ddim_steps-1};  x_T ~ N(0, I)
+    x_t  = k DDIM steps (of ddim_steps) of the membrane-equipped model, CFG cfg, prompt = target
+    t    = timesteps_1000[int(k * 1000 / ddim_steps)]
+    L_erase = MSE(eps_SPM(x_t, e_tgt), eps_orig(x_t, e_neu) - eta * (eps_orig(x_t, e_pos) - eps_orig(x_t, e_neu)))
+    anchors a_k = u_k * ||e_tgt||_F * z_k / ||z_k||_F,   z_k ~ N(0, I) accepted with prob 1 - cos(e_tgt, z_k),
+                  u_k ~ U[0.8, 1.2]
+    L_LA    = MSE(eps_SPM(x_t, a_k), eps_orig(x_t, a_k))
+    L       = L_erase + la_strength * L_LA
+
+with e_pos = e_tgt, e_neu = E(surrogate) (default ""), eta = 1, la_strength = 1000, 4 anchors,
+AdamW lr 1e-4, cosine-with-hard-restarts (3 cycles, warmup 500 of 3000 iterations, scaled with the
+iteration count), 3000 iterations, DDIM 30 steps at CFG 3.
+
+``anchor_mode``:
+
+* ``"fixed"`` (default): all sampled anchors contribute to L_LA (what the paper describes).
+* ``"official_quirk"``: the reference code's batch layout, for parity. It builds the anchor batch
+  ``[u, a1, u, a2, ..., u, aK]`` (u = E("")), runs it against the latents duplicated for CFG and keeps
+  the second half of the output (guidance 1), so L_LA is computed on ``[u, a_{K/2+1}, u, ..., u, a_K]``:
+  the unconditional prediction is anchored K/2 times and the first K/2 anchors get no gradient.
+
+Deviations from the reference: plain ``torch.optim.AdamW`` instead of bitsandbytes' AdamW8bit (not
+available on CPU; same update rule up to 8-bit state quantisation); no ``dynamic_resolution`` (one
+latent size, ``resolution`` pixels, default the UNet's ``sample_size * 8``); the anchor-batch quirk fixed
+by default; the trajectory's random numbers come from one seeded generator so checkpoints resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .eraser import Eraser
+from .lowrank import ModuleDelta
+from .naming import layout_from_diffusers_config
+
+ANCHOR_MODES = ("fixed", "official_quirk")
+REFERENCE_ITERATIONS = 3000
+REFERENCE_WARMUP = 500
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class SPMConfig:
+    """Latent Anchoring hyperparameters (defaults = the reference's shipped configs)."""
+
+    concept: str
+    surrogate: str = ""
+    iterations: int = REFERENCE_ITERATIONS
+    lr: float = 1e-4
+    la_strength: float = 1000.0
+    anchors: int = 4  # the reference's sampling_batch_size
+    anchor_mode: str = "fixed"
+    eta: float = 1.0  # erase strength ("guidance_scale" in the prompt YAML)
+    rank: int = 1
+    alpha: float = 1.0
+    warmup: int | None = None  # None: 500 scaled by iterations / 3000
+    cycles: int = 3
+    ddim_steps: int = 30
+    cfg: float = 3.0
+    resolution: int | None = None  # pixels; None: unet.config.sample_size * 8
+    weight_decay: float = 0.01  # torch AdamW's default (bitsandbytes AdamW8bit uses the same)
+    seed: int = 0
+    save_every: int = 500
+
+    def __post_init__(self):
+        if self.anchor_mode not in ANCHOR_MODES:
+            raise ValueError(f"unknown anchor mode {self.anchor_mode!r} ({', '.join(ANCHOR_MODES)})")
+        if self.anchor_mode == "official_quirk" and self.anchors % 2:
+            raise ValueError("official_quirk needs an even number of anchors (the reference splits the batch in halves)")
+        if self.iterations < 1 or self.rank < 1 or self.anchors < 1:
+            raise ValueError("iterations, rank and anchors must be positive")
+        if self.ddim_steps < 2:
+            raise ValueError("ddim_steps must be at least 2")
+
+    @property
+    def warmup_steps(self) -> int:
+        if self.warmup is not None:
+            return int(self.warmup)
+        return int(round(REFERENCE_WARMUP * self.iterations / REFERENCE_ITERATIONS))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["warmup_steps"] = self.warmup_steps
+        return d
+
+    # what must agree between a checkpoint and a resumed run
+    def trajectory_key(self) -> dict:
+        d = self.to_dict()
+        d.pop("save_every")
+        return d
+
+
+# ----------------------------------------------------------------------------- the membranes
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class Membranes(nn.Module):
+    """Trainable rank-r factors on named Linear/Conv2d modules of a UNet, applied by forward hooks.
+
+    ``multiplier`` 0 is the original model (hooks return the output untouched); use
+    ``with membranes.on():`` (multiplier 1, as the reference's ``with network:``).
+    """
+
+    def __init__(self, unet: nn.Module, names: Sequence[str], rank: int = 1, alpha: float = 1.0,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.names = list(names)
+        self.rank = int(rank)
+        self.alpha = float(alpha) if alpha else float(rank)
+        self.down = nn.ParameterDict()
+        self.up = nn.ParameterDict()
+        self._conv: dict[str, bool] = {}
+        for name in self.names:
+            mod = unet.get_submodule(name)
+            if isinstance(mod, nn.Conv2d):
+                r = min(self.rank, mod.in_channels, mod.out_channels)
+                down = torch.empty(r, mod.in_channels, *mod.kernel_size)
+                up = torch.zeros(mod.out_channels, r, 1, 1)
+                self._conv[name] = True
+            elif isinstance(mod, nn.Linear):
+                r = self.rank
+                down = torch.empty(r, mod.in_features)
+                up = torch.zeros(mod.out_features, r)
+                self._conv[name] = False
+            else:
+                raise TypeError(f"{name} is a {type(mod).__name__}, not a Linear or Conv2d")
+            _kaiming_uniform(down, math.sqrt(5), generator)
+            self.down[_key(name)] = nn.Parameter(down)
+            self.up[_key(name)] = nn.Parameter(up)
+        self.multiplier = 0.0
+        self._handles: list = []
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    # ---------------------------------------------------------------- hooks
+    def attach(self, unet: nn.Module) -> "Membranes":
+        if self._handles:
+            return self
+        for name in self.names:
+            self._handles.append(unet.get_submodule(name).register_forward_hook(self._hook(name)))
+        return self
+
+    def detach(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, name: str):
+        key, conv = _key(name), self._conv[name]
+
+        def hook(module, args, output):
+            if self.multiplier == 0.0:
+                return None
+            x = args[0]
+            down, up = self.down[key], self.up[key]
+            if conv:
+                z = F.conv2d(x, down.to(x.dtype), None, module.stride, module.padding, module.dilation)
+                y = F.conv2d(z, up.to(x.dtype))
+            else:
+                y = F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
+            return output + (self.multiplier * self.scale) * y.to(output.dtype)
+
+        return hook
+
+    class _On:
+        def __init__(self, owner, value):
+            self.owner, self.value = owner, value
+
+        def __enter__(self):
+            self.prev = self.owner.multiplier
+            self.owner.multiplier = self.value
+            return self.owner
+
+        def __exit__(self, *exc):
+            self.owner.multiplier = self.prev
+
+    def on(self, multiplier: float = 1.0):
+        return self._On(self, float(multiplier))
+
+    # ---------------------------------------------------------------- export
+    def module_deltas(self) -> dict[str, ModuleDelta]:
+        out = {}
+        for name in self.names:
+            down = self.down[_key(name)].detach().float().cpu().clone()
+            up = self.up[_key(name)].detach().float().cpu().clone()
+            out[name] = ModuleDelta(up=up, down=down, alpha=self.alpha)
+        return out
+
+    def to_eraser(self, concept: str, name: str | None = None, settings: dict | None = None,
+                  base_family: str | None = None, base_fingerprint: str | None = None,
+                  text_fingerprint: str | None = None) -> Eraser:
+        return Eraser(name=name or concept, kind="weight", concepts=[concept], method="spm",
+                      modules=self.module_deltas(), settings=dict(settings or {}),
+                      base_family=base_family if base_family not in (None, "custom") else None,
+                      base_fingerprint=base_fingerprint, text_fingerprint=text_fingerprint)
+
+
+def _kaiming_uniform(t: torch.Tensor, a: float, generator: torch.Generator | None):
+    """``nn.init.kaiming_uniform_(t, a)`` (fan_in, leaky_relu gain) drawn from ``generator``."""
+    fan_in = t[0].numel()
+    gain = math.sqrt(2.0 / (1 + a * a))
+    bound = gain * math.sqrt(3.0 / fan_in)
+    with torch.no_grad():
+        t.copy_(torch.rand(t.shape, generator=generator) * 2 * bound - bound)
+
+
+def spm_module_names(unet) -> list[str]:
+    """SPM's target set on a diffusers UNet: every Linear/Conv2d of every transformer."""
+    return [m.name for m in layout_from_diffusers_config(unet.config).modules("spm")]
+
+
+# ----------------------------------------------------------------------------- anchors and losses
+def sample_anchors(target: torch.Tensor, n: int, generator: torch.Generator | None = None,
+                   low: float = 0.8, high: float = 1.2) -> torch.Tensor:
+    """``n`` random anchors shaped like ``target`` [1, L, D] (or [L, D]): isotropic directions, accepted
+    with probability ``1 - cos(vec(target), z)``, scaled to ``u * ||target||_F``, ``u ~ U[low, high]``.
+    Returns [n, L, D] on the CPU (float32)."""
+    tgt = target.detach().float().cpu().reshape(-1, *target.shape[-2:])[0]
+    norm = tgt.norm()
+    flat = tgt.flatten() / norm.clamp_min(1e-12)
+    out = []
+    while len(out) < n:
+        z = torch.randn(tgt.shape, generator=generator)
+        z = z / z.norm()
+        accept = 1.0 - float(flat @ z.flatten())
+        if float(torch.rand((), generator=generator)) < accept:
+            u = low + (high - low) * float(torch.rand((), generator=generator))
+            out.append(u * norm * z)
+    return torch.stack(out)
+
+
+def anchor_batch(anchors: torch.Tensor, uncond: torch.Tensor, mode: str) -> tuple[torch.Tensor, Callable]:
+    """Text embeddings of the anchor UNet call and how to pick the rows that enter L_LA.
+
+    ``fixed``: the anchors themselves, every output row used. ``official_quirk``: the reference's
+    ``[u, a1, u, a2, ...]`` batch against duplicated latents; the second half of the output is used."""
+    if mode == "fixed":
+        return anchors, (lambda out: out)
+    if mode == "official_quirk":
+        u = uncond.reshape(1, *anchors.shape[1:]).to(anchors)
+        rows = torch.cat([torch.cat([u, a[None]]) for a in anchors])  # [u, a1, u, a2, ...]
+        return rows, (lambda out: out.chunk(2)[1])
+    raise ValueError(f"unknown anchor mode {mode!r}")
+
+
+def latent_anchor_loss(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], membranes: Membranes,
+                       x_t: torch.Tensor, anchors: torch.Tensor, uncond: torch.Tensor, mode: str) -> torch.Tensor:
+    """``MSE(eps_SPM(x_t, a), eps_orig(x_t, a))`` over the rows ``mode`` selects (see :func:`anchor_batch`).
+
+    ``predict(latents, context)`` -> eps for a batch; ``x_t`` is one latent [1, C, H, W]."""
+    ctx, pick = anchor_batch(anchors, uncond, mode)
+    lat = x_t.expand(ctx.shape[0], *x_t.shape[1:])
+    with torch.no_grad(), membranes.on(0.0):
+        ref = pick(predict(lat, ctx.detach()))
+    with membranes.on(1.0):
+        pred = pick(predict(lat, ctx))
+    return F.mse_loss(pred, ref)
+
+
+# ----------------------------------------------------------------------------- the trainer
+@dataclass
+class TrainResult:
+    eraser: Eraser
+    hyperparameters: dict
+    iterations_run: int
+    seconds: float
+    losses: list = field(default_factory=list)  # (iteration, loss, erase, anchor)
+
+
+class LatentAnchoringTrainer:
+    """Latent Anchoring on a diffusers UNet + CLIP text encoder (+ tokenizer). Float32, any device.
+
+    ``train()`` runs to ``config.iterations`` (resuming from ``checkpoint_dir/state.pt`` when asked),
+    writing ``<name>_<i>steps.safetensors`` and the resumable state every ``save_every`` iterations.
+    """
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler_config: dict, config: SPMConfig,
+                 device: str | torch.device = "cpu", clip_skip: int | None = None):
+        from diffusers import DDIMScheduler
+
+        from .diffusers_host import DiffusersTextEncoder
+
+        self.config = config
+        self.device = torch.device(device)
+        self.unet = unet.to(self.device, torch.float32).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(self.device, torch.float32).eval().requires_grad_(False)
+        self.encoder = DiffusersTextEncoder(tokenizer, self.text_encoder, clip_skip)
+        sched_cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+        self.sampler = DDIMScheduler.from_config(sched_cfg)
+        self.num_train_timesteps = int(self.sampler.config.num_train_timesteps)
+        self.layout = layout_from_diffusers_config(unet.config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.membranes = Membranes(self.unet, spm_module_names(self.unet), config.rank, config.alpha,
+                                   self.generator).to(self.device)
+        self.membranes.attach(self.unet)
+        self.optimizer = torch.optim.AdamW(self.membranes.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
+
+        self.lr_schedule = get_cosine_with_hard_restarts_schedule_with_warmup(
+            self.optimizer, config.warmup_steps, config.iterations, num_cycles=config.cycles)
+        with torch.no_grad():
+            enc = self.encoder([config.concept, config.surrogate, ""])
+        self.e_tgt, self.e_neu, self.e_unc = (h[None].to(self.device) for h in enc.hidden)
+        self.e_pos = self.e_tgt
+        px = config.resolution or int(unet.config.sample_size) * 8
+        self.latent_size = px // 8
+        self.iteration = 0
+        self.losses: list = []
+
+    # ---------------------------------------------------------------- pieces
+    def base_fingerprint(self) -> str:
+        from .uce_rece import weights_fingerprint
+
+        return weights_fingerprint(self.unet.state_dict())
+
+    def text_fingerprint(self) -> str:
+        from .uce_rece import weights_fingerprint
+
+        return weights_fingerprint(self.text_encoder.state_dict())
+
+    def predict(self, latents: torch.Tensor, context: torch.Tensor, t) -> torch.Tensor:
+        t = torch.as_tensor(t, device=self.device).reshape(-1).expand(latents.shape[0])
+        return self.unet(latents, t, encoder_hidden_states=context).sample
+
+    @torch.no_grad()
+    def trajectory(self, k: int, noise: torch.Tensor) -> torch.Tensor:
+        """x_t after ``k`` DDIM steps (of ``ddim_steps``) of the membrane-equipped model at CFG ``cfg``."""
+        cfg = self.config
+        self.sampler.set_timesteps(cfg.ddim_steps, device=self.device)
+        x = noise.to(self.device) * self.sampler.init_noise_sigma
+        ctx = torch.cat([self.e_unc, self.e_tgt])
+        with self.membranes.on(1.0):
+            for t in self.sampler.timesteps[:k]:
+                inp = self.sampler.scale_model_input(torch.cat([x, x]), t)
+                unc, txt = self.predict(inp, ctx, t).chunk(2)
+                eps = unc + cfg.cfg * (txt - unc)
+                x = self.sampler.step(eps, t, x).prev_sample
+        return x
+
+    def timestep_1000(self, k: int) -> int:
+        """The reference's ``set_timesteps(1000)`` then ``timesteps[int(k * 1000 / ddim_steps)]``."""
+        timesteps = list(range(self.num_train_timesteps - 1, -1, -1))
+        return timesteps[int(k * self.num_train_timesteps / self.config.ddim_steps)]
+
+    def step(self) -> dict:
+        """One Latent Anchoring iteration; returns the losses."""
+        cfg, g = self.config, self.generator
+        k = int(torch.randint(1, cfg.ddim_steps, (1,), generator=g))
+        noise = torch.randn(1, self.unet.config.in_channels, self.latent_size, self.latent_size, generator=g)
+        anchors = sample_anchors(self.e_tgt, cfg.anchors, g).to(self.device)
+        x_t = self.trajectory(k, noise)
+        t = self.timestep_1000(k)
+        pred = lambda lat, ctx: self.predict(lat, ctx, t)  # noqa: E731
+        with torch.no_grad(), self.membranes.on(0.0):
+            eps = pred(torch.cat([x_t, x_t]), torch.cat([self.e_pos, self.e_neu]))
+            eps_pos, eps_neu = eps.chunk(2)
+            target = eps_neu - cfg.eta * (eps_pos - eps_neu)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.membranes.on(1.0):
+            erase = F.mse_loss(pred(x_t, self.e_tgt), target)
+        anchor = latent_anchor_loss(pred, self.membranes, x_t, anchors, self.e_unc, cfg.anchor_mode)
+        loss = erase + cfg.la_strength * anchor
+        loss.backward()
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.iteration += 1
+        rec = {"iteration": self.iteration, "loss": loss.item(), "erase": erase.item(), "anchor": anchor.item(),
+               "k": k, "t": t, "lr": self.lr_schedule.get_last_lr()[0]}
+        self.losses.append((self.iteration, rec["loss"], rec["erase"], rec["anchor"]))
+        return rec
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "membranes": {k: v.detach().cpu() for k, v in self.membranes.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "generator": self.generator.get_state(),
+            "config": json.dumps(self.config.trajectory_key(), sort_keys=True),
+            "losses": torch.tensor(self.losses, dtype=torch.float64) if self.losses else torch.zeros(0, 4),
+        }
+
+    def load_state(self, state: dict):
+        mine = json.dumps(self.config.trajectory_key(), sort_keys=True)
+        if state["config"] != mine:
+            theirs = json.loads(state["config"])
+            diff = sorted(k for k in set(theirs) | set(json.loads(mine)) if theirs.get(k) != json.loads(mine).get(k))
+            raise ValueError(f"the checkpoint was trained with other settings ({', '.join(diff)}); cannot resume")
+        self.membranes.load_state_dict(state["membranes"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.generator.set_state(state["generator"])
+        self.iteration = int(state["iteration"])
+        self.losses = [tuple(r) for r in state["losses"].tolist()]
+
+    def save_state(self, path: str):
+        tmp = path + ".tmp"
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+
+    def resume(self, path: str) -> bool:
+        if not os.path.exists(path):
+            return False
+        self.load_state(torch.load(path, map_location="cpu", weights_only=True))
+        return True
+
+    # ---------------------------------------------------------------- output
+    def hyperparameters(self) -> dict:
+        cfg = self.config
+        return {**cfg.to_dict(), "method": "latent_anchoring", "optimizer": "torch.optim.AdamW",
+                "reference_optimizer": "AdamW8bit", "lr_scheduler": "cosine_with_restarts",
+                "latent_size": self.latent_size, "iterations_run": self.iteration,
+                "modules": len(self.membranes.names), "e_pos": "target",
+                "neutral": cfg.surrogate, "base_fingerprint": self.base_fingerprint()}
+
+    def eraser(self, name: str | None = None) -> Eraser:
+        cfg = self.config
+        settings = {"surrogate": cfg.surrogate, "anchor_mode": cfg.anchor_mode, "trainer": "latent_anchoring"}
+        return self.membranes.to_eraser(cfg.concept, name=name, settings=settings, base_family=self.layout.family,
+                                        base_fingerprint=self.base_fingerprint(), text_fingerprint=self.text_fingerprint())
+
+    def save(self, path: str, name: str | None = None) -> str:
+        from .files import save_eraser
+
+        return save_eraser(self.eraser(name), path, hyperparameters=self.hyperparameters())
+
+    # ---------------------------------------------------------------- loop
+    def train(self, out: str, checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True,
+              log: Callable[[str], None] | None = None, name: str | None = None,
+              stop_after: int | None = None) -> TrainResult:
+        """Train to ``config.iterations`` and write the membrane to ``out``. ``stop_after`` ends the run
+        early after that many iterations of this call (the state is saved; for tests and time budgets)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        stem = os.path.splitext(os.path.basename(out))[0]
+        checkpoint_dir = checkpoint_dir or (os.path.splitext(out)[0] + ".checkpoints")
+        state_path = os.path.join(checkpoint_dir, "state.pt")
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        if resume and self.resume(state_path) and log:
+            log(f"resumed from {state_path} at iteration {self.iteration}")
+        t0 = time.perf_counter()
+        done_here = 0
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress, desc=f"spm {cfg.concept!r}",
+                   dynamic_ncols=True)
+        try:
+            while self.iteration < cfg.iterations:
+                if stop_after is not None and done_here >= stop_after:
+                    break
+                rec = self.step()
+                done_here += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", erase=f"{rec['erase']:.4g}", la=f"{rec['anchor']:.3g}")
+                if cfg.save_every and self.iteration % cfg.save_every == 0 and self.iteration < cfg.iterations:
+                    self.save(os.path.join(checkpoint_dir, f"{stem}_{self.iteration}steps.safetensors"), name)
+                    self.save_state(state_path)
+                    if log:
+                        log(f"checkpoint at iteration {self.iteration} in {checkpoint_dir}")
+        finally:
+            bar.close()
+        self.save_state(state_path)
+        seconds = time.perf_counter() - t0
+        if self.iteration >= cfg.iterations:
+            self.save(out, name)
+        return TrainResult(self.eraser(name), self.hyperparameters(), self.iteration, seconds, list(self.losses))
+
+
+def load_diffusers_parts(model: str, device="cpu"):
+    """(unet, text_encoder, tokenizer, scheduler_config) from a diffusers folder, or ``"toy"``."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .uce_rece import resolve_model_path
+
+    path = resolve_model_path(model)
+    if not os.path.isfile(os.path.join(path, "model_index.json")) and not os.path.isdir(os.path.join(path, "unet")):
+        raise FileNotFoundError(f"{path} is not a diffusers model folder (no model_index.json / unet/)")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch.float32)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+        scheduler_config = json.load(f)
+    return unet, text_encoder, tokenizer, scheduler_config
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(SPMConfig)]
