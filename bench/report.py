@@ -17,7 +17,9 @@ HEADER = ("# ConceptGate benchmarks\n\nEvery number here was measured by `python
 def machine() -> str:
     threads = torch.get_num_threads()
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({threads} torch threads), {dev}, torch {torch.__version__}"
+    load = ", load average %.1f at write time" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({threads} torch threads), {dev}, "
+            f"torch {torch.__version__}{load}")
 
 
 def write_section(key: str, title: str, body: str, command: str, path: str | None = None, data: dict | None = None,
