@@ -78,7 +78,10 @@ def bench_spm(steps: int = 4, latent: int = 8, erasers: int = 8, repeats: int = 
         start = time.perf_counter()
         m = make_model()
         comfy.sample.sample(m, noise, steps, 7.0, "euler", "normal", positive, negative, x, seed=0, disable_pbar=True)
-        return time.perf_counter() - start, m
+        seconds = time.perf_counter() - start
+        # ComfyUI keeps a backup of every weight it patched while the model stays loaded: measure it now
+        backup = sum(b.weight.numel() * b.weight.element_size() for b in m.backup.values())
+        return seconds, (len(m.backup), backup)
 
     t0 = time.perf_counter()
     coeffs, report = comfy_glue.gates_for_conditioning(stack, clip, positive)
@@ -96,8 +99,7 @@ def bench_spm(steps: int = 4, latent: int = 8, erasers: int = 8, repeats: int = 
             seconds, last[name] = run(make)
             times[name].append(seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
-    backup_bytes = sum(w.weight.numel() * w.weight.element_size() for w in last["batch"].backup.values())
-    row_backup = sum(w.weight.numel() * w.weight.element_size() for w in last["per-row"].backup.values())
+    (batch_keys, backup_bytes), (row_keys, row_backup) = last["batch"], last["per-row"]
     factor_bytes = sum(t.numel() * 4 for _, e in stack.weight_entries for d in e.eraser.modules.values() for t in d.tensors())
     comfy.model_management.unload_all_models()
     rows = [
@@ -117,8 +119,8 @@ def bench_spm(steps: int = 4, latent: int = 8, erasers: int = 8, repeats: int = 
         + table(rows, [("mode", "path"), ("s", "seconds per prompt"), ("ratio", "ratio to vanilla"),
                        ("target", "target"), ("verdict", "")])
         + f"\nMemory: the batch path is ComfyUI's own LoRA patching and keeps ComfyUI's backup of the "
-        f"{len(last['batch'].backup)} patched weights ({backup_bytes / 1e6:.1f} MB, the same as the stock LoraLoader "
-        f"would for these files); the per-row path backs up {len(last['per-row'].backup)} weights ({row_backup / 1e6:.1f} MB) "
+        f"{batch_keys} patched weights ({backup_bytes / 1e6:.1f} MB, the same as the stock LoraLoader "
+        f"would for these files); the per-row path backs up {row_keys} weights ({row_backup / 1e6:.1f} MB) "
         f"and holds only the factors ({factor_bytes / 1e6:.2f} MB for {erasers} membranes).\n"
         f"Gate computation for one prompt (8 concepts encoded once, cached): {gate_s * 1000:.0f} ms "
         f"(first call, includes the concept encodings). Model build: {build_s:.1f} s (not timed above).\n"
