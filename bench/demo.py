@@ -79,6 +79,22 @@ def demo_rows(targets, n_unrelated: int = 2) -> list[dict]:
     return rows
 
 
+def column_labels(erasers) -> list[str]:
+    """Unique column labels: the eraser's name, prefixed with its method when the name does not say
+    it (a shipped SPM file named "triangle" becomes "spm triangle"); repeats get the file name."""
+    out = []
+    for e in erasers:
+        label = e.name if (e.method or "").lower() in e.name.lower() else f"{e.method} {e.name}"
+        if label in out and e.source:
+            label = f"{label} ({os.path.splitext(os.path.basename(e.source))[0]})"
+        k = 2
+        base = label
+        while label in out:
+            label, k = f"{base} #{k}", k + 1
+        out.append(label)
+    return out
+
+
 def load_shipped(folder: str = SHIPPED_DIR, log=print) -> list:
     """Every loadable ``.safetensors`` eraser in ``folder`` (a file that fails validation is reported
     and skipped). The folder may not exist yet."""
@@ -193,7 +209,7 @@ def run_demo(out_dir: str = OUT_DIR, steps: int = 25, cfg: float = 5.0, seed: in
         full = full.with_eraser(e)
     enc = DiffusersTextEncoder(pipe.tokenizer, pipe.text_encoder)
     gates = _raw_gates(full, enc, prompts)          # [rows, erasers]
-    names = [e.name for e in erasers]
+    names = column_labels(erasers)
 
     def judged(images):
         p = classify(judges, images)
@@ -202,7 +218,7 @@ def run_demo(out_dir: str = OUT_DIR, steps: int = 25, cfg: float = 5.0, seed: in
 
     columns = []
     runnable = EraserStack()
-    plan = [("no erasure", None, [])] + [(e.name, EraserStack().with_eraser(e), [j]) for j, e in enumerate(erasers)]
+    plan = [("no erasure", None, [])] + [(names[j], EraserStack().with_eraser(e), [j]) for j, e in enumerate(erasers)]
     for title, st, idx in plan:
         t1 = time.time()
         col = {"title": title, "erasers": [names[j] for j in idx]}
@@ -219,7 +235,8 @@ def run_demo(out_dir: str = OUT_DIR, steps: int = 25, cfg: float = 5.0, seed: in
     if len(runnable) > 1:
         t1 = time.time()
         imgs, _ = generate_with_stack(pipe, prompts, seeds, runnable, steps=steps, cfg=cfg, batch=64)
-        columns.append({"title": "whole stack", "erasers": [e.eraser.name for e in runnable.entries], "images": imgs,
+        columns.append({"title": "whole stack", "erasers": [names[next(j for j, e in enumerate(erasers) if e is x.eraser)]
+                                                            for x in runnable.entries], "images": imgs,
                         "seconds": time.time() - t1})
     # judge every cell, annotate, and summarise per column
     for col in columns:
@@ -233,7 +250,7 @@ def run_demo(out_dir: str = OUT_DIR, steps: int = 25, cfg: float = 5.0, seed: in
             gate_txt = ("gate " + "/".join(f"{v:.2f}" for v in g)) if g else "no eraser"
             col["notes"].append(f"{gate_txt}\n{jd['object']}, {jd['style']}")
     summary = {}
-    by_name = {e.name: e for e in erasers}
+    by_name = dict(zip(names, erasers))
     for col in columns:
         if col["judged"] is None:
             continue
@@ -261,8 +278,8 @@ def run_demo(out_dir: str = OUT_DIR, steps: int = 25, cfg: float = 5.0, seed: in
         EraserStack(tuple(runnable_written)).to_manifest(manifest)
     metrics = {
         "sampler": f"DDIM {steps} steps, CFG {cfg}", "seed": seed, "gate_rule": "official Facilitated Transport",
-        "erasers": [{"name": e.name, "kind": e.kind, "method": e.method, "concepts": list(e.concepts),
-                     "file": e.source, "guide": (e.settings or {}).get("guide")} for e in erasers],
+        "erasers": [{"name": n, "eraser_name": e.name, "kind": e.kind, "method": e.method, "concepts": list(e.concepts),
+                     "file": e.source, "guide": (e.settings or {}).get("guide")} for n, e in zip(names, erasers)],
         "skipped": skipped,
         "rows": [{**r, "gates": {n: float(gates[i, j]) for j, n in enumerate(names)}} for i, r in enumerate(rows)],
         "columns": [{"title": c["title"], "erasers": c["erasers"], "judged": c["judged"], "seconds": c["seconds"],
@@ -280,10 +297,12 @@ def run_demo(out_dir: str = OUT_DIR, steps: int = 25, cfg: float = 5.0, seed: in
 
 def format_table(metrics: dict) -> str:
     names = [e["name"] for e in metrics["erasers"]]
-    head = f"{'row':10s} {'prompt':38s} " + " ".join(f"{'gate ' + n:>16s}" for n in names)
+    w = [max(9, len(n) + 5) for n in names]
+    head = f"{'row':10s} {'prompt':38s} " + " ".join(f"{'gate ' + n:>{k}s}" for n, k in zip(names, w))
     lines = [head, "-" * len(head)]
     for r in metrics["rows"]:
-        lines.append(f"{r['kind']:10s} {r['prompt'][:38]:38s} " + " ".join(f"{r['gates'][n]:16.2f}" for n in names))
+        lines.append(f"{r['kind']:10s} {r['prompt'][:38]:38s} "
+                     + " ".join(f"{r['gates'][n]:{k}.2f}" for n, k in zip(names, w)))
     lines.append("")
     lines.append(f"{'column':28s} {'judged object/style per row'}")
     for c in metrics["columns"]:

@@ -95,6 +95,18 @@ def test_bootstrap_resamples_prompts_not_images():
     assert set(np.round(reps, 6)) <= {0.0, 0.5, 1.0} and lo == 0.0 and hi == 1.0
 
 
+@pytest.mark.parametrize("n,m,d", [(20, 30, 64), (40, 40, 16), (5, 9, 200)])
+def test_fast_frechet_matches_the_toyworld_reference(n, m, d):
+    from conceptgate.toyworld.judges import frechet_distance
+
+    rng = np.random.default_rng(n + d)
+    a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.3
+    b = rng.normal(size=(m, d)) * 1.5 + 0.2
+    ref = frechet_distance(a, b)
+    assert Q.frechet(a, b) == pytest.approx(ref, rel=1e-6, abs=1e-6)
+    assert Q.frechet(a, a) == pytest.approx(0.0, abs=1e-6 * ref)
+
+
 def test_fire_rates_threshold_is_strict():
     r = Q.fire_rates([0.2, 0.5, 0.6, 0.9])
     assert r["fire_rate"] == 0.5 and r["mean_gate"] == pytest.approx(0.55) and r["n"] == 4
@@ -177,6 +189,7 @@ def _render_generate(sets):
     return gen
 
 
+@pytest.mark.slow
 def test_evaluate_stack_with_generate_fn_and_gates(toy):
     """The whole evaluation path on perfect 'generations' (renders): accuracy ~1, base UA ~0,
     and the UCE eraser's gate profile (text only) fires on its target prompts."""
@@ -198,6 +211,19 @@ def test_evaluate_stack_with_generate_fn_and_gates(toy):
     assert g["target"]["fire_rate"] == 1.0 and g["threshold"] == 0.5 and g["rule"] == "ft"
     assert set(g) >= {"synonym", "neighbour", "unrelated"}
     assert r["stack"][0]["method"] == "uce"
+    base = Q.evaluate_stack(pipe, judges, None, targets=["triangle"], tier=tier, prompt_sets=sets,
+                            generate_fn=_render_generate(sets))
+    result = {"tier": "quick", "tier_settings": {**Q.TIERS["quick"], **tier}, "bars": Q.base_bars(base),
+              "configs": Q._strip_images([{"name": "base", "result": base}, {"name": "uce", "result": r}]),
+              "seconds": 1.0, "notes": ["synthetic"]}
+    assert all(b["met"] for k, b in result["bars"].items() if k != "watermark_rate")
+    assert not result["bars"]["watermark_rate"]["met"]           # renders drawn without watermark
+    md = Q.render_markdown(result)
+    assert "| base | triangle (object) | keyword |" in md and "| uce | uce-triangle | 100% (1.00)" in md
+    assert "**missed**" in md and "- synthetic" in md
+    import json
+
+    json.dumps(result, default=float)
 
 
 def test_unsupported_kinds_and_handlers(toy):
