@@ -100,6 +100,8 @@ def bench_spm(steps: int = 4, latent: int = 8, erasers: int = 8, repeats: int = 
             times[name].append(seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
     (batch_keys, backup_bytes), (row_keys, row_backup) = last["batch"], last["per-row"]
+    hook_overhead = _unet_call_overhead(model, stack, latent, repeats=max(6, 3 * repeats))
+    patch_s = _patch_seconds(model, stack, coeffs)
     factor_bytes = sum(t.numel() * 4 for _, e in stack.weight_entries for d in e.eraser.modules.values() for t in d.tensors())
     comfy.model_management.unload_all_models()
     rows = [
@@ -122,13 +124,71 @@ def bench_spm(steps: int = 4, latent: int = 8, erasers: int = 8, repeats: int = 
         f"{batch_keys} patched weights ({backup_bytes / 1e6:.1f} MB, the same as the stock LoraLoader "
         f"would for these files); the per-row path backs up {row_keys} weights ({row_backup / 1e6:.1f} MB) "
         f"and holds only the factors ({factor_bytes / 1e6:.2f} MB for {erasers} membranes).\n"
+        f"\nDirect UNet calls (batch 2 = cond + uncond, {latent}x{latent} latent, {hook_overhead['calls']} interleaved "
+        f"calls each): {hook_overhead['plain_s'] * 1000:.0f} ms plain, {hook_overhead['hooked_s'] * 1000:.0f} ms with the "
+        f"8 membranes hooked per row: **{hook_overhead['ratio']:.3f}x** per UNet call (the per-row path's own overhead, "
+        f"free of sampler and load noise). Patching the 192 weights once (ComfyUI's load with the merged stack, backup "
+        f"included): {patch_s:.2f} s, which is what the batch path adds per prompt whatever the step count.\n"
+        f"Isolated from host noise, this run's {steps} steps cost {steps * hook_overhead['plain_s']:.1f} s of UNet time, so "
+        f"the batch path's own cost is {1 + patch_s / (steps * hook_overhead['plain_s']):.3f}x and the per-row path's "
+        f"{hook_overhead['ratio']:.3f}x. The sampler-level rows above also carry ComfyUI's model load after each unload, "
+        f"which varied by seconds between runs (vanilla {med['vanilla']:.1f} s against {steps * hook_overhead['plain_s']:.1f} s "
+        f"of UNet time); read their ratios with that noise in mind.\n"
         f"Gate computation for one prompt (8 concepts encoded once, cached): {gate_s * 1000:.0f} ms "
         f"(first call, includes the concept encodings). Model build: {build_s:.1f} s (not timed above).\n"
         f"Gate report for the prompt: {report.text().replace(chr(10), '; ')}\n"
     )
     data = {"steps": steps, "latent": latent, "erasers": erasers, "seconds": times, "median": med,
+            "unet_call": hook_overhead, "patch_seconds": patch_s,
             "batch_backup_bytes": backup_bytes, "row_backup_bytes": row_backup}
     if write:
         write_section("speed-spm", "Speed: SPM membrane stack (issue 4)", body,
                       f"python -m conceptgate bench speed --steps {steps} --latent {latent}", data=data, json_path=json_path)
     return data, body
+
+
+def _unet_call_overhead(model, stack, latent: int, repeats: int = 6) -> dict:
+    """Median time of direct UNet calls with and without the per-row hooks (interleaved)."""
+    import comfy.model_management
+
+    from ..adapters.apply import RowGatedDeltas
+    from ..nodes.comfy_glue import module_names
+
+    comfy.model_management.unload_all_models()
+    names = module_names(model)
+    net = model.model.diffusion_model
+    hooks = RowGatedDeltas(stack, lambda n: net.get_submodule(names[n].removeprefix("diffusion_model."))).attach()
+    x = torch.randn(2, 4, latent, latent)
+    t = torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 77, 768)
+    coeffs = torch.full((1, len(stack.entries)), 0.8)
+    plain, hooked = [], []
+    try:
+        with torch.no_grad():
+            net(x, t, context=ctx)  # warm-up
+            for _ in range(repeats):
+                start = time.perf_counter()
+                net(x, t, context=ctx)
+                plain.append(time.perf_counter() - start)
+                with hooks.coefficients(coeffs):
+                    start = time.perf_counter()
+                    net(x, t, context=ctx)
+                    hooked.append(time.perf_counter() - start)
+    finally:
+        hooks.detach()
+    p, h = statistics.median(plain), statistics.median(hooked)
+    return {"calls": repeats, "plain_s": p, "hooked_s": h, "ratio": h / p}
+
+
+def _patch_seconds(model, stack, coeffs) -> float:
+    import comfy.model_management
+
+    from ..nodes import comfy_glue
+
+    comfy.model_management.unload_all_models()
+    start = time.perf_counter()
+    m = comfy_glue.weight_patched(model, stack, coeffs)
+    m.patch_model()
+    seconds = time.perf_counter() - start
+    m.unpatch_model()
+    return seconds
