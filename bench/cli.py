@@ -22,6 +22,15 @@ def run_speed(args) -> int:
     return 0
 
 
+def run_rece_attack(args) -> int:
+    from .rece_attack import bench_rece_attack
+
+    _, body = bench_rece_attack(concept=args.concept, epochs=args.epochs, seeds=args.seeds,
+                                json_path=args.json or os.path.join(ROOT, "benchmarks.json"))
+    print(body)
+    return 0
+
+
 def add_cli(subparsers):
     p = subparsers.add_parser("bench", help="run benchmarks and write BENCHMARKS.md")
     sub = p.add_subparsers(dest="bench_cmd", required=True)
@@ -32,6 +41,12 @@ def add_cli(subparsers):
     s.add_argument("--repeats", type=int, default=2)
     s.add_argument("--json", default=None, help="also write the numbers here (default: benchmarks.json)")
     s.set_defaults(func=run_speed)
+    a = sub.add_parser("rece-attack", help="do RECE's adversarial embeddings regenerate the concept (toy world)?")
+    a.add_argument("--concept", default="triangle", help="a toy-world object")
+    a.add_argument("--epochs", type=int, default=3)
+    a.add_argument("--seeds", type=int, default=8)
+    a.add_argument("--json", default=None)
+    a.set_defaults(func=run_rece_attack)
     from .quality import add_quality_cli
 
     add_quality_cli(sub)
