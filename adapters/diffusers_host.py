@@ -111,13 +111,21 @@ class GatedPipeline:
         coeffs, report = self.coefficients(prompts)
         self.last_report, self.last_coefficients = report, coeffs
         rows = cfg_rows(self.stack, coeffs, with_uncond=guidance_scale > 1.0)
-        kwargs.setdefault("clip_skip", self.encoder.clip_skip)
+        call = dict(prompt=prompts)
+        if self.encoder.clip_skip:
+            # encode with our encoder: diffusers' own clip_skip path reads text_encoder.text_model, which
+            # transformers 5 no longer has; the embeddings are the ones the gates were computed from
+            negative = kwargs.pop("negative_prompt", None) or ""
+            negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+            dtype = self.pipe.unet.dtype
+            call = dict(prompt_embeds=self.encoder(prompts).hidden.to(dtype),
+                        negative_prompt_embeds=self.encoder(negative).hidden.to(dtype))
         owns_hooks = self.hooks is None
         if owns_hooks:
             self.__enter__()
         try:
             with self.hooks.coefficients(rows):
-                return self.pipe(prompts, guidance_scale=guidance_scale, **kwargs)
+                return self.pipe(guidance_scale=guidance_scale, **call, **kwargs)
         finally:
             if owns_hooks:
                 self.__exit__()

@@ -6,6 +6,10 @@ import os
 import pytest
 import torch
 
+from conceptgate.adapters import layout_from_diffusers_config
+
+from conceptgate.adapters.synthetic import random_eraser
+
 from conceptgate.adapters import EraserStack, GateSettings, closed_form as cf, load_eraser
 from conceptgate.adapters.errors import EraserFileError
 from conceptgate.adapters.uce_rece import (
@@ -168,6 +172,28 @@ def test_gated_eraser_in_the_diffusers_pipeline(pipe, host):
     assert float((reference - base).abs().max()) > 1e-3
     assert float((erased - reference).abs().max()) <= 1e-4 * float(reference.abs().max()) + 1e-5
     assert torch.equal(untouched, run(pipe, "a green square"))
+
+
+def test_gated_pipeline_with_clip_skip(pipe):
+    """CLIP skip: gates and sampling use the same skipped-layer embeddings (the pipeline's own clip_skip
+    path is bypassed; it breaks on transformers 5)."""
+    from conceptgate.adapters.diffusers_host import DiffusersTextEncoder, GatedPipeline
+
+    layout = layout_from_diffusers_config(pipe.unet.config)
+    stack = EraserStack().with_eraser(random_eraser(layout, concepts=["red triangle"], scale=0.3),
+                                      gate=GateSettings(rule="tokens"))
+    kw = dict(num_inference_steps=2, output_type="latent", guidance_scale=4.0, height=32, width=32)
+    skip = DiffusersTextEncoder(pipe.tokenizer, pipe.text_encoder, clip_skip=1)
+    with GatedPipeline(pipe, stack, clip_skip=1) as gated:
+        erased = gated("a red triangle", generator=torch.Generator().manual_seed(0), **kw).images
+        assert gated.last_report.rows[0]["gate"] == 1.0
+        plain = gated("a green square", generator=torch.Generator().manual_seed(0), **kw).images
+    by_hand = pipe(prompt_embeds=skip(["a green square"]).hidden, negative_prompt_embeds=skip([""]).hidden,
+                   generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(plain, by_hand)  # gate 0: exactly the clip-skipped, unerased generation
+    unerased = pipe(prompt_embeds=skip(["a red triangle"]).hidden, negative_prompt_embeds=skip([""]).hidden,
+                    generator=torch.Generator().manual_seed(0), **kw).images
+    assert float((erased - unerased).abs().max()) > 1e-3  # gate 1: the eraser acts
 
 
 def test_cache_hits_and_fingerprints(pipe, host):
