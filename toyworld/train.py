@@ -554,47 +554,23 @@ def run_train(args) -> dict:
     log(f"rendered {len(gen_pool[0])} + {len(judge_pool[0])} images in {walls['render_pools']:.1f}s ({workers} workers)")
 
     stats = {}
-    init = _load_init(args.init_from, dev) if getattr(args, "init_from", None) else None
-    done = ck.load("clip_done") if args.resume else None
-    if init is not None and done is None:
+    if getattr(args, "init_from", None):
+        init = _load_init(args.init_from, dev)
         te, tower, head, vae, judge = init["te"], init["tower"], init["head"], init["vae"], init["judge"]
         stats.update({k: v for k, v in init["stats"].items() if k in ("clip", "vae", "judge")})
         log(f"init-from {args.init_from}: text encoder, image tower, VAE and judges loaded; UNet warm-started")
-    elif done is None:
-        te, tower, head, stats["clip"] = train_clip(cfg, dev, ck, args.resume, gen_pool, amp)
-        ck.save("clip_done", {"te": te.state_dict(), "tower": tower.state_dict(), "head": head.state_dict(), "stats": stats["clip"]})
     else:
-        te, tower, head = make_text_encoder().to(dev), ImageTower(ARCH["image_tower_width"], ARCH["text_hidden"]).to(dev), TextHead(ARCH["text_hidden"], ARCH["text_hidden"]).to(dev)
-        te.load_state_dict(done["te"]), tower.load_state_dict(done["tower"]), head.load_state_dict(done["head"])
-        te.eval(), tower.eval(), head.eval()
-        stats["clip"] = done["stats"]
-        log("clip: loaded finished stage")
-
-    done = ck.load("vae_done") if args.resume else None
-    if init is not None and done is None:
-        pass
-    elif done is None:
-        vae, stats["vae"] = train_vae(cfg, dev, ck, args.resume, gen_pool, amp)
-        ck.save("vae_done", {"vae": vae.state_dict(), "stats": stats["vae"]})
-    else:
-        vae = make_vae().to(dev)
-        vae.load_state_dict(done["vae"])
-        vae.eval()
-        stats["vae"] = done["stats"]
-        log("vae: loaded finished stage")
-
-    done = ck.load("judge_done") if args.resume else None
-    if init is not None and done is None:
-        pass
-    elif done is None:
-        judge, stats["judge"] = train_judges(cfg, dev, ck, args.resume, judge_pool, amp)
-        ck.save("judge_done", {"judge": judge.state_dict(), "stats": stats["judge"]})
-    else:
-        judge = Judge(ARCH["judge_width"]).to(dev)
-        judge.load_state_dict(done["judge"])
-        judge.eval()
-        stats["judge"] = done["stats"]
-        log("judge: loaded finished stage")
+        init = None
+        m, stats["clip"] = _stage(ck, args.resume, "clip", lambda: _named(("te", "tower", "head"), train_clip(cfg, dev, ck, args.resume, gen_pool, amp)),
+                                  lambda: {"te": make_text_encoder(), "tower": ImageTower(ARCH["image_tower_width"], ARCH["text_hidden"]),
+                                           "head": TextHead(ARCH["text_hidden"], ARCH["text_hidden"])}, dev)
+        te, tower, head = m["te"], m["tower"], m["head"]
+        m, stats["vae"] = _stage(ck, args.resume, "vae", lambda: _named(("vae",), train_vae(cfg, dev, ck, args.resume, gen_pool, amp)),
+                                 lambda: {"vae": make_vae()}, dev)
+        vae = m["vae"]
+        m, stats["judge"] = _stage(ck, args.resume, "judge", lambda: _named(("judge",), train_judges(cfg, dev, ck, args.resume, judge_pool, amp)),
+                                   lambda: {"judge": Judge(ARCH["judge_width"])}, dev)
+        judge = m["judge"]
 
     t0 = time.time()
     latents = encode_pool(vae, gen_pool[0], dev)
@@ -659,6 +635,26 @@ def run_train(args) -> dict:
                       "judge_none_on_garbage": results["judge_none_rate_on_garbage"],
                       "generation": results["generation"]}, indent=2), flush=True)
     return info
+
+
+def _named(names, trained):
+    """(model_1, ..., model_n, stats) from a train_* function -> ({name: model}, stats)."""
+    return dict(zip(names, trained[:-1])), trained[-1]
+
+
+def _stage(ck, resume, name, train, build, dev):
+    """Run one training stage, or with ``--resume`` load it from its ``<name>_done`` checkpoint."""
+    done = ck.load(name + "_done") if resume else None
+    if done is None:
+        models, stats = train()
+        ck.save(name + "_done", {**{k: m.state_dict() for k, m in models.items()}, "stats": stats})
+        return models, stats
+    models = build()
+    for k, m in models.items():
+        m.to(dev).load_state_dict(done[k])
+        m.eval()
+    log(f"{name}: loaded finished stage")
+    return models, done["stats"]
 
 
 def _load_init(path, dev):
