@@ -10,12 +10,28 @@ Checkpoints (``<name>_<i>steps.safetensors`` and the resumable ``state.pt``) go 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _templates(spec: str | None, concept: str) -> tuple:
+    """``--templates``: "toy" (the toy world's caption templates for this concept), a text file with one
+    template per line, or templates separated by "|"; each has one "{}" where the concept goes."""
+    if not spec:
+        return ()
+    if spec == "toy":
+        from ..toyworld.captions import concept_templates
+
+        return tuple(concept_templates(concept))
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            return tuple(line.strip() for line in f if line.strip() and not line.startswith("#"))
+    return tuple(t.strip() for t in spec.split("|") if t.strip())
 
 
 def cmd_train_spm(args) -> int:
@@ -33,7 +49,7 @@ def cmd_train_spm(args) -> int:
                            la_strength=args.la_strength, anchors=args.anchors, anchor_mode=args.anchor_mode,
                            eta=args.eta, rank=args.rank, alpha=args.alpha, warmup=args.warmup, cycles=args.cycles,
                            ddim_steps=args.ddim_steps, cfg=args.cfg, resolution=args.resolution, seed=args.seed,
-                           save_every=args.save_every)
+                           save_every=args.save_every, templates=_templates(args.templates, args.concept))
         t0 = time.perf_counter()
         _log(f"loading {args.model}")
         unet, text_encoder, tokenizer, sched = load_diffusers_parts(args.model)
@@ -42,8 +58,9 @@ def cmd_train_spm(args) -> int:
         _log(f"loaded in {time.perf_counter() - t0:.1f} s: {len(trainer.membranes.names)} membranes "
              f"({sum(p.numel() for p in trainer.membranes.parameters())} parameters), latent "
              f"{trainer.latent_size}x{trainer.latent_size}, warmup {config.warmup_steps}, anchor mode {config.anchor_mode}")
+        deadline = time.time() + 60 * args.deadline_min if args.deadline_min else None
         result = trainer.train(args.out, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                               progress=not args.no_progress, log=_log, name=args.name)
+                               progress=not args.no_progress, log=_log, name=args.name, deadline=deadline)
     except (FileNotFoundError, EraserFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -94,5 +111,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--name", default=None, help="eraser name (default: the concept)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--templates", default=None,
+                   help='non-official: train the concept inside prompts: "toy", a file (one template per line) or '
+                        '"a {} on a table|a photo of {}"; each template has one {} for the concept')
+    p.add_argument("--deadline-min", type=float, default=None,
+                   help="stop after this many minutes and still write --out (iterations run recorded; --resume continues)")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.set_defaults(func=cmd_train_spm)

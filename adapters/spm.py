@@ -32,6 +32,11 @@ Deviations from the reference: plain ``torch.optim.AdamW`` instead of bitsandbyt
 available on CPU; same update rule up to 8-bit state quantisation); no ``dynamic_resolution`` (one
 latent size, ``resolution`` pixels, default the UNet's ``sample_size * 8``); the anchor-batch quirk fixed
 by default; the trajectory's random numbers come from one seeded generator so checkpoints resume exactly.
+
+Beyond the reference (opt-in, non-official): ``templates`` put the concept in context. Each iteration
+draws a template; e_pos / the trajectory prompt become the template filled with the target, e_neu the
+same template filled with the surrogate (``train spm --templates toy`` uses the toy world's caption
+templates). The anchors and the Facilitated-Transport concept stay the bare target.
 """
 
 from __future__ import annotations
@@ -79,8 +84,17 @@ class SPMConfig:
     weight_decay: float = 0.01  # torch AdamW's default (bitsandbytes AdamW8bit uses the same)
     seed: int = 0
     save_every: int = 500
+    # Beyond the reference (non-official): prompts with "{}" where the concept goes. Each iteration
+    # picks one; the target prompt is the template with the concept, the surrogate prompt the same
+    # template with the surrogate, so the membrane learns the concept inside full prompts and keeps
+    # the rest of the prompt. Empty = the reference (bare concept and surrogate).
+    templates: tuple = ()
 
     def __post_init__(self):
+        self.templates = tuple(self.templates)
+        for t in self.templates:
+            if t.count("{}") != 1:
+                raise ValueError(f"template {t!r} must contain exactly one '{{}}' (where the concept goes)")
         if self.anchor_mode not in ANCHOR_MODES:
             raise ValueError(f"unknown anchor mode {self.anchor_mode!r} ({', '.join(ANCHOR_MODES)})")
         if self.anchor_mode == "official_quirk" and self.anchors % 2:
@@ -98,6 +112,7 @@ class SPMConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["templates"] = list(self.templates)
         d["warmup_steps"] = self.warmup_steps
         return d
 
@@ -109,6 +124,11 @@ class SPMConfig:
 
 
 # ----------------------------------------------------------------------------- the membranes
+def fill_template(template: str, text: str) -> str:
+    """``template`` with ``{}`` replaced by ``text``, whitespace collapsed (an empty surrogate leaves no gap)."""
+    return " ".join(template.replace("{}", text).split()).replace(" ,", ",")
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")
 
@@ -324,6 +344,14 @@ class LatentAnchoringTrainer:
             enc = self.encoder([config.concept, config.surrogate, ""])
         self.e_tgt, self.e_neu, self.e_unc = (h[None].to(self.device) for h in enc.hidden)
         self.e_pos = self.e_tgt
+        # templated prompts: (target, surrogate) embeddings per template, encoded once
+        self.template_pos = self.template_neu = None
+        if config.templates:
+            pos = [fill_template(t, config.concept) for t in config.templates]
+            neu = [fill_template(t, config.surrogate) for t in config.templates]
+            with torch.no_grad():
+                self.template_pos = self.encoder(pos).hidden.to(self.device)
+                self.template_neu = self.encoder(neu).hidden.to(self.device)
         px = config.resolution or int(unet.config.sample_size) * 8
         self.latent_size = px // 8
         self.iteration = 0
@@ -345,12 +373,12 @@ class LatentAnchoringTrainer:
         return self.unet(latents, t, encoder_hidden_states=context).sample
 
     @torch.no_grad()
-    def trajectory(self, k: int, noise: torch.Tensor) -> torch.Tensor:
+    def trajectory(self, k: int, noise: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
         """x_t after ``k`` DDIM steps (of ``ddim_steps``) of the membrane-equipped model at CFG ``cfg``."""
         cfg = self.config
         self.sampler.set_timesteps(cfg.ddim_steps, device=self.device)
         x = noise.to(self.device) * self.sampler.init_noise_sigma
-        ctx = torch.cat([self.e_unc, self.e_tgt])
+        ctx = torch.cat([self.e_unc, self.e_tgt if prompt is None else prompt])
         with self.membranes.on(1.0):
             for t in self.sampler.timesteps[:k]:
                 inp = self.sampler.scale_model_input(torch.cat([x, x]), t)
@@ -370,16 +398,20 @@ class LatentAnchoringTrainer:
         k = int(torch.randint(1, cfg.ddim_steps, (1,), generator=g))
         noise = torch.randn(1, self.unet.config.in_channels, self.latent_size, self.latent_size, generator=g)
         anchors = sample_anchors(self.e_tgt, cfg.anchors, g).to(self.device)
-        x_t = self.trajectory(k, noise)
+        e_pos, e_neu = self.e_pos, self.e_neu
+        if self.template_pos is not None:
+            j = int(torch.randint(0, len(cfg.templates), (1,), generator=g))
+            e_pos, e_neu = self.template_pos[j: j + 1], self.template_neu[j: j + 1]
+        x_t = self.trajectory(k, noise, e_pos)
         t = self.timestep_1000(k)
         pred = lambda lat, ctx: self.predict(lat, ctx, t)  # noqa: E731
         with torch.no_grad(), self.membranes.on(0.0):
-            eps = pred(torch.cat([x_t, x_t]), torch.cat([self.e_pos, self.e_neu]))
+            eps = pred(torch.cat([x_t, x_t]), torch.cat([e_pos, e_neu]))
             eps_pos, eps_neu = eps.chunk(2)
             target = eps_neu - cfg.eta * (eps_pos - eps_neu)
         self.optimizer.zero_grad(set_to_none=True)
         with self.membranes.on(1.0):
-            erase = F.mse_loss(pred(x_t, self.e_tgt), target)
+            erase = F.mse_loss(pred(x_t, e_pos), target)
         anchor = latent_anchor_loss(pred, self.membranes, x_t, anchors, self.e_unc, cfg.anchor_mode)
         loss = erase + cfg.la_strength * anchor
         loss.backward()
@@ -450,9 +482,11 @@ class LatentAnchoringTrainer:
     # ---------------------------------------------------------------- loop
     def train(self, out: str, checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True,
               log: Callable[[str], None] | None = None, name: str | None = None,
-              stop_after: int | None = None) -> TrainResult:
+              stop_after: int | None = None, deadline: float | None = None) -> TrainResult:
         """Train to ``config.iterations`` and write the membrane to ``out``. ``stop_after`` ends the run
-        early after that many iterations of this call (the state is saved; for tests and time budgets)."""
+        early after that many iterations of this call (the state is saved; for tests and time budgets).
+        ``deadline`` (a ``time.time()`` value) also ends it early, but then still writes ``out`` with the
+        iterations actually run recorded in its metadata (``iterations_run``; ``--resume`` continues)."""
         from tqdm.auto import tqdm
 
         cfg = self.config
@@ -470,6 +504,10 @@ class LatentAnchoringTrainer:
             while self.iteration < cfg.iterations:
                 if stop_after is not None and done_here >= stop_after:
                     break
+                if deadline is not None and time.time() > deadline:
+                    if log:
+                        log(f"deadline reached at iteration {self.iteration} of {cfg.iterations}")
+                    break
                 rec = self.step()
                 done_here += 1
                 bar.update(1)
@@ -483,7 +521,7 @@ class LatentAnchoringTrainer:
             bar.close()
         self.save_state(state_path)
         seconds = time.perf_counter() - t0
-        if self.iteration >= cfg.iterations:
+        if self.iteration >= cfg.iterations or (deadline is not None and time.time() > deadline):
             self.save(out, name)
         return TrainResult(self.eraser(name), self.hyperparameters(), self.iteration, seconds, list(self.losses))
 

@@ -221,3 +221,73 @@ def test_cli_smoke(tmp_path, tokenizer):
     e = load_eraser(out)
     assert e.method == "spm" and e.concepts == ["star"] and e.rank == 1
     assert main(["train", "spm", "--model", str(tmp_path / "nope"), "--concept", "x", "--out", out]) == 2
+
+
+# ---------------------------------------------------------------- templates (non-official option)
+def test_fill_template_collapses_empty_surrogate():
+    from conceptgate.adapters.spm import fill_template
+
+    assert fill_template("a red {} in striped style", "") == "a red in striped style"
+    assert fill_template("a picture of a {}, dotted", "") == "a picture of a, dotted"
+    assert fill_template("a red {} in striped style", "star") == "a red star in striped style"
+    with pytest.raises(ValueError, match="exactly one"):
+        SPMConfig(concept="star", templates=("a red star",))
+
+
+def test_templated_step_uses_template_prompts(tokenizer, monkeypatch):
+    templates = ("a red {} in striped style", "a {} on a table")
+    tr = make_trainer(tokenizer, templates=templates, surrogate="")
+    assert tr.template_pos.shape[0] == 2
+    want = tr.encoder(["a red star in striped style", "a star on a table"]).hidden
+    assert torch.allclose(tr.template_pos.cpu(), want)
+    want_neu = tr.encoder(["a red in striped style", "a on a table"]).hidden
+    assert torch.allclose(tr.template_neu.cpu(), want_neu)
+    seen = []
+    real = tr.predict
+
+    def spy(latents, context, t):
+        seen.append(context.detach().clone())
+        return real(latents, context, t)
+
+    monkeypatch.setattr(tr, "predict", spy)
+    tr.step()
+    # the erase loss's prediction runs on a template prompt, never on the bare concept alone
+    used = [c for c in seen if c.shape[0] == 1]
+    assert any(any(torch.equal(c[0], tp) for tp in tr.template_pos) for c in used)
+    assert not any(torch.equal(c[0], tr.e_tgt[0]) for c in used)
+    assert tr.hyperparameters()["templates"] == list(templates)
+
+
+def test_templates_resume_identically_and_deadline_still_writes(tokenizer, tmp_path):
+    t = ("a {} in flat style", "a blue {}")
+    straight = make_trainer(tokenizer, templates=t)
+    straight.train(str(tmp_path / "a.safetensors"), checkpoint_dir=str(tmp_path / "a"), progress=False)
+    first = make_trainer(tokenizer, templates=t)
+    first.train(str(tmp_path / "b.safetensors"), checkpoint_dir=str(tmp_path / "b"), progress=False, stop_after=2)
+    resumed = make_trainer(tokenizer, templates=t)
+    resumed.train(str(tmp_path / "b.safetensors"), checkpoint_dir=str(tmp_path / "b"), resume=True, progress=False)
+    for k, v in straight.membranes.state_dict().items():
+        assert torch.equal(v, resumed.membranes.state_dict()[k]), k
+    # a deadline in the past stops at once but still writes the file, with the iterations run recorded
+    late = make_trainer(tokenizer, templates=t)
+    res = late.train(str(tmp_path / "c.safetensors"), checkpoint_dir=str(tmp_path / "c"), progress=False,
+                     deadline=0.0)
+    assert res.iterations_run == 0 and (tmp_path / "c.safetensors").exists()
+    _, meta = read_safetensors(str(tmp_path / "c.safetensors"))
+    assert json.loads(meta["conceptgate.hyperparameters"])["iterations_run"] == 0
+
+
+def test_toy_concept_templates():
+    from conceptgate.adapters.cli_train import _templates
+    from conceptgate.toyworld.captions import concept_templates
+
+    obj = concept_templates("triangle", n=20)
+    assert len(obj) == 20 and all(t.count("{}") == 1 for t in obj)
+    assert all("triangle" not in t and "trigon" not in t for t in obj)  # the slot is the concept's own
+    sty = concept_templates("zebra-lined", n=10)
+    assert all(t.count("{}") == 1 for t in sty) and any("style" in t for t in sty)
+    with pytest.raises(ValueError, match="not an object or style"):
+        concept_templates("watermark")
+    assert _templates("toy", "triangle") == tuple(concept_templates("triangle"))
+    assert _templates("a {}|a photo of {}", "x") == ("a {}", "a photo of {}")
+    assert _templates(None, "x") == ()

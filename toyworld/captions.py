@@ -136,6 +136,29 @@ def training_captions(labels: dict, rng: np.random.Generator, p_drop: float = 0.
     return (out, fields) if return_fields else out
 
 
+def concept_templates(concept: str, n: int = 48, seed: int = 0) -> list[str]:
+    """Prompts that put ``concept`` in context, with ``{}`` where the concept goes.
+
+    The concept's kind (object or style, by its name or synonym) picks training templates that name
+    that field; the other fields are filled with random names (synonyms included). Used by
+    ``train spm --templates toy`` so that a membrane learns the concept inside full prompts."""
+    key = concept.strip().lower()
+    slot = None
+    for table, field in ((OBJECT_NAMES, "{o}"), (STYLE_NAMES, "{s}")):
+        if any(key == name for names in table.values() for name in names):
+            slot = field
+    if slot is None:
+        raise ValueError(f"{concept!r} is not an object or style of the toy world")
+    rng = np.random.default_rng(seed)
+    pool = [t for t in TRAIN_TEMPLATES if slot in t]
+    out = []
+    while len(out) < n:
+        t = pool[len(out) % len(pool)].replace(slot, "\x00")
+        o, s, c = (int(rng.integers(0, len(tab))) for tab in (OBJECT_NAMES, STYLE_NAMES, COLOUR_NAMES))
+        out.append(fill(t, o, s, c, syn=True, rng=rng).replace("\x00", "{}"))
+    return out
+
+
 def all_training_names() -> list[str]:
     names = [n for v in OBJECT_NAMES.values() for n in v] + [n for v in STYLE_NAMES.values() for n in v]
     return names + [v[0] for v in COLOUR_NAMES.values()] + [ANCHOR_OBJECT, ANCHOR_STYLE]

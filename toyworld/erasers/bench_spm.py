@@ -24,28 +24,33 @@ TIER = dict(keyword=12, synonym=6, heldout=6, per_target=4, seeds=2, steps=25, c
 CONFIGS = ["base"] + [f"{c}-{g}" for c in TARGETS for g in ("ft", "always")]
 
 
-def stack_for(name: str):
+GATES = {"ft": dict(rule="ft"), "always": dict(rule="always"), "tokens": dict(rule="tokens")}
+
+
+def stack_for(name: str, files: dict | None = None):
+    """``base`` or ``<file key>-<gate>``: a key of FILES (or of ``files``, key -> path) and a GATES key."""
     from ...adapters import EraserStack, GateSettings
     from ...adapters.files import load_eraser
 
     if name == "base":
         return None
-    concept, gate = name.rsplit("-", 1)
-    e = load_eraser(os.path.join(HERE, FILES[concept]))
-    return EraserStack().with_eraser(e, gate=GateSettings(rule="always" if gate == "always" else "ft"))
+    key, gate = name.rsplit("-", 1)
+    path = (files or {}).get(key) or os.path.join(HERE, FILES[key])
+    e = load_eraser(path)
+    return EraserStack().with_eraser(e, gate=GateSettings(**GATES[gate]))
 
 
-def run(names, out_dir, threads):
+def run(names, out_dir, threads, device="cpu", files=None, tier=None):
     from ...bench.quality import _strip_images, evaluate_stack
     from ...toyworld import load_judges, load_pipeline
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    pipe, judges = load_pipeline(), load_judges()
+    pipe, judges = load_pipeline(device=device), load_judges()
     os.makedirs(out_dir, exist_ok=True)
     for name in names:
         t0 = time.time()
-        r = evaluate_stack(pipe, judges, stack_for(name), targets=TARGETS, tier=dict(TIER), log=print)
+        r = evaluate_stack(pipe, judges, stack_for(name, files), targets=TARGETS, tier=dict(tier or TIER), log=print)
         r["tier"] = "spm-quick"
         with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
             json.dump(_strip_images(r), f, default=float)
@@ -53,7 +58,7 @@ def run(names, out_dir, threads):
 
 
 def report(out_dir):
-    from ...bench.quality import COMMAND, render_markdown
+    from ...bench.quality import render_markdown
     from ...bench.report import write_section
 
     configs = []
@@ -82,9 +87,16 @@ def main(argv=None):
     p.add_argument("configs", nargs="*", default=CONFIGS)
     p.add_argument("--out-dir", default=os.path.join(tempfile.gettempdir(), "conceptgate-bench-spm"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--file", action="append", default=[], metavar="KEY=PATH",
+                   help="evaluate another membrane file as config KEY-<gate> (repeatable)")
+    p.add_argument("--smoke", action="store_true", help="a tiny tier (proves the run works; numbers meaningless)")
     a = p.parse_args(argv)
+    files = dict(f.split("=", 1) for f in a.file)
+    tier = dict(TIER, keyword=2, synonym=1, heldout=1, per_target=1, seeds=1, steps=3, gate_prompts=4, boot=20) \
+        if a.smoke else None
     if a.what == "run":
-        run(a.configs or CONFIGS, a.out_dir, a.threads)
+        run(a.configs or CONFIGS, a.out_dir, a.threads, a.device, files, tier)
     else:
         report(a.out_dir)
 
