@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import EraserFileError
-from .eraser import Eraser
+from .eraser import KINDS, Eraser
 from .lowrank import ModuleDelta
 from .naming import KOHYA_UNET_PREFIX, from_kohya, guess_family, to_kohya
 
@@ -170,15 +170,18 @@ def family_from_modules(modules: dict[str, ModuleDelta]) -> str | None:
     return None
 
 
-def load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] | None = None) -> Eraser:
+def load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] | None = None,
+                kind: str | None = None) -> Eraser:
     """Load and validate an eraser file (ConceptGate or official SPM format).
 
     ``concepts`` overrides or supplies the concept list (official files without ``prompts``).
     ``known`` is an exact {kohya prefix: module name} map for the target model, if available.
+    ``kind``: the kind the caller can use (``weight`` / ``conditioning`` / ``guidance``); a file of
+    another kind is refused with a message naming the file and what it is.
     """
-    path = str(path)
+    path, kind_expected = str(path), kind
     tensors, meta = read_safetensors(path)
-    if not tensors:
+    if not tensors and meta.get(META + "kind") != "guidance":
         raise EraserFileError(path, "the file holds no tensors")
     _check_finite(path, tensors)
     ours = (META + "format") in meta
@@ -188,12 +191,16 @@ def load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] |
         if fmt != FORMAT_VERSION:
             raise EraserFileError(path, f"ConceptGate format {fmt} is newer than this version reads ({FORMAT_VERSION})")
         kind = meta.get(META + "kind", "weight")
+        if kind not in KINDS:
+            raise EraserFileError(path, f"unknown eraser kind {kind!r} in metadata (known: {', '.join(KINDS)})")
         file_concepts = _json_meta(meta, "concepts", [], path)
         method = meta.get(META + "method", "lora")
         name = meta.get(META + "name", name)
     else:
         kind, method = "weight", "spm" if "prompts" in meta else "lora"
         file_concepts = [c.strip() for c in meta.get("prompts", "").split(",") if c.strip()]
+    if kind_expected is not None and kind != kind_expected:
+        raise EraserFileError(path, _wrong_kind(kind, method, kind_expected))
     concepts = list(concepts) if concepts else file_concepts
     if not concepts:
         raise EraserFileError(
@@ -205,6 +212,9 @@ def load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] |
     extra = {k[len(TENSOR_PREFIX):]: t for k, t in tensors.items() if k.startswith(TENSOR_PREFIX)}
     if kind == "conditioning" and not extra:
         raise EraserFileError(path, f"a conditioning eraser needs {TENSOR_PREFIX}* tensors")
+    if kind == "guidance" and (tensors or extra):
+        raise EraserFileError(path, f"a guidance eraser carries no tensors; this file has {len(tensors)} "
+                                    f"(e.g. {next(iter(tensors))!r})")
     if not ours and "alpha" in meta and "rank" in meta:
         # official SPM: per-module alpha tensors are authoritative; metadata must agree with them
         try:
@@ -229,7 +239,21 @@ def load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] |
     )
     if eraser.base_family == "custom":
         eraser.base_family = None
+    if kind == "guidance" and method == "abo":
+        from .abo import check_abo_eraser
+
+        check_abo_eraser(eraser, path)
     return eraser
+
+
+def _wrong_kind(kind: str, method: str, expected: str) -> str:
+    what = {"weight": "weight eraser (UNet deltas)", "conditioning": "conditioning eraser (learned vectors)",
+            "guidance": "guidance eraser (a sampling-time rule, no weights)"}
+    hint = {"guidance": " Use it with the All-but-One guidance path (diffusers AboGuidedPipeline, ComfyUI "
+                        "'All-but-One Guider' / 'All-but-One Guidance (KSampler)').",
+            "weight": " Use it in an eraser stack (Apply Eraser Stack / GatedPipeline) or a LoRA loader."}
+    return (f"this is a {what.get(kind, kind)} of method {method!r}, but a {expected} eraser was expected."
+            + hint.get(kind, ""))
 
 
 def kohya_tensors(modules: dict[str, ModuleDelta]) -> dict[str, torch.Tensor]:

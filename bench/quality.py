@@ -472,6 +472,10 @@ def generate_with_stack(pipe, prompts: Sequence[str], seeds: Sequence[int], stac
         if e.eraser.method not in CONDITIONING_HANDLERS:
             raise UnsupportedEraser(f"{e.eraser.name}: no conditioning handler for method {e.eraser.method!r} "
                                     "(register_conditioning)")
+    if any(e.eraser.method == "abo" for e in guide) and "abo" not in GUIDANCE_HANDLERS:
+        from ..adapters.abo_diffusers import register_bench
+
+        register_bench()  # All-but-One guidance ships with the core
     for e in guide:
         if e.eraser.method not in GUIDANCE_HANDLERS:
             raise UnsupportedEraser(f"{e.eraser.name}: no guidance handler for method {e.eraser.method!r} "

@@ -1,0 +1,271 @@
+"""All-but-One guidance (sampling-time reconstruction, see :mod:`.abo`) on plain diffusers.
+
+Typical use::
+
+    stack = EraserStack().with_eraser(abo_eraser("triangle", "square"))
+    with AboGuidedPipeline(pipe, stack) as guided:
+        images = guided(["a red triangle", "a blue circle"], guidance_scale=5.0, num_inference_steps=25).images
+
+How it runs: the pipeline's own sampler, scheduler and CFG are untouched. A forward pre-hook on the
+UNet appends, to the pipeline's ``[uncond x P, cond x P]`` batch, one row per extra conditioning a
+firing prompt needs (its latent, the erase / alternative text encoding): still ONE UNet call per
+step. A forward hook removes those rows again and hands the pipeline
+``eps_cond' = eps_cond - sum_j gamma_j [eps(x, e_erase_j) - eps(x, e_alt_j)]``, so the pipeline's
+``eps_uncond + w (eps_cond' - eps_uncond)`` is exactly the ABO rule. At CFG <= 1 diffusers skips
+the unconditional branch and uses ``eps_cond'`` directly: the rule with ``w = 1``. When no prompt
+fires the hooks return ``None`` (no extra row, output bit-identical to the plain pipeline).
+
+Weight erasers in the same stack act through :class:`GatedPipeline`'s per-row hooks; the extra rows
+carry the coefficients of the prompt they belong to. Nothing is written into the UNet; hooks are
+removed on exit.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import torch
+
+from .abo import AboPlan, Term, abo_entries, encode_texts, guidance_terms, terms_from_gates
+from .diffusers_host import DiffusersTextEncoder, GatedPipeline
+from .gate import facilitated_transport
+from .stack import BankCache
+
+
+class AboUNetHooks:
+    """Pre/post forward hooks on a diffusers ``UNet2DConditionModel`` that batch ABO rows into the
+    pipeline's CFG call. Activate for one sampling call with :meth:`active`; ``calls`` / ``extra_rows``
+    count UNet calls and extra rows seen while active (for tests and the speed bench)."""
+
+    def __init__(self, unet, row_hooks=None):
+        self.unet = unet
+        self.row_hooks = row_hooks  # a RowGatedDeltas whose coefficients must follow the extra rows
+        self._handles = []
+        self._local = threading.local()
+        self.calls = 0
+        self.extra_rows = 0
+
+    # --------------------------------------------------------------- lifecycle
+    def attach(self) -> "AboUNetHooks":
+        if not self._handles:
+            self._handles = [self.unet.register_forward_pre_hook(self._pre, with_kwargs=True),
+                             self.unet.register_forward_hook(self._post, with_kwargs=True)]
+        return self
+
+    def detach(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    class _Active:
+        def __init__(self, owner, state):
+            self.owner, self.state = owner, state
+
+        def __enter__(self):
+            self.prev = getattr(self.owner._local, "state", None)
+            self.owner._local.state = self.state
+            return self.owner
+
+        def __exit__(self, *exc):
+            self.owner._local.state = self.prev
+
+    def active(self, terms: list[list[Term]], text_hidden: dict[str, torch.Tensor], with_uncond: bool):
+        """Context: the next UNet calls carry ``terms`` (one list per prompt, in the pipeline's prompt
+        order); ``with_uncond``: the pipeline batches ``[uncond, cond]`` (CFG > 1)."""
+        fires = any(terms)
+        state = {"terms": terms, "text": text_hidden, "uncond": with_uncond, "plans": {}} if fires else None
+        return self._Active(self, state)
+
+    # --------------------------------------------------------------- hooks
+    def _plan(self, state, ehs: torch.Tensor, P: int, r: int) -> AboPlan:
+        key = (ehs.data_ptr(), tuple(ehs.shape), P, r)
+        plan = state["plans"].get(key)
+        if plan is None:
+            off = P * r if state["uncond"] else 0
+            cond = ehs[off: off + P * r: r].float()
+            uncond = ehs[0: P * r: r].float() if state["uncond"] else None
+            plan = state["plans"][key] = AboPlan.build(state["terms"], state["text"], cond, uncond)
+        return plan
+
+    def _pre(self, module, args, kwargs):
+        state = getattr(self._local, "state", None)
+        self._local.pending = None
+        if state is None:
+            return None
+        args, kwargs = list(args), dict(kwargs)
+        sample = args[0] if args else kwargs["sample"]
+        ehs_in_args = len(args) > 2
+        ehs = args[2] if ehs_in_args else kwargs["encoder_hidden_states"]
+        B, P = sample.shape[0], len(state["terms"])
+        groups = 2 if state["uncond"] else 1
+        if B % (groups * P):
+            raise RuntimeError(f"All-but-One guidance: a UNet batch of {B} rows does not fit {P} prompt(s) "
+                               f"{'with' if state['uncond'] else 'without'} the unconditional branch")
+        r = B // (groups * P)  # num_images_per_prompt: diffusers repeats each prompt r times in a row
+        plan = self._plan(state, ehs, P, r)
+        self.calls += 1
+        if not plan.extra_rows:  # every needed prediction is already in the batch (e.g. p = erase, alt = "")
+            self._local.pending = (plan, B, P, r, None)
+            return None
+        off = P * r if state["uncond"] else 0
+        idx = torch.tensor([off + i * r + j for i in plan.sources for j in range(r)], device=sample.device)
+        extra_h = plan.hidden.to(ehs.device, ehs.dtype)
+        if extra_h.shape[1:] != ehs.shape[1:]:
+            raise RuntimeError(f"All-but-One guidance: concept encodings {tuple(extra_h.shape[1:])} do not match the "
+                               f"pipeline's prompt encodings {tuple(ehs.shape[1:])}")
+        extra_h = extra_h.repeat_interleave(r, 0)
+        new_sample = torch.cat([sample, sample[idx]])
+        new_ehs = torch.cat([ehs, extra_h])
+        if args:
+            args[0] = new_sample
+        else:
+            kwargs["sample"] = new_sample
+        if ehs_in_args:
+            args[2] = new_ehs
+        else:
+            kwargs["encoder_hidden_states"] = new_ehs
+        t_in_args = len(args) > 1
+        t = args[1] if t_in_args else kwargs.get("timestep")
+        if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == B:
+            t = torch.cat([t, t[idx]])
+            if t_in_args:
+                args[1] = t
+            else:
+                kwargs["timestep"] = t
+        added = kwargs.get("added_cond_kwargs")
+        if added:  # SDXL: pooled text / time ids of the prompt's row
+            kwargs["added_cond_kwargs"] = {k: torch.cat([v, v[idx]]) if torch.is_tensor(v) and v.shape[:1] == (B,) else v
+                                           for k, v in added.items()}
+        prev_rows = None
+        if self.row_hooks is not None and self.row_hooks.current() is not None:
+            prev_rows = getattr(self.row_hooks._local, "state", None)
+            cur = self.row_hooks.current()
+            rows = cur.repeat_interleave(B // cur.shape[0], 0)
+            self.row_hooks.set_coefficients(torch.cat([rows, rows[idx.cpu()]]))
+        self.extra_rows += len(idx)
+        self._local.pending = (plan, B, P, r, prev_rows)
+        return tuple(args), kwargs
+
+    def _post(self, module, args, kwargs, output):
+        pending = getattr(self._local, "pending", None)
+        if pending is None:
+            return None
+        self._local.pending = None
+        plan, B, P, r, prev_rows = pending
+        if prev_rows is not None:
+            self.row_hooks._local.state = prev_rows
+        state = self._local.state
+        out = output[0] if isinstance(output, tuple) else output.sample
+        main, extra = out[:B], out[B:]
+        off = P * r if state["uncond"] else 0
+        eps_cond = main[off: off + P * r]
+        eps_uncond = main[: P * r] if state["uncond"] else None
+        eps_cond = eps_cond - plan.correction(eps_cond, eps_uncond, extra, r).to(eps_cond)
+        new = torch.cat([eps_uncond, eps_cond]) if state["uncond"] else eps_cond
+        if isinstance(output, tuple):
+            return (new,) + tuple(output[1:])
+        output.sample = new
+        return output
+
+
+class AboGuidedPipeline(GatedPipeline):
+    """A :class:`GatedPipeline` that also runs the stack's All-but-One guidance erasers.
+
+    Gates are computed per prompt with the pipeline's own text encoder (each entry's gate settings
+    and strength); weight erasers of the same stack act per row as in :class:`GatedPipeline`.
+    ``last_terms`` holds the firing terms of the last call, ``unet_hooks.calls`` /
+    ``unet_hooks.extra_rows`` the UNet calls and extra rows it made."""
+
+    def __init__(self, pipe, stack, clip_skip: int | None = None):
+        super().__init__(pipe, stack, clip_skip)
+        self.unet_hooks = AboUNetHooks(pipe.unet)
+        self._texts: dict = {}
+        self.last_terms: list[list[Term]] | None = None
+
+    def __enter__(self):
+        super().__enter__()
+        self.unet_hooks.row_hooks = self.hooks
+        self.unet_hooks.attach()
+        return self
+
+    def __exit__(self, *exc):
+        self.unet_hooks.detach()
+        super().__exit__(*exc)
+
+    def __call__(self, prompt, guidance_scale: float = 7.5, **kwargs):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        terms = guidance_terms(self.stack, self.encoder(prompts), self.banks)
+        self.last_terms = terms
+        texts = encode_texts(self.encoder, terms, self._texts)
+        owns = self.hooks is None
+        if owns:
+            self.__enter__()
+        try:
+            with self.unet_hooks.active(terms, texts, with_uncond=guidance_scale > 1.0):
+                return super().__call__(prompts, guidance_scale=guidance_scale, **kwargs)
+        finally:
+            if owns:
+                self.__exit__()
+
+
+def abo_generate(pipe, prompts: Sequence[str], stack, guidance_scale: float = 7.5, negative_prompt=None,
+                 clip_skip: int | None = None, **kwargs):
+    """One call of ``pipe`` with ``stack``'s ABO guidance (and weight) erasers: the pipeline output."""
+    with AboGuidedPipeline(pipe, stack, clip_skip) as guided:
+        return guided(list(prompts), guidance_scale=guidance_scale, negative_prompt=negative_prompt, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ quality bench
+
+
+def bench_guidance_handler(pipe, entries, prompts, seeds, gates, steps, cfg, sample):
+    """``bench.quality`` guidance handler for method ``abo`` (see ``GUIDANCE_HANDLERS``): the default
+    sampler with the UNet hooks on; ``gates`` are the raw per-entry gates (strength applied here).
+
+    Stacks that also hold weight erasers are refused here: the bench's sampler keeps their per-row
+    hooks private (use :class:`AboGuidedPipeline`, which handles both)."""
+    from ..bench.quality import UnsupportedEraser
+
+    if _row_gated_hooks_present(pipe.unet):
+        raise UnsupportedEraser("All-but-One guidance together with weight erasers in one bench stack: the bench's "
+                                "per-row hooks cannot follow the extra rows (AboGuidedPipeline handles such stacks)")
+    encoder = DiffusersTextEncoder(pipe.tokenizer, pipe.text_encoder)
+    enc = encoder(list(prompts))
+    banks = BankCache(encoder)
+    best = torch.zeros(len(prompts), len(entries), dtype=torch.long)
+    for j, e in enumerate(entries):
+        _, scores = facilitated_transport(enc, banks.get(e.eraser), e.gate)
+        best[:, j] = scores.argmax(1)
+    terms = terms_from_gates(entries, gates, best)
+    texts = encode_texts(encoder, terms)
+    hooks = AboUNetHooks(pipe.unet).attach()
+    try:
+        with hooks.active(terms, texts, with_uncond=cfg > 1.0):
+            return sample()
+    finally:
+        hooks.detach()
+
+
+def _row_gated_hooks_present(unet) -> bool:
+    from . import apply
+
+    return any(getattr(h, "__module__", None) == apply.__name__
+               for m in unet.modules() for h in m._forward_hooks.values())
+
+
+def register_bench() -> None:
+    """Register :func:`bench_guidance_handler` as the quality bench's ``abo`` guidance handler."""
+    from ..bench.quality import register_guidance
+
+    register_guidance("abo", bench_guidance_handler)
+
+
+__all__ = ["AboGuidedPipeline", "AboUNetHooks", "abo_entries", "abo_generate", "bench_guidance_handler",
+           "register_bench"]
