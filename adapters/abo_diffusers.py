@@ -199,9 +199,18 @@ class AboGuidedPipeline(GatedPipeline):
         self.unet_hooks.detach()
         super().__exit__(*exc)
 
+    def coefficients(self, prompts):
+        # the prompts were just encoded for the guidance terms: encode once per call
+        cached = getattr(self, "_encoded", None)
+        if cached is not None and cached[0] == tuple(prompts):
+            return self.stack.gates(cached[1], banks=self.banks)
+        return super().coefficients(prompts)
+
     def __call__(self, prompt, guidance_scale: float = 7.5, **kwargs):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        terms = guidance_terms(self.stack, self.encoder(prompts), self.banks)
+        encoded = self.encoder(prompts)
+        self._encoded = (tuple(prompts), encoded)
+        terms = guidance_terms(self.stack, encoded, self.banks)
         self.last_terms = terms
         texts = encode_texts(self.encoder, terms, self._texts)
         owns = self.hooks is None
@@ -211,6 +220,7 @@ class AboGuidedPipeline(GatedPipeline):
             with self.unet_hooks.active(terms, texts, with_uncond=guidance_scale > 1.0):
                 return super().__call__(prompts, guidance_scale=guidance_scale, **kwargs)
         finally:
+            self._encoded = None
             if owns:
                 self.__exit__()
 
