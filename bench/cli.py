@@ -50,4 +50,7 @@ def add_cli(subparsers):
     from .quality import add_quality_cli
 
     add_quality_cli(sub)
+    from .abo import add_abo_cli
+
+    add_abo_cli(sub)
     return p
