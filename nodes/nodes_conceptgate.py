@@ -158,6 +158,8 @@ class ApplyStack:
         else:
             patched = comfy_glue.row_gated(model, stack, clip)
         text = report.text() + f"\n(mode {mode}, combine {combine})"
+        if any(e.enabled and e.eraser.kind == "guidance" for e in stack.entries):  # never silently ignored
+            text += "\n(guidance erasers act only through 'All-but-One Guider' / 'All-but-One Guidance (KSampler)')"
         log.info("ConceptGate gates: %s", text.replace("\n", "; "))
         return {"ui": {"text": [text]}, "result": (patched, text)}
 
