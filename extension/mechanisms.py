@@ -69,7 +69,9 @@ class ConditioningMechanism(Mechanism):
 
 class GuidanceMechanism(Mechanism):
     kind = "guidance"
-    reason = "All-but-One guidance erasers are not implemented in the ConceptGate core yet"
+    # the core (adapters/abo.py) and the diffusers / ComfyUI glue implement it; the webui glue does not yet
+    reason = ("All-but-One guidance erasers work in diffusers and ComfyUI but not in the webui yet "
+              "(use the All-but-One adapter, a weight eraser, here)")
 
 
 MECHANISMS: dict[str, Mechanism] = {m.kind: m for m in (WeightMechanism(), ConditioningMechanism(), GuidanceMechanism())}
