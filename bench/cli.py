@@ -53,4 +53,7 @@ def add_cli(subparsers):
     from .abo import add_abo_cli
 
     add_abo_cli(sub)
+    from .geom import add_cli as add_geom_cli
+
+    add_geom_cli(sub)
     return p

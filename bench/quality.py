@@ -468,6 +468,10 @@ def generate_with_stack(pipe, prompts: Sequence[str], seeds: Sequence[int], stac
     entries = [e for e in (stack.entries if stack is not None else ()) if e.enabled]
     cond = [e for e in entries if e.eraser.kind == "conditioning"]
     guide = [e for e in entries if e.eraser.kind == "guidance"]
+    if any(e.eraser.method == "geom" for e in cond) and "geom" not in CONDITIONING_HANDLERS:
+        from ..adapters.geom import register_bench as register_geom
+
+        register_geom()  # Geom-Erasing's negative-prompt tokens ship with the core
     for e in cond:
         if e.eraser.method not in CONDITIONING_HANDLERS:
             raise UnsupportedEraser(f"{e.eraser.name}: no conditioning handler for method {e.eraser.method!r} "

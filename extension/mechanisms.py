@@ -20,9 +20,9 @@ stage               A1111 call site                             Forge call site
 Reachable now: ``weight`` (SPM membranes, RECE/UCE edits, All-but-One adapters): per-row forward
 hooks in A1111 (:mod:`.a1111`), ``add_patches`` in Forge (:mod:`.forge`).
 
-Not reachable yet, because the core does not implement them: ``conditioning`` (Geom-Erasing
-tokens: register the vectors as embeddings and append their names to ``p.negative_prompts`` in
-``prepare``) and ``guidance`` (All-but-One at sampling time: the CFG callbacks in A1111, a post-CFG
+Not reachable yet from the webui glue: ``conditioning`` (Geom-Erasing tokens, implemented in the core
+and for diffusers / ComfyUI: register the vectors as embeddings and append their names to
+``p.negative_prompts`` in ``prepare``; meanwhile the exported embedding works natively) and ``guidance`` (All-but-One at sampling time: the CFG callbacks in A1111, a post-CFG
 function in Forge). Files of those kinds are listed as unavailable and refused with a message,
 never silently ignored. To add one, implement its stages and set ``available = True``.
 """
@@ -64,7 +64,10 @@ class WeightMechanism(Mechanism):
 
 class ConditioningMechanism(Mechanism):
     kind = "conditioning"
-    reason = "Geom-Erasing conditioning erasers are not implemented in the ConceptGate core yet"
+    # the core (adapters/geom.py), diffusers and ComfyUI implement it; the webui glue does not append the tokens yet
+    reason = ("Geom-Erasing tokens are not appended by the webui glue yet: export them as an embedding "
+              "(python -m conceptgate train geom --export DIR), put the file in embeddings/ and its name in the "
+              "negative prompt")
 
 
 class GuidanceMechanism(Mechanism):

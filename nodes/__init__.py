@@ -1,10 +1,10 @@
 """ComfyUI nodes of ConceptGate (imported only when ComfyUI loads the pack)."""
 
-from . import nodes_abo, nodes_conceptgate, nodes_toy, nodes_uce
+from . import nodes_abo, nodes_conceptgate, nodes_geom, nodes_toy, nodes_uce
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (nodes_conceptgate, nodes_uce, nodes_toy, nodes_abo):
+for _module in (nodes_conceptgate, nodes_uce, nodes_toy, nodes_geom, nodes_abo):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 

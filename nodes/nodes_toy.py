@@ -26,10 +26,22 @@ def load_toy_for_comfy(path: str | None = None):
         _LOADED.clear()
         _LOADED[key] = (
             comfy_models.unet_to_comfy(unet, latent_scale=float(vae.config.scaling_factor)),
-            comfy_models.text_encoder_to_comfy(te, tokenizer_dir=os.path.join(path, "tokenizer")),
+            comfy_models.text_encoder_to_comfy(te, tokenizer_dir=os.path.join(path, "tokenizer"),
+                                               embedding_directory=_embedding_dirs()),
             comfy_models.vae_to_comfy(vae),
         )
     return _LOADED[key]
+
+
+def _embedding_dirs():
+    """ComfyUI's own list of embedding folders (the live list, so folders added later are searched too),
+    as the stock checkpoint loader passes it: ``embedding:NAME`` works with the toy CLIP."""
+    try:
+        import folder_paths
+
+        return folder_paths.folder_names_and_paths["embeddings"][0]
+    except (ImportError, KeyError):
+        return None
 
 
 class ToyModelLoader:
