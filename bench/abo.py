@@ -168,7 +168,11 @@ def run_bench(args) -> int:
     from .quality import SEED_BASE, TIERS, build_prompt_sets, evaluate_stack, resolve_concept
     from .report import ROOT, write_section
 
-    t_start = time.time()
+    if getattr(args, "sweep", None):
+        return run_sweep(args)
+    if getattr(args, "from_json", None):
+        return _rerender(args.from_json)
+    t_start, cpu_start = time.time(), time.process_time()
     if args.threads:
         torch.set_num_threads(int(args.threads))
     load0 = os.getloadavg()[0]
@@ -234,7 +238,7 @@ def run_bench(args) -> int:
     say("== speed")
     speed = bench_speed(pipe, repeats=args.repeats)
     result = {"tier": "quick", "tier_settings": cfg, "configs": results, "extra": extra, "reference": ref,
-              "speed": speed, "seconds": time.time() - t_start, "load_average_start": load0,
+              "speed": speed, "seconds": time.time() - t_start, "cpu_seconds": time.process_time() - cpu_start, "load_average_start": load0,
               "load_average_end": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
               "gate_calibration": CAL}
     body = render(result)
@@ -246,6 +250,76 @@ def run_bench(args) -> int:
                   data=result, json_path=args.json or os.path.join(ROOT, "benchmarks.json"))
     print(body)
     print(f"\nabo bench: {time.time() - t_start:.0f} s")
+    return 0
+
+
+def _rerender(path: str) -> int:
+    """Re-render the BENCHMARKS.md section from a saved run (no generation)."""
+    import json
+
+    from .report import write_section
+
+    with open(path) as f:
+        result = json.load(f)["abo-guidance"]
+    body = render(result) + f"\n- Re-rendered from the JSON of the run measured {result.get('measured')}."
+    write_section("abo-guidance", "All-but-One guidance on the toy world (sampling-time reconstruction)", body,
+                  result.get("command", COMMAND))
+    print(body)
+    return 0
+
+
+def run_sweep(args) -> int:
+    """Strength sweep on the target prompts only (keyword and held-out sets): does a stronger term
+    raise the replacement accuracy, and what does it cost in garbage and layout?"""
+    from ..adapters.abo import abo_eraser
+    from ..adapters.gate import GateSettings
+    from ..adapters.stack import EraserStack
+    from ..toyworld import load_judges, load_pipeline
+    from ..toyworld.judges import NONE, classify
+    from .quality import SEED_BASE, TIERS, build_prompt_sets, generate_with_stack, resolve_concept
+    from .report import ROOT, table, write_section
+
+    t_start, cpu_start = time.time(), time.process_time()
+    torch.set_num_threads(int(args.threads or 1))
+    cfg = dict(TIERS["quick"])
+    cfg["seeds"] = max(4, int(args.seeds or cfg["seeds"]))
+    pipe, judges = load_pipeline(), load_judges()
+    pipe.set_progress_bar_config(disable=True)
+    target, alt = resolve_concept(TARGET), resolve_concept(ALT)
+    sets = build_prompt_sets(cfg, [target], seed=0)
+    seeds = [SEED_BASE + k for k in range(cfg["seeds"])]
+    strengths = [float(x) for x in str(args.sweep).split(",") if x.strip()]
+    rows, data = [], {}
+    for sname in ("keyword", "heldout"):
+        items = [it for it in sets[sname] if it[1][0] == target.index]
+        ps = [p for p, _ in items for _ in seeds]
+        ss = [s for _ in items for s in seeds]
+        labels = np.array([lab for _, lab in items for _ in seeds]).reshape(-1, 3)
+        base, _ = generate_with_stack(pipe, ps, ss, None, steps=cfg["steps"], cfg=cfg["cfg"])
+        for st in strengths:
+            stack = EraserStack().with_eraser(abo_eraser(TARGET, ALT), strength=st, gate=GateSettings(**CAL))
+            imgs, _ = generate_with_stack(pipe, ps, ss, stack, steps=cfg["steps"], cfg=cfg["cfg"])
+            pred = classify(judges, imgs)
+            rep = _full_replacement(pred, labels, np.ones(len(labels), bool), alt.index)
+            lay = layout_stats(imgs, base)
+            garbage = float((pred["object"] == NONE["object"]).mean())
+            data[f"{sname}@{st}"] = {"replacement": rep, "garbage": garbage, "layout": lay}
+            rows.append({"s": sname, "st": f"{st:g}", "n": rep["n"], "rep": _pct(rep["object"]),
+                         "full": _pct(rep["object_and_attributes"]), "g": _pct(garbage),
+                         "lay": f"{lay['centroid_shift_px_median']:.1f} / {lay['iou_median']:.2f}"})
+            print(rows[-1])
+    body = ("Strength sweep of `abo->square` (calibrated gate) on the **target prompts only** of the quick tier's "
+            f"keyword and held-out sets ({cfg['seeds']} seeds each; strength 1 is in the `abo-guidance` section). "
+            "square+attrs: judged square with the prompt's colour and style (target >= 85%); layout: median centroid "
+            "shift px / median IoU vs the unerased image.\n\n" +
+            table(rows, [("s", "prompts"), ("st", "strength"), ("n", "images"), ("rep", "square"),
+                         ("full", "square+attrs"), ("g", "garbage"), ("lay", "layout shift / IoU")]) +
+            f"\nWall {time.time() - t_start:.0f} s, CPU {time.process_time() - cpu_start:.0f} s, load average "
+            f"{os.getloadavg()[0]:.1f} at the end.")
+    cmd = f"{COMMAND} --sweep {args.sweep} --threads {args.threads} --seeds {cfg['seeds']}"
+    write_section("abo-guidance-strength", "All-but-One guidance: strength sweep (toy world)", body, cmd,
+                  data={"rows": data, "command": cmd}, json_path=args.json or os.path.join(ROOT, "benchmarks.json"))
+    print(body)
     return 0
 
 
@@ -358,8 +432,20 @@ def _notes(result) -> list[str]:
     out.append("- The synonym set names the object 'trigon': with the calibrated gate (token match) only an eraser that "
                "lists the synonym fires there (the '+synonym' row); the official FT rule fires on every prompt and "
                "so also changes prompts that do not name the target (see its IRA/CRA).")
-    out.append("- Layout: ABO keeps the unconditional branch untouched and starts from the same noise, so the object "
-               "stays where it was; compare with the base model given the rewritten prompt.")
+    lay = [(s, r["layout_vs_base"]["centroid_shift_px_median"], r["layout_vs_base"]["iou_median"])
+           for s, r in result["extra"].get("abo->square", {}).items() if r.get("layout_vs_base")]
+    refs = result.get("reference", {})
+    if lay and refs:
+        out.append("- Layout (abo->square vs the unerased image, median centroid shift / IoU): " + ", ".join(
+            f"{s} {d:.1f} px / {i:.2f}" for s, d, i in lay) + "; the base model given the square-swapped prompt: " +
+            ", ".join(f"{s} {r['layout_swapped_prompt_vs_base']['centroid_shift_px_median']:.1f} px / "
+                      f"{r['layout_swapped_prompt_vs_base']['iou_median']:.2f}" for s, r in refs.items()) +
+            "; an unrelated image: " + ", ".join(f"{s} {r['layout_other_seed_vs_base']['centroid_shift_px_median']:.1f} px"
+                                                for s, r in refs.items()) +
+            ". Rows whose gate is 0 are bit-identical (shift 0, IoU 1).")
+    if result.get("cpu_seconds"):
+        out.append(f"- CPU time of the run: {result['cpu_seconds']:.0f} s (wall {result['seconds']:.0f} s on a shared, "
+                   "loaded machine).")
     return out
 
 
@@ -369,6 +455,9 @@ def add_abo_cli(sub):
     s.add_argument("--seeds", type=int, default=4, help="seeds per prompt (at least 4)")
     s.add_argument("--repeats", type=int, default=5, help="interleaved speed repetitions")
     s.add_argument("--no-extra", action="store_true", help="skip the '+synonym' and official-gate rows")
+    s.add_argument("--sweep", default=None, help="only a strength sweep on the target prompts, e.g. 1.5,2 "
+                   "(own BENCHMARKS.md section)")
     s.add_argument("--json", default=None, help="also write the numbers here (default: benchmarks.json)")
+    s.add_argument("--from-json", default=None, help="only re-render the BENCHMARKS.md section from a saved JSON")
     s.set_defaults(func=run_bench)
     return s
