@@ -33,7 +33,8 @@ hold (``e_erase`` equal to the prompt reuses the conditional row; ``e_alt = ""``
 unconditional row when the negative prompt is empty and CFG > 1). So: +1 row with an empty
 alternative, +2 with a named one, +0 when no row fires (bit-identical to plain CFG).
 
-API (host-agnostic; the diffusers, ComfyUI and A1111 glue and ``adapters/abo_train.py`` import it):
+API (host-agnostic; the diffusers glue ``adapters/abo_diffusers.py`` and the ComfyUI glue ``nodes/nodes_abo.py``
+use it, ``adapters/abo_train.py`` may; the A1111/Forge glue does not reach guidance erasers yet):
 
 * :func:`abo_eraser` (constructor), :func:`is_abo`, :func:`check_abo_eraser`; files via
   :func:`~conceptgate.adapters.files.save_eraser` / ``load_eraser(path, kind="guidance")``
