@@ -65,7 +65,8 @@ class WeightMechanism(Mechanism):
 class ConditioningMechanism(Mechanism):
     kind = "conditioning"
     # the core (adapters/geom.py), diffusers and ComfyUI implement it; the webui glue does not append the tokens yet
-    reason = ("Geom-Erasing tokens are not appended by the webui glue yet: export them as an embedding "
+    reason = ("Geom-Erasing tokens: not implemented in the webui glue yet (the core, diffusers and ComfyUI have "
+              "them); export them as an embedding "
               "(python -m conceptgate train geom --export DIR), put the file in embeddings/ and its name in the "
               "negative prompt")
 
