@@ -38,7 +38,12 @@ def default_erasers() -> list[str]:
 
 
 def run(eraser_files=None, n_prompts: int = 48, n_seeds: int = 4, batch: int = 48, token_set: str | None = None,
-        log=print, write: bool = True, json_path: str | None = None) -> dict:
+        log=print, write: bool = True, json_path: str | None = None, cache: str | None = None, only=None,
+        timing_batches: int = 0, timing_batch: int = 16) -> dict | None:
+    """Run the benchmark. ``cache``: a folder where each condition's images are stored (and reused);
+    ``only``: generate just these conditions (names as in the table; for parallel processes on a shared
+    machine) and return None; ``timing_batches``: measure the time ratio on that many extra interleaved
+    batches of ``timing_batch`` images (needed when the images came from several processes)."""
     from ..adapters import geom as G
     from ..adapters.files import load_eraser
     from ..toyworld import load_judges, load_pipeline
@@ -62,25 +67,58 @@ def run(eraser_files=None, n_prompts: int = 48, n_seeds: int = 4, batch: int = 4
     handle = pipe.unet.register_forward_pre_hook(lambda m, a: calls.__setitem__(current[0], calls[current[0]] + 1))
     images = {c[0]: [] for c in conds}
     seconds = {c[0]: 0.0 for c in conds}
+    tag = f"p{len(items)}s{n_seeds}" + (f"_{token_set}" if token_set else "")
+    cached = {}
+    if cache:
+        os.makedirs(cache, exist_ok=True)
+        for name, _, _ in conds:
+            f = os.path.join(cache, f"{name}_{tag}.pt")
+            if os.path.exists(f):
+                cached[name] = torch.load(f)
+    todo = [c for c in conds if c[0] not in cached and (only is None or c[0] in only)]
+
+    def sample(name, e, ps, ss):
+        kw = dict(prompt=ps, num_inference_steps=25, guidance_scale=5.0, latents=Q._latents(pipe, ss),
+                  output_type="pt", height=64, width=64)
+        current[0] = name
+        if e is None:
+            kw["negative_prompt"] = [""] * len(ps) if name == "base" else ["watermark"] * len(ps)
+        else:
+            kw["negative_prompt_embeds"] = G.encode_negative(e, pipe.tokenizer, pipe.text_encoder, [""] * len(ps),
+                                                             token_set=token_set)
+        t0 = time.perf_counter()
+        out = pipe(**kw).images.float().cpu().clamp(0, 1)
+        return out, time.perf_counter() - t0
+
     t_all = time.time()
     try:
-        for bi, i in enumerate(range(0, len(prompts), batch)):
+        for bi, i in enumerate(range(0, len(prompts), batch) if todo else []):
             ps, ss = prompts[i: i + batch], img_seeds[i: i + batch]
-            order = conds[bi % len(conds):] + conds[: bi % len(conds)]  # rotate: no condition always first
+            order = todo[bi % len(todo):] + todo[: bi % len(todo)]  # rotate: no condition always first
             for name, _, e in order:
-                kw = dict(prompt=ps, num_inference_steps=25, guidance_scale=5.0, latents=Q._latents(pipe, ss),
-                          output_type="pt", height=64, width=64)
-                current[0] = name
-                t0 = time.perf_counter()
-                if e is None:
-                    kw["negative_prompt"] = [""] * len(ps) if name == "base" else ["watermark"] * len(ps)
-                else:
-                    kw["negative_prompt_embeds"] = G.encode_negative(e, pipe.tokenizer, pipe.text_encoder, [""] * len(ps),
-                                                                     token_set=token_set)
-                out = pipe(**kw).images.float().cpu().clamp(0, 1)
-                seconds[name] += time.perf_counter() - t0
+                out, dt = sample(name, e, ps, ss)
+                seconds[name] += dt
                 images[name].append(out)
-            log(f"batch {bi + 1}/{(len(prompts) + batch - 1) // batch} done ({time.time() - t_all:.0f} s)")
+            log(f"batch {bi + 1}/{(len(prompts) + batch - 1) // batch} of {[c[0] for c in todo]} done ({time.time() - t_all:.0f} s)")
+        for name, _, _ in todo:
+            if cache:
+                torch.save({"images": torch.cat(images[name]), "seconds": seconds[name], "unet_calls": calls[name]},
+                           os.path.join(cache, f"{name}_{tag}.pt"))
+        if only is not None:
+            return None
+        for name, c in cached.items():
+            images[name], seconds[name], calls[name] = [c["images"]], c["seconds"], c["unet_calls"]
+        # sampling time: extra interleaved batches (plain and each geom condition, rotating order)
+        timing = {c[0]: 0.0 for c in conds}
+        tconds = [c for c in conds if c[0] != "base"]
+        gen_calls = dict(calls)  # UNet evaluations of the benchmark images (the timing batches are extra)
+        if timing_batches:
+            for name, _, e in tconds:  # untimed warm-up: the first call of a process pays one-off costs
+                sample(name, e, prompts[:2], img_seeds[:2])
+        for k in range(timing_batches):
+            ps, ss = prompts[k * timing_batch: (k + 1) * timing_batch], img_seeds[k * timing_batch: (k + 1) * timing_batch]
+            for name, _, e in tconds[k % len(tconds):] + tconds[: k % len(tconds)]:
+                timing[name] += sample(name, e, ps, ss)[1]
     finally:
         handle.remove()
     renders = judge_features(judges, Q._set_renders(labels, 4242))
@@ -92,21 +130,29 @@ def run(eraser_files=None, n_prompts: int = 48, n_seeds: int = 4, batch: int = 4
         m = Q.set_metrics(pred, labels, pids, 1000, 0)
         m["frechet"] = Q.frechet(judge_features(judges, imgs), renders)
         rows.append({"name": name, "description": desc, "metrics": m, "seconds": seconds[name],
-                     "unet_calls": calls[name], "settings": dict(e.settings) if e is not None else None})
+                     "timing_seconds": timing[name], "unet_calls": gen_calls[name],
+                     "settings": dict(e.settings) if e is not None else None})
     base_wm = rows[0]["metrics"]["watermark_rate"]["value"]
-    plain_s = rows[1]["seconds"]
+    use_timing = timing_batches > 0
+    plain_s = rows[1]["timing_seconds" if use_timing else "seconds"]
     for r in rows:
         wm = r["metrics"]["watermark_rate"]["value"]
         r["wm_reduction"] = (1 - wm / base_wm) if base_wm > 0 else float("nan")
-        r["time_ratio_vs_plain"] = r["seconds"] / plain_s if plain_s else float("nan")
+        t = r["timing_seconds" if use_timing else "seconds"]
+        r["time_ratio_vs_plain"] = t / plain_s if plain_s and (t or not use_timing) else float("nan")
     result = {"n_prompts": len(items), "seeds": seeds, "n_images": len(prompts), "frechet_floor": floor, "rows": rows,
               "sampler": "DDIM 25 steps, CFG 5", "token_set": token_set or "each eraser's own",
+              "timing": (f"{timing_batches} extra interleaved batches of {timing_batch} images" if use_timing
+                         else "the benchmark's own batches, interleaved"),
               "torch_threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()), "seconds": time.time() - t_all}
     if write:
         from .report import write_section
 
-        write_section("geom", "Geom-Erasing (toy world watermark)", render_markdown(result),
-                      COMMAND + (f" --prompts {n_prompts} --seeds {n_seeds}" if (n_prompts, n_seeds) != (48, 4) else ""),
+        cmd = COMMAND + (f" --prompts {n_prompts} --seeds {n_seeds}" if (n_prompts, n_seeds) != (48, 4) else "")
+        if cache:
+            cmd += (f" --cache DIR (conditions generated by parallel --only runs), --timing-batches {timing_batches}"
+                    f" --timing-batch {timing_batch}")
+        write_section("geom", "Geom-Erasing (toy world watermark)", render_markdown(result), cmd,
                       data=result, json_path=json_path or os.path.join(ROOT, "benchmarks.json"))
     return result
 
@@ -137,15 +183,16 @@ def render_markdown(r: dict) -> str:
     lines = [f"{r['n_prompts']} keyword prompts x {len(r['seeds'])} seeds = {r['n_images']} images per condition, "
              f"{r['sampler']}, identical seeds for every condition; learned judges; 95% prompt-cluster bootstrap intervals. "
              f"Fréchet distance in judge features vs renders of the same labels (render-vs-render floor at this n: "
-             f"{r['frechet_floor']:.1f}). Conditions interleaved batch by batch; {r['torch_threads']} torch thread(s), "
+             f"{r['frechet_floor']:.1f}). Time ratio from {r.get('timing', 'interleaved batches')}; {r['torch_threads']} torch thread(s), "
              f"load average {r['loadavg'][0]:.1f} at the end.", "",
              "| condition | negative prompt | watermark rate | reduction vs base | object | style | colour | Fréchet | UNet calls | time vs plain |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         m = row["metrics"]
+        ratio = "-" if row["name"] == "base" else f"{row['time_ratio_vs_plain']:.3f}x"
         lines.append(f"| {row['name']} | {row['description']} | {_pct(m['watermark_rate'])} | "
                      f"{100 * row['wm_reduction']:.0f}% | {_pct(m['object'], False)} | {_pct(m['style'], False)} | "
-                     f"{_pct(m['colour'], False)} | {m['frechet']:.1f} | {row['unet_calls']} | {row['time_ratio_vs_plain']:.3f}x |")
+                     f"{_pct(m['colour'], False)} | {m['frechet']:.1f} | {row['unet_calls']} | {ratio} |")
     lines.append("")
     lines.append("Targets (issue 6): watermark rate down >= 70% relative to base; object/style/colour within 2 points of "
                  f"base ({100 * base['object']['value']:.1f} / {100 * base['style']['value']:.1f} / "
@@ -175,12 +222,22 @@ def add_cli(sub) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print, do not write BENCHMARKS.md")
     p.add_argument("--json", default=None)
+    p.add_argument("--timing-batch", type=int, default=16, help="images per timing batch")
+    p.add_argument("--cache", default=None, help="folder keeping each condition's images (reused by later runs)")
+    p.add_argument("--only", default=None, help="comma-separated conditions to generate into --cache, then stop")
+    p.add_argument("--timing-batches", type=int, default=0,
+                   help="measure the time ratio on this many extra interleaved batches (when images came from --cache)")
 
     def go(args):
         if args.threads:
             torch.set_num_threads(args.threads)
-        r = run(args.erasers or None, args.prompts, args.seeds, args.batch, args.token_set, write=not args.no_write,
-                json_path=args.json)
+        only = [x.strip() for x in args.only.split(",")] if args.only else None
+        r = run(args.erasers or None, args.prompts, args.seeds, args.batch, args.token_set, write=not args.no_write and only is None,
+                json_path=args.json, cache=args.cache, only=only, timing_batches=args.timing_batches,
+                timing_batch=args.timing_batch)
+        if r is None:
+            print(f"generated {args.only} into {args.cache}")
+            return 0
         print(render_markdown(r))
         if args.no_write and args.json:
             with open(args.json, "w") as f:

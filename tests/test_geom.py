@@ -316,3 +316,38 @@ def test_quality_bench_handler_gates_rows_without_extra_unet_calls(pipe):
         h.remove()
     assert torch.allclose(img_off, base, atol=1e-6)
     assert (img_on - base).abs().max() > 1e-3
+
+
+def test_shipped_tokens_fit_the_toy_model(pipe):
+    """The shipped Geom-Erasing tokens: valid, made for this toy text encoder, the watermark's three
+    corner bins observed, and the exported embedding is the same vectors."""
+    from conceptgate.toyworld.erasers import __file__ as erasers_init
+
+    here = os.path.dirname(erasers_init)
+    e = G.validate(load_eraser(os.path.join(here, "geom_watermark.safetensors")))
+    G.check_text_encoder(e, pipe.text_encoder.get_input_embeddings().weight)
+    assert e.settings["grid"] == 4 and G.select_bins(e) == [12, 15, 0]  # <l{3,0}>, <l{3,3}>, <l{0,0}>
+    vec, info = G.load_ti(os.path.join(here, "embeddings", "geom_watermark.safetensors"), expect_dim=128,
+                          expect_fingerprint=e.text_fingerprint)
+    assert torch.equal(vec, G.ti_vectors(e)) and info["bins"] == [12, 15, 0]
+
+
+@pytest.mark.slow
+def test_bench_geom_tiny_run(pipe, tmp_path):
+    """``bench geom`` end to end at n = 2 images per condition: every condition generated with the same
+    number of UNet calls, the cache reused, the table rendered (no BENCHMARKS.md write)."""
+    from conceptgate.bench import geom as BG
+
+    torch.set_num_threads(1)
+    e = _eraser(pipe)
+    f = tmp_path / "geom_tiny.safetensors"
+    save_eraser(e, f)
+    assert BG.run([str(f)], n_prompts=2, n_seeds=1, batch=2, write=False, log=lambda s: None,
+                  cache=str(tmp_path / "c"), only=["base"]) is None
+    r = BG.run([str(f)], n_prompts=2, n_seeds=1, batch=2, write=False, log=lambda s: None, cache=str(tmp_path / "c"),
+               timing_batches=1, timing_batch=1)
+    names = [row["name"] for row in r["rows"]]
+    assert names == ["base", "plain", "geom_tiny"] and r["n_images"] == 2
+    assert {row["unet_calls"] for row in r["rows"]} == {25}
+    md = BG.render_markdown(r)
+    assert "| geom_tiny |" in md and ("misses" in md or "meets" in md)
