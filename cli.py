@@ -87,12 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plugin_modules():
     """Subcommands contributed by the mechanisms, the toy world and the benchmarks (each has ``add_cli``)."""
-    from .adapters import cli_edit, cli_train, geom_train
+    from .adapters import cli_edit, cli_train, cli_train_abo, geom_train
     from .bench import cli as bench_cli
     from .bench import demo as bench_demo
     from .toyworld import train as toyworld_train
 
-    return [toyworld_train, cli_edit, bench_cli, cli_train, geom_train, bench_demo]
+    return [toyworld_train, cli_edit, bench_cli, cli_train, cli_train_abo, geom_train, bench_demo]
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,485 @@
+"""All-but-One as a fine-tuned low-rank adapter (Hong, Lee, Woo, AAAI 2024): **a reconstruction**.
+
+Only the paper's abstract is public. What it states: a "surgical update on the classifier guidance
+term while constraining the drift of the unconditional score term", with a user-chosen alternative
+concept. The objective below is our reading of that sentence (reference notes, section 2.2), not
+the paper's equation; its weighting, data, tuned parameters and schedule are not published::
+
+    g(x_t, c) = eps(x_t, c) - eps(x_t, "")                        (the classifier-guidance term of CFG)
+    L = || g_theta(x_t, c_e) - g_0(x_t, c_a) ||^2  +  lambda * || eps_theta(x_t, "") - eps_0(x_t, "") ||^2
+
+``eps_0`` is the frozen original UNet, ``eps_theta`` the UNet with the adapter, ``c_e`` a prompt naming
+the erased concept and ``c_a`` the same prompt with the alternative swapped in (``c_a = ""`` when
+the alternative is empty: the erased concept's guidance is then trained to zero). At the optimum
+``eps_theta(x_t, "") = eps_0(x_t, "")`` and ``eps_theta(x_t, c_e) = eps_0(x_t, c_a)``: the
+unconditional score (layout, DDIM inversion) is unchanged and the concept's guidance is the
+alternative's.
+
+Choices beyond the abstract (each an option; defaults measured on the toy world, see
+``toyworld/erasers/README.md`` and the ``quality-abo-adapter`` section of BENCHMARKS.md):
+
+* **the adapter**: a rank-``r`` LoRA (``lora_down`` kaiming-uniform a=sqrt(5), ``lora_up`` zeros, so
+  it starts as the identity) on a module set: ``attn2_kv`` (cross-attention key/value projections:
+  acts on the text tokens only), ``attn2`` (all cross-attention projections) or ``spm`` (every
+  Linear/Conv2d of every transformer, SPM's set). Applied by forward hooks
+  (:class:`~conceptgate.adapters.spm.Membranes`): the user's UNet is never written. peft's
+  ``inject_adapter_in_model`` would replace the UNet's Linear modules in place, which this project
+  does not do to a user's model, and the result has to be exported as kohya keys anyway.
+* **prompts in context**: ``c_e`` are caption templates with the concept filled in (for the toy
+  world its own training templates with random colour and style, keyword and synonym names; for
+  other models a small set of generic templates), ``c_a`` the *same* template with the alternative
+  swapped in, so that the erasure generalises from the bare word to full prompts and keeps the
+  other attributes (colour, style) of the prompt.
+* **x_t (training-free samples)**: a pool of clean latents generated once by the *original* model
+  (DDIM ``pool_steps`` at CFG ``pool_cfg``) from the ``c_e`` prompts and, by default, as many from the
+  matching ``c_a`` prompts (the fixed point's trajectory runs through alternative-looking latents),
+  then noised with the forward process at ``t ~ U{0..T-1}`` each iteration. Each pool latent keeps
+  its prompt pair, so ``x_t`` matches the prompt's colour and style. Cheaper than SPM-like
+  trajectories of the model being trained (no sampling inside the loop).
+* plain AdamW with a cosine schedule and a short warmup; float32.
+
+The model output is used as it is (epsilon, or v for v-prediction models: ``g`` is then the same
+difference of v's, the objective is linear in the output either way).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .eraser import Eraser
+from .naming import layout_from_diffusers_config
+from .spm import Membranes
+
+MODULE_SETS = ("attn2_kv", "attn2", "spm")
+CONTEXTS = ("toy", "generic", "bare")
+POOL_SOURCES = ("both", "erase")
+
+#: Templates for models other than the toy world ("{}" is the concept).
+GENERIC_TEMPLATES = (
+    "{}", "a {}", "a photo of a {}", "a picture of a {}", "a painting of a {}", "a drawing of a {}",
+    "an illustration of a {}", "a close-up photo of a {}", "a {} in the scene", "a detailed image of a {}",
+)
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class ABOConfig:
+    """Hyperparameters of the reconstructed All-but-One adapter training."""
+
+    concept: str
+    alternative: str = ""
+    lam: float = 1.0  # weight of the unconditional-preservation term
+    iterations: int = 600
+    lr: float = 1e-3
+    batch: int = 4
+    rank: int = 4
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    modules: str = "attn2_kv"
+    context: str = "toy"
+    pool_size: int = 64  # clean latents from each source
+    pool_from: str = "both"
+    pool_steps: int = 25
+    pool_cfg: float = 5.0
+    warmup: int | None = None  # None: 5% of the iterations
+    weight_decay: float = 0.0
+    resolution: int | None = None  # pixels; None: unet.config.sample_size * 8
+    seed: int = 0
+    save_every: int = 100
+
+    def __post_init__(self):
+        if not str(self.concept).strip():
+            raise ValueError("the concept to erase is empty")
+        if self.alternative.strip().lower() == self.concept.strip().lower():
+            raise ValueError(f"the alternative {self.alternative!r} is the erased concept itself")
+        if self.modules not in MODULE_SETS:
+            raise ValueError(f"unknown module set {self.modules!r} ({', '.join(MODULE_SETS)})")
+        if self.context not in CONTEXTS:
+            raise ValueError(f"unknown prompt context {self.context!r} ({', '.join(CONTEXTS)})")
+        if self.pool_from not in POOL_SOURCES:
+            raise ValueError(f"unknown pool source {self.pool_from!r} ({', '.join(POOL_SOURCES)})")
+        for name in ("iterations", "batch", "rank", "pool_size", "pool_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+        if not (self.lam >= 0 and math.isfinite(self.lam)):
+            raise ValueError(f"lambda must be a finite number >= 0 (got {self.lam})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"the learning rate must be positive (got {self.lr})")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup) if self.warmup is not None else int(round(0.05 * self.iterations))
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha) if self.alpha else float(self.rank)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["warmup_steps"] = self.warmup_steps
+        d["lambda"] = d.pop("lam")
+        return d
+
+    def trajectory_key(self) -> dict:
+        d = self.to_dict()
+        d.pop("save_every")
+        return d
+
+
+# ----------------------------------------------------------------------------- prompts
+def prompt_pairs(concept: str, alternative: str, context: str) -> list[tuple[str, str]]:
+    """(c_e, c_a) prompt pairs: the same template with the concept and with the alternative.
+
+    ``toy``: the toy world's training templates that name an object (or a style, when the concept is
+    a toy style), every colour and style (or object) filled in, the concept by its keyword and
+    synonyms (or ``concept`` itself if it is not in the toy vocabulary); ``generic``:
+    :data:`GENERIC_TEMPLATES`; ``bare``: the concept alone. With an empty alternative ``c_a = ""``."""
+    if context == "bare":
+        pairs = [(concept, alternative)]
+    elif context == "generic":
+        pairs = [(t.format(concept), t.format(alternative) if alternative else "") for t in GENERIC_TEMPLATES]
+    else:
+        pairs = _toy_pairs(concept, alternative)
+    out, seen = [], set()
+    for e, a in pairs:
+        a = a if alternative.strip() else ""
+        if e not in seen:
+            seen.add(e)
+            out.append((e, a))
+    return out
+
+
+def _toy_pairs(concept: str, alternative: str) -> list[tuple[str, str]]:
+    from ..toyworld import captions as C
+
+    def lookup(word):
+        w = word.strip().lower()
+        for kind, table in (("o", C.OBJECT_NAMES), ("s", C.STYLE_NAMES)):
+            for names in table.values():
+                if w in names:
+                    return kind, names
+        return None, [word]
+
+    kind, names = lookup(concept)
+    kind = kind or "o"
+    alt_kind, alt_names = lookup(alternative) if alternative.strip() else (kind, [""])
+    alt = alt_names[0]
+    if alt_kind not in (None, kind):
+        raise ValueError(f"the toy context swaps {concept!r} for {alternative!r} in the same template, but one is "
+                         "an object and the other a style; use --context generic or bare")
+    other = "s" if kind == "o" else "o"
+    other_names = [v[0] for v in (C.STYLE_NAMES if other == "s" else C.OBJECT_NAMES).values()]
+    colours = [v[0] for v in C.COLOUR_NAMES.values()]
+    pairs = []
+    for template in C.TRAIN_TEMPLATES:
+        fields = C.template_fields(template)
+        if kind not in fields:
+            continue
+        for name in names:
+            for col in (colours if "c" in fields else [None]):
+                for oth in (other_names if other in fields else [None]):
+                    kw = {"c": col, other: oth}
+                    e = template.format(**{**kw, kind: name})
+                    a = template.format(**{**kw, kind: alt}) if alt else ""
+                    pairs.append((e, a))
+    return pairs
+
+
+# ----------------------------------------------------------------------------- the objective
+def abo_loss(eps_theta_e: torch.Tensor, eps_theta_u: torch.Tensor, eps0_a: torch.Tensor, eps0_u: torch.Tensor,
+             lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L, L_guid, L_unc) of the reconstructed objective, mean squared errors over all elements.
+
+    ``L_guid = MSE(eps_theta(c_e) - eps_theta(""), eps_0(c_a) - eps_0(""))``,
+    ``L_unc = MSE(eps_theta(""), eps_0(""))``, ``L = L_guid + lam * L_unc``."""
+    guid = F.mse_loss(eps_theta_e - eps_theta_u, eps0_a - eps0_u)
+    unc = F.mse_loss(eps_theta_u, eps0_u)
+    return guid + lam * unc, guid, unc
+
+
+def module_names(unet, which: str) -> list[str]:
+    return [m.name for m in layout_from_diffusers_config(unet.config).modules(which)]
+
+
+# ----------------------------------------------------------------------------- the trainer
+@dataclass
+class TrainResult:
+    eraser: Eraser
+    hyperparameters: dict
+    iterations_run: int
+    seconds: float
+    losses: list = field(default_factory=list)  # (iteration, loss, guidance, unconditional)
+
+
+class ABOTrainer:
+    """Trains the reconstructed All-but-One objective as a low-rank adapter on a diffusers UNet.
+
+    ``train()`` runs to ``config.iterations`` (resuming from ``checkpoint_dir/state.pt`` when asked),
+    writing ``<name>_<i>steps.safetensors`` and the resumable state every ``save_every`` iterations.
+    The UNet and text encoder are frozen and never written (forward hooks).
+    """
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler_config: dict, config: ABOConfig,
+                 device: str | torch.device = "cpu", clip_skip: int | None = None):
+        from diffusers import DDIMScheduler
+        from diffusers.optimization import get_cosine_schedule_with_warmup
+
+        from .diffusers_host import DiffusersTextEncoder
+
+        self.config = config
+        self.device = torch.device(device)
+        self.unet = unet.to(self.device, torch.float32).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(self.device, torch.float32).eval().requires_grad_(False)
+        self.encoder = DiffusersTextEncoder(tokenizer, self.text_encoder, clip_skip)
+        self.clip_skip = clip_skip
+        sched_cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+        self.sampler = DDIMScheduler.from_config(sched_cfg)
+        self.num_train_timesteps = int(self.sampler.config.num_train_timesteps)
+        self.layout = layout_from_diffusers_config(unet.config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.adapter = Membranes(self.unet, module_names(self.unet, config.modules), config.rank,
+                                 config.scale_alpha, self.generator).to(self.device)
+        self.adapter.attach(self.unet)
+        self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.lr_schedule = get_cosine_schedule_with_warmup(self.optimizer, config.warmup_steps, config.iterations)
+        self.pairs = prompt_pairs(config.concept, config.alternative, config.context)
+        with torch.no_grad():
+            e = self.encoder([p for p, _ in self.pairs]).hidden
+            a = self.encoder([q for _, q in self.pairs]).hidden
+            u = self.encoder([""]).hidden
+        self.e_erase, self.e_alt, self.e_unc = e.to(self.device), a.to(self.device), u.to(self.device)
+        px = config.resolution or int(unet.config.sample_size) * 8
+        self.latent_size = px // 8
+        self.pool: torch.Tensor | None = None  # [N, C, h, w] clean latents
+        self.pool_pairs: torch.Tensor | None = None  # [N] prompt-pair index of each latent
+        self.iteration = 0
+        self.losses: list = []
+
+    def close(self):
+        """Remove the adapter's hooks from the UNet (it is then exactly the model passed in)."""
+        self.adapter.detach()
+
+    # ---------------------------------------------------------------- pieces
+    def base_fingerprint(self) -> str:
+        from .uce_rece import weights_fingerprint
+
+        return weights_fingerprint(self.unet.state_dict())
+
+    def text_fingerprint(self) -> str:
+        from .uce_rece import weights_fingerprint
+
+        return weights_fingerprint(self.text_encoder.state_dict())
+
+    def predict(self, latents: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(latents, t.to(self.device), encoder_hidden_states=context).sample
+
+    @torch.no_grad()
+    def build_pool(self, log: Callable[[str], None] | None = None, batch: int = 32):
+        """Clean latents from the *original* model (adapter off): ``pool_size`` from ``c_e`` prompts and,
+        with ``pool_from="both"``, as many from the matching ``c_a`` prompts (DDIM, CFG ``pool_cfg``)."""
+        cfg = self.config
+        g = torch.Generator().manual_seed(cfg.seed + 7919)  # independent of the training stream
+        n = cfg.pool_size
+        idx = torch.randint(0, len(self.pairs), (n,), generator=g)
+        sources = [(self.e_erase, idx)]
+        if cfg.pool_from == "both":
+            sources.append((self.e_alt, idx.clone()))
+        shape = (self.unet.config.in_channels, self.latent_size, self.latent_size)
+        noise = torch.randn(len(sources) * n, *shape, generator=g)
+        lat, which = [], []
+        with self.adapter.on(0.0):
+            for si, (emb, ids) in enumerate(sources):
+                for i in range(0, n, batch):
+                    j = ids[i: i + batch]
+                    x = self._sample(noise[si * n + i: si * n + i + len(j)], emb[j.to(self.device)])
+                    lat.append(x.cpu())
+                    which.append(j)
+                if log:
+                    log(f"pool: {n} latents from the {'erase' if si == 0 else 'alternative'} prompts")
+        self.pool, self.pool_pairs = torch.cat(lat), torch.cat(which)
+
+    def _sample(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        self.sampler.set_timesteps(cfg.pool_steps, device=self.device)
+        x = noise.to(self.device) * self.sampler.init_noise_sigma
+        ctx = torch.cat([self.e_unc.expand(len(x), -1, -1), cond])
+        for t in self.sampler.timesteps.tolist():  # python ints: the scheduler's tables stay on the CPU
+            inp = self.sampler.scale_model_input(torch.cat([x, x]), t)
+            unc, txt = self.predict(inp, ctx, torch.full((2 * len(x),), t, device=self.device)).chunk(2)
+            x = self.sampler.step(unc + cfg.pool_cfg * (txt - unc), t, x).prev_sample
+        return x
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t, c_e, c_a) for one iteration: pool latents noised at uniform timesteps."""
+        cfg, g = self.config, self.generator
+        pick = torch.randint(0, len(self.pool), (cfg.batch,), generator=g)
+        t = torch.randint(0, self.num_train_timesteps, (cfg.batch,), generator=g)
+        noise = torch.randn(cfg.batch, *self.pool.shape[1:], generator=g)
+        x0 = self.pool[pick]
+        x_t = self.sampler.add_noise(x0, noise, t)
+        j = self.pool_pairs[pick].to(self.device)
+        return x_t.to(self.device), t.to(self.device), self.e_erase[j], self.e_alt[j]
+
+    def losses_at(self, x_t, t, c_e, c_a, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The objective on one batch: teacher (adapter off) and student (adapter on) each one UNet call."""
+        b = x_t.shape[0]
+        unc = self.e_unc.expand(b, -1, -1)
+        lat, tt = torch.cat([x_t, x_t]), torch.cat([t, t])
+        with torch.no_grad(), self.adapter.on(0.0):
+            eps0_a, eps0_u = self.predict(lat, torch.cat([c_a, unc]), tt).chunk(2)
+        with torch.set_grad_enabled(grad), self.adapter.on(1.0):
+            eps_e, eps_u = self.predict(lat, torch.cat([c_e, unc]), tt).chunk(2)
+        return abo_loss(eps_e, eps_u, eps0_a, eps0_u, self.config.lam)
+
+    def step(self) -> dict:
+        if self.pool is None:
+            self.build_pool()
+        x_t, t, c_e, c_a = self.batch()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, guid, unc = self.losses_at(x_t, t, c_e, c_a)
+        loss.backward()
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.iteration += 1
+        rec = {"iteration": self.iteration, "loss": loss.item(), "guidance": guid.item(), "uncond": unc.item(),
+               "lr": self.lr_schedule.get_last_lr()[0]}
+        self.losses.append((self.iteration, rec["loss"], rec["guidance"], rec["uncond"]))
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self, batches: int = 8, seed: int = 12345) -> dict:
+        """Mean loss terms on fixed held batches (own generator: does not disturb training)."""
+        if self.pool is None:
+            self.build_pool()
+        saved = self.generator.get_state()
+        self.generator.manual_seed(seed)
+        tot = torch.zeros(3)
+        try:
+            for _ in range(batches):
+                tot += torch.stack([v.detach().cpu() for v in self.losses_at(*self.batch(), grad=False)])
+        finally:
+            self.generator.set_state(saved)
+        tot /= batches
+        return {"loss": float(tot[0]), "guidance": float(tot[1]), "uncond": float(tot[2])}
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "adapter": {k: v.detach().cpu() for k, v in self.adapter.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "generator": self.generator.get_state(),
+            "config": json.dumps(self.config.trajectory_key(), sort_keys=True),
+            "pool": self.pool if self.pool is not None else torch.zeros(0),
+            "pool_pairs": self.pool_pairs if self.pool_pairs is not None else torch.zeros(0, dtype=torch.long),
+            "losses": torch.tensor(self.losses, dtype=torch.float64) if self.losses else torch.zeros(0, 4),
+        }
+
+    def load_state(self, state: dict):
+        mine = json.loads(json.dumps(self.config.trajectory_key(), sort_keys=True))
+        theirs = json.loads(state["config"])
+        if theirs != mine:
+            diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+            raise ValueError(f"the checkpoint was trained with other settings ({', '.join(diff)}); cannot resume")
+        self.adapter.load_state_dict(state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.generator.set_state(state["generator"])
+        self.iteration = int(state["iteration"])
+        if state["pool"].numel():
+            self.pool, self.pool_pairs = state["pool"], state["pool_pairs"]
+        self.losses = [tuple(r) for r in state["losses"].tolist()]
+
+    def save_state(self, path: str):
+        tmp = path + ".tmp"
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+
+    def resume(self, path: str) -> bool:
+        if not os.path.exists(path):
+            return False
+        self.load_state(torch.load(path, map_location="cpu", weights_only=True))
+        return True
+
+    # ---------------------------------------------------------------- output
+    def settings(self) -> dict:
+        cfg = self.config
+        return {"alternative": cfg.alternative, "lambda": cfg.lam, "modules": cfg.modules, "rank": cfg.rank,
+                "context": cfg.context, "trainer": "abo_reconstruction", "form": "adapter"}
+
+    def hyperparameters(self) -> dict:
+        return {**self.config.to_dict(), "method": "all_but_one_reconstruction",
+                "objective": "||g_theta(x_t,c_e) - g_0(x_t,c_a)||^2 + lambda ||eps_theta(x_t,'') - eps_0(x_t,'')||^2",
+                "optimizer": "torch.optim.AdamW", "lr_scheduler": "cosine_with_warmup",
+                "latent_size": self.latent_size, "iterations_run": self.iteration,
+                "module_count": len(self.adapter.names), "prompt_pairs": len(self.pairs),
+                "clip_skip": self.clip_skip, "base_fingerprint": self.base_fingerprint()}
+
+    def eraser(self, name: str | None = None) -> Eraser:
+        cfg = self.config
+        fam = self.layout.family
+        return Eraser(name=name or f"{cfg.concept} -> {cfg.alternative or 'nothing'}", kind="weight",
+                      concepts=[cfg.concept], method="abo", modules=self.adapter.module_deltas(),
+                      settings=self.settings(), base_family=fam if fam != "custom" else None,
+                      base_fingerprint=self.base_fingerprint(), text_fingerprint=self.text_fingerprint())
+
+    def save(self, path: str, name: str | None = None) -> str:
+        from .files import save_eraser
+
+        return save_eraser(self.eraser(name), path, hyperparameters=self.hyperparameters())
+
+    # ---------------------------------------------------------------- loop
+    def train(self, out: str, checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True,
+              log: Callable[[str], None] | None = None, name: str | None = None,
+              stop_after: int | None = None) -> TrainResult:
+        """Train to ``config.iterations`` and write the adapter to ``out``. ``stop_after`` ends this call
+        after that many iterations (the state is saved; for tests and time budgets)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        stem = os.path.splitext(os.path.basename(out))[0]
+        checkpoint_dir = checkpoint_dir or (os.path.splitext(out)[0] + ".checkpoints")
+        state_path = os.path.join(checkpoint_dir, "state.pt")
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        if resume and self.resume(state_path) and log:
+            log(f"resumed from {state_path} at iteration {self.iteration}")
+        t0 = time.perf_counter()
+        if self.pool is None:
+            self.build_pool(log)
+            if log:
+                log(f"pool of {len(self.pool)} latents built in {time.perf_counter() - t0:.1f} s")
+        done_here = 0
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress,
+                   desc=f"abo {cfg.concept!r}->{cfg.alternative!r}", dynamic_ncols=True)
+        try:
+            while self.iteration < cfg.iterations:
+                if stop_after is not None and done_here >= stop_after:
+                    break
+                rec = self.step()
+                done_here += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", guid=f"{rec['guidance']:.4g}", unc=f"{rec['uncond']:.3g}")
+                if cfg.save_every and self.iteration % cfg.save_every == 0 and self.iteration < cfg.iterations:
+                    self.save(os.path.join(checkpoint_dir, f"{stem}_{self.iteration}steps.safetensors"), name)
+                    self.save_state(state_path)
+                    if log:
+                        log(f"checkpoint at iteration {self.iteration} in {checkpoint_dir}")
+        finally:
+            bar.close()
+        self.save_state(state_path)
+        seconds = time.perf_counter() - t0
+        if self.iteration >= cfg.iterations:
+            self.save(out, name)
+        return TrainResult(self.eraser(name), self.hyperparameters(), self.iteration, seconds, list(self.losses))
+
+
+def default_context(model: str) -> str:
+    return "toy" if model == "toy" else "generic"
