@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = ["triangle", "striped"]
 FILES = {"triangle": "spm_triangle.safetensors", "striped": "spm_striped.safetensors"}
 TIER = dict(keyword=12, synonym=6, heldout=6, per_target=4, seeds=2, steps=25, cfg=5.0, gate_prompts=24, boot=500, batch=48)
-CONFIGS = ["base"] + [f"{c}-{g}" for c in TARGETS for g in ("ft", "always")]
+CONFIGS = ["base"] + [f"{c}-{g}" for c in TARGETS for g in ("ft", "always", "tokens")]
 
 
 GATES = {"ft": dict(rule="ft"), "always": dict(rule="always"), "tokens": dict(rule="tokens")}
@@ -63,7 +63,10 @@ def report(out_dir):
 
     configs = []
     for name in CONFIGS:
-        with open(os.path.join(out_dir, f"{name}.json")) as f:
+        path = os.path.join(out_dir, f"{name}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
             configs.append({"name": name, "result": json.load(f)})
     result = {"tier": "spm-quick (2 seeds)", "tier_settings": TIER, "configs": configs,
               "seconds": sum(c["result"]["seconds"] for c in configs),
@@ -71,7 +74,8 @@ def report(out_dir):
                   "SPM membranes trained with Latent Anchoring (`python -m conceptgate train spm`, see "
                   "toyworld/erasers/README.md for the iteration count and learning rate used); surrogate \"\".",
                   "`-ft`: the official Facilitated-Transport gate (no threshold); `-always`: the same membrane as a "
-                  "plain LoRA at strength 1 (gate 1 for every prompt).",
+                  "plain LoRA at strength 1 (gate 1 for every prompt); `-tokens`: the non-official token rule (gate 1 "
+                  "when the prompt contains the concept's tokens, else 0).",
                   "Reduced quick tier (2 seeds per prompt) to fit shared CPU time; intervals are wide.",
               ]}
     body = render_markdown(result)
