@@ -46,10 +46,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 from .eraser import Eraser
 from .naming import layout_from_diffusers_config
 from .spm import Membranes
+from .training import CheckpointedTrainer, TrainResult, check_same_settings  # noqa: F401  (TrainResult: re-exported)
 
 MODULE_SETS = ("attn2_kv", "attn2", "spm")
 CONTEXTS = ("toy", "generic", "bare")
@@ -209,16 +209,7 @@ def module_names(unet, which: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the trainer
-@dataclass
-class TrainResult:
-    eraser: Eraser
-    hyperparameters: dict
-    iterations_run: int
-    seconds: float
-    losses: list = field(default_factory=list)  # (iteration, loss, guidance, unconditional)
-
-
-class ABOTrainer:
+class ABOTrainer(CheckpointedTrainer):
     """Trains the reconstructed All-but-One objective as a low-rank adapter on a diffusers UNet.
 
     ``train()`` runs to ``config.iterations`` (resuming from ``checkpoint_dir/state.pt`` when asked),
@@ -384,11 +375,7 @@ class ABOTrainer:
         }
 
     def load_state(self, state: dict):
-        mine = json.loads(json.dumps(self.config.trajectory_key(), sort_keys=True))
-        theirs = json.loads(state["config"])
-        if theirs != mine:
-            diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
-            raise ValueError(f"the checkpoint was trained with other settings ({', '.join(diff)}); cannot resume")
+        check_same_settings(state["config"], self.config)
         self.adapter.load_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
@@ -397,17 +384,6 @@ class ABOTrainer:
         if state["pool"].numel():
             self.pool, self.pool_pairs = state["pool"], state["pool_pairs"]
         self.losses = [tuple(r) for r in state["losses"].tolist()]
-
-    def save_state(self, path: str):
-        tmp = path + ".tmp"
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)
-
-    def resume(self, path: str) -> bool:
-        if not os.path.exists(path):
-            return False
-        self.load_state(torch.load(path, map_location="cpu", weights_only=True))
-        return True
 
     # ---------------------------------------------------------------- output
     def settings(self) -> dict:
@@ -436,49 +412,20 @@ class ABOTrainer:
 
         return save_eraser(self.eraser(name), path, hyperparameters=self.hyperparameters())
 
-    # ---------------------------------------------------------------- loop
-    def train(self, out: str, checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True,
-              log: Callable[[str], None] | None = None, name: str | None = None,
-              stop_after: int | None = None) -> TrainResult:
-        """Train to ``config.iterations`` and write the adapter to ``out``. ``stop_after`` ends this call
-        after that many iterations (the state is saved; for tests and time budgets)."""
-        from tqdm.auto import tqdm
+    # ---------------------------------------------------------------- loop (CheckpointedTrainer.train)
+    @property
+    def progress_desc(self) -> str:
+        return f"abo {self.config.concept!r}->{self.config.alternative!r}"
 
-        cfg = self.config
-        stem = os.path.splitext(os.path.basename(out))[0]
-        checkpoint_dir = checkpoint_dir or (os.path.splitext(out)[0] + ".checkpoints")
-        state_path = os.path.join(checkpoint_dir, "state.pt")
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        if resume and self.resume(state_path) and log:
-            log(f"resumed from {state_path} at iteration {self.iteration}")
-        t0 = time.perf_counter()
+    def postfix(self, rec: dict) -> dict:
+        return {"loss": f"{rec['loss']:.4g}", "guid": f"{rec['guidance']:.4g}", "unc": f"{rec['uncond']:.3g}"}
+
+    def before_loop(self, log) -> None:
         if self.pool is None:
+            t0 = time.perf_counter()
             self.build_pool(log)
             if log:
                 log(f"pool of {len(self.pool)} latents built in {time.perf_counter() - t0:.1f} s")
-        done_here = 0
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress,
-                   desc=f"abo {cfg.concept!r}->{cfg.alternative!r}", dynamic_ncols=True)
-        try:
-            while self.iteration < cfg.iterations:
-                if stop_after is not None and done_here >= stop_after:
-                    break
-                rec = self.step()
-                done_here += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4g}", guid=f"{rec['guidance']:.4g}", unc=f"{rec['uncond']:.3g}")
-                if cfg.save_every and self.iteration % cfg.save_every == 0 and self.iteration < cfg.iterations:
-                    self.save(os.path.join(checkpoint_dir, f"{stem}_{self.iteration}steps.safetensors"), name)
-                    self.save_state(state_path)
-                    if log:
-                        log(f"checkpoint at iteration {self.iteration} in {checkpoint_dir}")
-        finally:
-            bar.close()
-        self.save_state(state_path)
-        seconds = time.perf_counter() - t0
-        if self.iteration >= cfg.iterations:
-            self.save(out, name)
-        return TrainResult(self.eraser(name), self.hyperparameters(), self.iteration, seconds, list(self.losses))
 
 
 def default_context(model: str) -> str:

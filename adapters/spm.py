@@ -44,8 +44,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Sequence
 
 import torch
@@ -55,6 +54,7 @@ from torch import nn
 from .eraser import Eraser
 from .lowrank import ModuleDelta
 from .naming import layout_from_diffusers_config
+from .training import CheckpointedTrainer, TrainResult, check_same_settings  # noqa: F401  (TrainResult: re-exported)
 
 ANCHOR_MODES = ("fixed", "official_quirk")
 REFERENCE_ITERATIONS = 3000
@@ -299,16 +299,7 @@ def latent_anchor_loss(predict: Callable[[torch.Tensor, torch.Tensor], torch.Ten
 
 
 # ----------------------------------------------------------------------------- the trainer
-@dataclass
-class TrainResult:
-    eraser: Eraser
-    hyperparameters: dict
-    iterations_run: int
-    seconds: float
-    losses: list = field(default_factory=list)  # (iteration, loss, erase, anchor)
-
-
-class LatentAnchoringTrainer:
+class LatentAnchoringTrainer(CheckpointedTrainer):
     """Latent Anchoring on a diffusers UNet + CLIP text encoder (+ tokenizer). Float32, any device.
 
     ``train()`` runs to ``config.iterations`` (resuming from ``checkpoint_dir/state.pt`` when asked),
@@ -436,28 +427,13 @@ class LatentAnchoringTrainer:
         }
 
     def load_state(self, state: dict):
-        mine = json.dumps(self.config.trajectory_key(), sort_keys=True)
-        if state["config"] != mine:
-            theirs = json.loads(state["config"])
-            diff = sorted(k for k in set(theirs) | set(json.loads(mine)) if theirs.get(k) != json.loads(mine).get(k))
-            raise ValueError(f"the checkpoint was trained with other settings ({', '.join(diff)}); cannot resume")
+        check_same_settings(state["config"], self.config)
         self.membranes.load_state_dict(state["membranes"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.generator.set_state(state["generator"])
         self.iteration = int(state["iteration"])
         self.losses = [tuple(r) for r in state["losses"].tolist()]
-
-    def save_state(self, path: str):
-        tmp = path + ".tmp"
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)
-
-    def resume(self, path: str) -> bool:
-        if not os.path.exists(path):
-            return False
-        self.load_state(torch.load(path, map_location="cpu", weights_only=True))
-        return True
 
     # ---------------------------------------------------------------- output
     def hyperparameters(self) -> dict:
@@ -479,51 +455,13 @@ class LatentAnchoringTrainer:
 
         return save_eraser(self.eraser(name), path, hyperparameters=self.hyperparameters())
 
-    # ---------------------------------------------------------------- loop
-    def train(self, out: str, checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True,
-              log: Callable[[str], None] | None = None, name: str | None = None,
-              stop_after: int | None = None, deadline: float | None = None) -> TrainResult:
-        """Train to ``config.iterations`` and write the membrane to ``out``. ``stop_after`` ends the run
-        early after that many iterations of this call (the state is saved; for tests and time budgets).
-        ``deadline`` (a ``time.time()`` value) also ends it early, but then still writes ``out`` with the
-        iterations actually run recorded in its metadata (``iterations_run``; ``--resume`` continues)."""
-        from tqdm.auto import tqdm
+    # ---------------------------------------------------------------- loop (CheckpointedTrainer.train)
+    @property
+    def progress_desc(self) -> str:
+        return f"spm {self.config.concept!r}"
 
-        cfg = self.config
-        stem = os.path.splitext(os.path.basename(out))[0]
-        checkpoint_dir = checkpoint_dir or (os.path.splitext(out)[0] + ".checkpoints")
-        state_path = os.path.join(checkpoint_dir, "state.pt")
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        if resume and self.resume(state_path) and log:
-            log(f"resumed from {state_path} at iteration {self.iteration}")
-        t0 = time.perf_counter()
-        done_here = 0
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress, desc=f"spm {cfg.concept!r}",
-                   dynamic_ncols=True)
-        try:
-            while self.iteration < cfg.iterations:
-                if stop_after is not None and done_here >= stop_after:
-                    break
-                if deadline is not None and time.time() > deadline:
-                    if log:
-                        log(f"deadline reached at iteration {self.iteration} of {cfg.iterations}")
-                    break
-                rec = self.step()
-                done_here += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4g}", erase=f"{rec['erase']:.4g}", la=f"{rec['anchor']:.3g}")
-                if cfg.save_every and self.iteration % cfg.save_every == 0 and self.iteration < cfg.iterations:
-                    self.save(os.path.join(checkpoint_dir, f"{stem}_{self.iteration}steps.safetensors"), name)
-                    self.save_state(state_path)
-                    if log:
-                        log(f"checkpoint at iteration {self.iteration} in {checkpoint_dir}")
-        finally:
-            bar.close()
-        self.save_state(state_path)
-        seconds = time.perf_counter() - t0
-        if self.iteration >= cfg.iterations or (deadline is not None and time.time() > deadline):
-            self.save(out, name)
-        return TrainResult(self.eraser(name), self.hyperparameters(), self.iteration, seconds, list(self.losses))
+    def postfix(self, rec: dict) -> dict:
+        return {"loss": f"{rec['loss']:.4g}", "erase": f"{rec['erase']:.4g}", "la": f"{rec['anchor']:.3g}"}
 
 
 def load_diffusers_parts(model: str, device="cpu"):

@@ -1,0 +1,106 @@
+"""The resumable training loop shared by the trainers (SPM Latent Anchoring, the All-but-One adapter).
+
+A trainer subclasses :class:`CheckpointedTrainer` and provides ``config`` (with ``iterations``,
+``save_every``, ``trajectory_key()``), ``iteration``, ``losses``, ``step() -> dict``, ``state() -> dict``,
+``load_state(state)``, ``eraser(name)``, ``hyperparameters()`` and ``save(path, name)``; it gets
+checkpoints (``<stem>_<i>steps.safetensors`` + the resumable ``state.pt``), exact resume, a progress bar,
+a stop after N iterations of this call and a wall-clock deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .eraser import Eraser
+
+
+@dataclass
+class TrainResult:
+    eraser: Eraser
+    hyperparameters: dict
+    iterations_run: int
+    seconds: float
+    losses: list = field(default_factory=list)  # (iteration, loss, term 1, term 2)
+
+
+def check_same_settings(saved_config_json: str, config) -> None:
+    """Refuse to resume a checkpoint trained with other settings, naming them."""
+    mine = json.loads(json.dumps(config.trajectory_key(), sort_keys=True))
+    theirs = json.loads(saved_config_json)
+    if theirs != mine:
+        diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+        raise ValueError(f"the checkpoint was trained with other settings ({', '.join(diff)}); cannot resume")
+
+
+class CheckpointedTrainer:
+    progress_desc = "train"
+
+    def postfix(self, rec: dict) -> dict:
+        """What the progress bar shows after a step (override)."""
+        return {"loss": f"{rec['loss']:.4g}"}
+
+    def before_loop(self, log: Callable[[str], None] | None) -> None:
+        """Work done once before the first step of a call (e.g. building a data pool)."""
+
+    def save_state(self, path: str):
+        tmp = path + ".tmp"
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a broken state.pt
+
+    def resume(self, path: str) -> bool:
+        if not os.path.exists(path):
+            return False
+        self.load_state(torch.load(path, map_location="cpu", weights_only=True))
+        return True
+
+    def train(self, out: str, checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True,
+              log: Callable[[str], None] | None = None, name: str | None = None,
+              stop_after: int | None = None, deadline: float | None = None) -> TrainResult:
+        """Train to ``config.iterations`` and write the eraser to ``out``. ``stop_after`` ends this call
+        after that many iterations (the state is saved; for tests and time budgets). ``deadline`` (a
+        ``time.time()`` value) also ends it early, but then still writes ``out`` with the iterations
+        actually run recorded in its metadata (``iterations_run``; a resume continues)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        stem = os.path.splitext(os.path.basename(out))[0]
+        checkpoint_dir = checkpoint_dir or (os.path.splitext(out)[0] + ".checkpoints")
+        state_path = os.path.join(checkpoint_dir, "state.pt")
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        if resume and self.resume(state_path) and log:
+            log(f"resumed from {state_path} at iteration {self.iteration}")
+        t0 = time.perf_counter()
+        self.before_loop(log)
+        done_here = 0
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress, desc=self.progress_desc,
+                   dynamic_ncols=True)
+        try:
+            while self.iteration < cfg.iterations:
+                if stop_after is not None and done_here >= stop_after:
+                    break
+                if deadline is not None and time.time() > deadline:
+                    if log:
+                        log(f"deadline reached at iteration {self.iteration} of {cfg.iterations}")
+                    break
+                rec = self.step()
+                done_here += 1
+                bar.update(1)
+                bar.set_postfix(**self.postfix(rec))
+                if cfg.save_every and self.iteration % cfg.save_every == 0 and self.iteration < cfg.iterations:
+                    self.save(os.path.join(checkpoint_dir, f"{stem}_{self.iteration}steps.safetensors"), name)
+                    self.save_state(state_path)
+                    if log:
+                        log(f"checkpoint at iteration {self.iteration} in {checkpoint_dir}")
+        finally:
+            bar.close()
+        self.save_state(state_path)
+        seconds = time.perf_counter() - t0
+        if self.iteration >= cfg.iterations or (deadline is not None and time.time() > deadline):
+            self.save(out, name)
+        return TrainResult(self.eraser(name), self.hyperparameters(), self.iteration, seconds, list(self.losses))
