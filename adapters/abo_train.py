@@ -258,16 +258,6 @@ class ABOTrainer(CheckpointedTrainer):
         self.adapter.detach()
 
     # ---------------------------------------------------------------- pieces
-    def base_fingerprint(self) -> str:
-        from .uce_rece import weights_fingerprint
-
-        return weights_fingerprint(self.unet.state_dict())
-
-    def text_fingerprint(self) -> str:
-        from .uce_rece import weights_fingerprint
-
-        return weights_fingerprint(self.text_encoder.state_dict())
-
     def predict(self, latents: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.unet(latents, t.to(self.device), encoder_hidden_states=context).sample
 
@@ -406,11 +396,6 @@ class ABOTrainer(CheckpointedTrainer):
                       concepts=[cfg.concept], method="abo", modules=self.adapter.module_deltas(),
                       settings=self.settings(), base_family=fam if fam != "custom" else None,
                       base_fingerprint=self.base_fingerprint(), text_fingerprint=self.text_fingerprint())
-
-    def save(self, path: str, name: str | None = None) -> str:
-        from .files import save_eraser
-
-        return save_eraser(self.eraser(name), path, hyperparameters=self.hyperparameters())
 
     # ---------------------------------------------------------------- loop (CheckpointedTrainer.train)
     @property

@@ -349,16 +349,6 @@ class LatentAnchoringTrainer(CheckpointedTrainer):
         self.losses: list = []
 
     # ---------------------------------------------------------------- pieces
-    def base_fingerprint(self) -> str:
-        from .uce_rece import weights_fingerprint
-
-        return weights_fingerprint(self.unet.state_dict())
-
-    def text_fingerprint(self) -> str:
-        from .uce_rece import weights_fingerprint
-
-        return weights_fingerprint(self.text_encoder.state_dict())
-
     def predict(self, latents: torch.Tensor, context: torch.Tensor, t) -> torch.Tensor:
         t = torch.as_tensor(t, device=self.device).reshape(-1).expand(latents.shape[0])
         return self.unet(latents, t, encoder_hidden_states=context).sample
@@ -449,11 +439,6 @@ class LatentAnchoringTrainer(CheckpointedTrainer):
         settings = {"surrogate": cfg.surrogate, "anchor_mode": cfg.anchor_mode, "trainer": "latent_anchoring"}
         return self.membranes.to_eraser(cfg.concept, name=name, settings=settings, base_family=self.layout.family,
                                         base_fingerprint=self.base_fingerprint(), text_fingerprint=self.text_fingerprint())
-
-    def save(self, path: str, name: str | None = None) -> str:
-        from .files import save_eraser
-
-        return save_eraser(self.eraser(name), path, hyperparameters=self.hyperparameters())
 
     # ---------------------------------------------------------------- loop (CheckpointedTrainer.train)
     @property

@@ -48,6 +48,22 @@ class CheckpointedTrainer:
     def before_loop(self, log: Callable[[str], None] | None) -> None:
         """Work done once before the first step of a call (e.g. building a data pool)."""
 
+    # fingerprints of the frozen base (self.unet / self.text_encoder), written into the file
+    def base_fingerprint(self) -> str:
+        from .uce_rece import weights_fingerprint
+
+        return weights_fingerprint(self.unet.state_dict())
+
+    def text_fingerprint(self) -> str:
+        from .uce_rece import weights_fingerprint
+
+        return weights_fingerprint(self.text_encoder.state_dict())
+
+    def save(self, path: str, name: str | None = None) -> str:
+        from .files import save_eraser
+
+        return save_eraser(self.eraser(name), path, hyperparameters=self.hyperparameters())
+
     def save_state(self, path: str):
         tmp = path + ".tmp"
         torch.save(self.state(), tmp)

@@ -289,3 +289,34 @@ def test_quick_evaluation_on_the_toy_model_is_sane(toy):
     assert r["gates"] == {} and r["stack"] is None
     bars = Q.base_bars(r)
     assert set(bars) == {"object", "style", "colour", "watermark_rate"} and all("met" in b for b in bars.values())
+
+
+@pytest.mark.slow
+def test_quick_tier_runs_end_to_end(tmp_path, monkeypatch):
+    """The quick tier exactly as `python -m conceptgate bench quality` runs it (CI runs this test): base
+    model plus the UCE/RECE erasers computed on the fly, judges, bars, JSON and the BENCHMARKS.md section
+    (redirected to a temporary file). Asserts only what must hold whatever the sampling noise: the judges'
+    accuracy on renders, that the UCE edit erases its target more often than the base model does, and that
+    every number is present."""
+    import json
+
+    from conceptgate.cli import main
+
+    md, js = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    monkeypatch.setenv("CONCEPTGATE_BENCHMARKS", str(md))
+    assert main(["bench", "quality", "--json", str(js)]) == 0
+    data = json.loads(js.read_text())["quality"]
+    assert all(v >= 0.98 for v in data["judges"]["accuracy_heldout_renders"].values())
+    assert set(data["bars"]) == {"object", "style", "colour", "watermark_rate"}
+    names = [c["name"] for c in data["configs"]]
+    assert names[0] == "base" and len(names) >= 3
+
+    def ua(config_name, target="triangle"):
+        cfg = next(c for c in data["configs"] if c["name"] == config_name)["result"]
+        t = next(t for t in cfg["targets"] if t["keyword"] == target)
+        return t["sets"]["keyword"]["ua"]["value"]
+
+    uce = next(n for n in names if "uce" in n)
+    assert ua(uce) > ua("base")
+    text = md.read_text()
+    assert "<!-- bench:quality:start -->" in text and "Quality on the toy world (quick tier)" in text
