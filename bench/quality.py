@@ -861,6 +861,27 @@ def _strip_images(d):
     return d
 
 
+def _manifest_note() -> str:
+    """What the committed weights' own evaluation says (toyworld/weights/MANIFEST.json), for the bars note."""
+    import json
+
+    from ..toyworld import WEIGHTS_DIR
+
+    try:
+        with open(os.path.join(WEIGHTS_DIR, "MANIFEST.json")) as f:
+            m = json.load(f)
+        acc = m["evaluation"]["generation"]["judged_accuracy"]
+        steps, run = [], m
+        while run:
+            steps.append(run.get("stage_stats", {}).get("unet", {}).get("steps_run"))
+            run = run.get("continued_from")
+    except (OSError, KeyError, ValueError):
+        return "toyworld/weights/MANIFEST.json has no evaluation to compare with."
+    return (f"The committed weights' own evaluation (toyworld/weights/MANIFEST.json, all 258 captions x 2 seeds, UNet "
+            f"steps per training run {' + '.join(str(s) for s in reversed(steps))}): object {100 * acc['object']:.1f}%, "
+            f"style {100 * acc['style']:.1f}%, colour {100 * acc['colour']:.1f}%.")
+
+
 def _notes(result: dict) -> list[str]:
     bars, notes = result.get("bars") or {}, []
     missed = [k for k, v in bars.items() if not v["met"]]
@@ -868,8 +889,7 @@ def _notes(result: dict) -> list[str]:
         notes.append("Base-model bars missed: " + ", ".join(
             f"{k.replace('_', ' ')} {100 * bars[k]['value']:.1f}% (95% interval {100 * bars[k]['lo']:.0f}-"
             f"{100 * bars[k]['hi']:.0f}%) < {100 * bars[k]['bar']:.0f}%" for k in missed)
-            + ". The committed model's UNet training was cut by its deadline (toyworld/weights/MANIFEST.json: "
-            "1697 + 3069 steps); colour is its weakest attribute there too (83% in the manifest's own evaluation).")
+            + ". " + _manifest_note())
     else:
         notes.append("All base-model bars met on this tier's prompts.")
     j = result.get("judges") or {}
