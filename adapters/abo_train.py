@@ -219,20 +219,10 @@ class ABOTrainer(CheckpointedTrainer):
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler_config: dict, config: ABOConfig,
                  device: str | torch.device = "cpu", clip_skip: int | None = None):
-        from diffusers import DDIMScheduler
         from diffusers.optimization import get_cosine_schedule_with_warmup
 
-        from .diffusers_host import DiffusersTextEncoder
-
         self.config = config
-        self.device = torch.device(device)
-        self.unet = unet.to(self.device, torch.float32).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(self.device, torch.float32).eval().requires_grad_(False)
-        self.encoder = DiffusersTextEncoder(tokenizer, self.text_encoder, clip_skip)
-        self.clip_skip = clip_skip
-        sched_cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
-        self.sampler = DDIMScheduler.from_config(sched_cfg)
-        self.num_train_timesteps = int(self.sampler.config.num_train_timesteps)
+        self.setup_frozen_models(unet, text_encoder, tokenizer, scheduler_config, device, clip_skip)
         self.layout = layout_from_diffusers_config(unet.config)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.adapter = Membranes(self.unet, module_names(self.unet, config.modules), config.rank,

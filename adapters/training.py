@@ -41,6 +41,22 @@ def check_same_settings(saved_config_json: str, config) -> None:
 class CheckpointedTrainer:
     progress_desc = "train"
 
+    def setup_frozen_models(self, unet, text_encoder, tokenizer, scheduler_config: dict, device, clip_skip):
+        """The frozen float32 base both trainers start from: UNet, text encoder (+ the host-style encoder that
+        encodes prompts as the sampler does) and a DDIM sampler built from the model's scheduler config."""
+        from diffusers import DDIMScheduler
+
+        from .diffusers_host import DiffusersTextEncoder
+
+        self.device = torch.device(device)
+        self.unet = unet.to(self.device, torch.float32).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(self.device, torch.float32).eval().requires_grad_(False)
+        self.encoder = DiffusersTextEncoder(tokenizer, self.text_encoder, clip_skip)
+        self.clip_skip = clip_skip
+        sched_cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+        self.sampler = DDIMScheduler.from_config(sched_cfg)
+        self.num_train_timesteps = int(self.sampler.config.num_train_timesteps)
+
     def postfix(self, rec: dict) -> dict:
         """What the progress bar shows after a step (override)."""
         return {"loss": f"{rec['loss']:.4g}"}
