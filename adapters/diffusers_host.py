@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .apply import RowGatedDeltas
+from .hooks import RowGatedDeltas
 from .errors import IncompatibleModelError
 from .gate import EncodedText, GateReport, special_token_filter
 from .naming import layout_from_diffusers_config

@@ -14,3 +14,8 @@ class EraserFileError(ValueError):
 
 class IncompatibleModelError(EraserFileError):
     """The file is fine, but it was made for another base model (family, shapes, text encoder)."""
+
+
+class UnsupportedEraser(NotImplementedError):
+    """No host path applies this eraser here (an unregistered method, or a combination the path cannot
+    follow). Raised instead of generating without it."""

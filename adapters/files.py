@@ -33,6 +33,7 @@ from .errors import EraserFileError
 from .eraser import KINDS, Eraser
 from .lowrank import ModuleDelta
 from .naming import KOHYA_UNET_PREFIX, from_kohya, guess_family, to_kohya
+from .registry import check_eraser
 
 FORMAT_VERSION = "1"
 META = "conceptgate."
@@ -239,10 +240,7 @@ def load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] |
     )
     if eraser.base_family == "custom":
         eraser.base_family = None
-    if kind == "guidance" and method == "abo":
-        from .abo import check_abo_eraser
-
-        check_abo_eraser(eraser, path)
+    check_eraser(eraser, path)  # the mechanism's own checks (registry)
     return eraser
 
 

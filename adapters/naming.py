@@ -105,8 +105,6 @@ class UNetLayout:
         """Canonical (diffusers) module path -> LDM module path, for every module in the SPM set."""
         return {m.name: m.ldm_name for m in self.modules("spm")}
 
-    def from_ldm(self) -> dict[str, str]:
-        return {m.ldm_name: m.name for m in self.modules("spm")}
 
 
 def _iter_transformers(cfg: dict):

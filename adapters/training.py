@@ -1,8 +1,9 @@
 """The resumable training loop shared by the trainers (SPM Latent Anchoring, the All-but-One adapter).
 
 A trainer subclasses :class:`CheckpointedTrainer` and provides ``config`` (with ``iterations``,
-``save_every``, ``trajectory_key()``), ``iteration``, ``losses``, ``step() -> dict``, ``state() -> dict``,
-``load_state(state)``, ``eraser(name)``, ``hyperparameters()`` and ``save(path, name)``; it gets
+``save_every``, ``trajectory_key()``), ``iteration``, ``losses``, ``optimizer``, ``lr_schedule``,
+``generator``, ``step() -> dict``, ``trained_module()`` (what is trained, saved under ``trained_key``),
+optionally ``extra_state()`` / ``load_extra_state(state)``, ``eraser(name)`` and ``hyperparameters()``; it gets
 checkpoints (``<stem>_<i>steps.safetensors`` + the resumable ``state.pt``), exact resume, a progress bar,
 a stop after N iterations of this call and a wall-clock deadline.
 """
@@ -18,6 +19,8 @@ from typing import Callable
 import torch
 
 from .eraser import Eraser
+from .files import save_eraser
+from .fingerprint import weights_fingerprint
 
 
 @dataclass
@@ -66,18 +69,46 @@ class CheckpointedTrainer:
 
     # fingerprints of the frozen base (self.unet / self.text_encoder), written into the file
     def base_fingerprint(self) -> str:
-        from .uce_rece import weights_fingerprint
-
         return weights_fingerprint(self.unet.state_dict())
 
     def text_fingerprint(self) -> str:
-        from .uce_rece import weights_fingerprint
-
         return weights_fingerprint(self.text_encoder.state_dict())
 
-    def save(self, path: str, name: str | None = None) -> str:
-        from .files import save_eraser
+    # resumable state: everything the next iteration depends on
+    trained_key = "weights"
 
+    def trained_module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            self.trained_key: {k: v.detach().cpu() for k, v in self.trained_module().state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "generator": self.generator.get_state(),
+            "config": json.dumps(self.config.trajectory_key(), sort_keys=True),
+            "losses": torch.tensor(self.losses, dtype=torch.float64) if self.losses else torch.zeros(0, 4),
+            **self.extra_state(),
+        }
+
+    def load_state(self, state: dict):
+        check_same_settings(state["config"], self.config)
+        self.trained_module().load_state_dict(state[self.trained_key])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.generator.set_state(state["generator"])
+        self.iteration = int(state["iteration"])
+        self.losses = [tuple(r) for r in state["losses"].tolist()]
+        self.load_extra_state(state)
+
+    def save(self, path: str, name: str | None = None) -> str:
         return save_eraser(self.eraser(name), path, hyperparameters=self.hyperparameters())
 
     def save_state(self, path: str):

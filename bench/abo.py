@@ -1,7 +1,7 @@
 """``python -m conceptgate bench abo``: All-but-One **sampling-time guidance** on the toy world (issue 7).
 
 Erases the object "triangle" toward "square" and toward nothing (``""``) with
-:class:`~conceptgate.adapters.abo_diffusers.AboGuidedPipeline` (through the quality bench's
+:class:`~conceptgate.adapters.abo.pipeline.AboGuidedPipeline` (through the quality bench's
 ``abo`` guidance handler) and measures, on the quick tier of :mod:`.quality` (the same prompts and
 seeds for every configuration, DDIM 25 steps, CFG 5):
 
@@ -39,7 +39,7 @@ CAL = dict(threshold=0.91, temperature=0.0)
 
 
 def _configs(which):
-    from ..adapters.abo import abo_eraser
+    from ..adapters.abo.guidance import abo_eraser
     from ..adapters.gate import GateSettings
     from ..adapters.stack import EraserStack
 
@@ -106,7 +106,7 @@ def fire_and_quiet_prompts(n: int) -> tuple[list[str], list[str]]:
 
 def bench_speed(pipe, repeats: int = 5, prompts_n: int = 8, steps: int = 25, cfg: float = 5.0) -> dict:
     """Ratios over plain CFG in one run, repetitions interleaved (order rotated every repetition)."""
-    from ..adapters.abo_diffusers import AboGuidedPipeline
+    from ..adapters.abo.pipeline import AboGuidedPipeline
 
     fire, quiet = fire_and_quiet_prompts(prompts_n)
     cfgs = dict(_configs(["abo->square", "abo->nothing"]))
@@ -271,7 +271,7 @@ def _rerender(path: str) -> int:
 def run_sweep(args) -> int:
     """Strength sweep on the target prompts only (keyword and held-out sets): does a stronger term
     raise the replacement accuracy, and what does it cost in garbage and layout?"""
-    from ..adapters.abo import abo_eraser
+    from ..adapters.abo.guidance import abo_eraser
     from ..adapters.gate import GateSettings
     from ..adapters.stack import EraserStack
     from ..toyworld import load_judges, load_pipeline
@@ -340,7 +340,7 @@ def render(result: dict) -> str:
     lines = [
         "Erase **triangle** toward **square** and toward nothing with the sampling-time rule "
         "`eps_hat = eps(x,e_n) + w[eps(x,e_p) - eps(x,e_n)] - w*gamma(p)*[eps(x,e_erase) - eps(x,e_alt)]` "
-        "(a reconstruction from the paper's abstract; `adapters/abo.py`). Quick tier of the quality bench: DDIM "
+        "(a reconstruction from the paper's abstract; `adapters/abo/guidance.py`). Quick tier of the quality bench: DDIM "
         f"{cfg['steps']} steps, CFG {cfg['cfg']}, {cfg['seeds']} seeds per prompt (identical for every row), prompts "
         f"per set {result['configs'][0]['result']['settings']['prompts_per_set']}. Gate: non-official threshold "
         f"{CAL['threshold']} on Facilitated Transport (the official rule fires on every toy prompt, last row). "

@@ -317,19 +317,3 @@ def format_table(metrics: dict) -> str:
                      + "; unrelated rows judged as prompted: "
                      + ("–" if s["unrelated_kept"] is None else f"{100 * s['unrelated_kept']:.0f}%"))
     return "\n".join(lines)
-
-
-def cmd_demo(args) -> int:
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    run_demo(out_dir=args.out, steps=args.steps, seed=args.seed)
-    return 0
-
-
-def add_cli(subparsers):
-    p = subparsers.add_parser("demo", help="erase an object (UCE) and a style (RECE) on the toy model; grid + metrics "
-                                           "into ./conceptgate-demo/")
-    p.add_argument("--out", default=OUT_DIR, help="output folder (default: ./conceptgate-demo)")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25, the toy model's default)")
-    p.add_argument("--seed", type=int, default=1000)
-    p.set_defaults(func=cmd_demo)
-    return p

@@ -32,7 +32,7 @@ def _apply(unet, deltas):
 def bench_rece_attack(concept: str = "triangle", epochs: int = 3, seeds: int = 8, steps: int = 25, cfg: float = 5.0,
                       write: bool = True, json_path=None):
     from .. import toyworld
-    from ..adapters.uce_rece import DiffusersEditHost, compute_edit
+    from ..adapters.rece import DiffusersEditHost, compute_edit
     from ..toyworld import judges as J
     from ..toyworld import render as R
 

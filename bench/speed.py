@@ -151,7 +151,7 @@ def _unet_call_overhead(model, stack, latent: int, repeats: int = 6) -> dict:
     """Median time of direct UNet calls with and without the per-row hooks (interleaved)."""
     import comfy.model_management
 
-    from ..adapters.apply import RowGatedDeltas
+    from ..adapters.hooks import RowGatedDeltas
     from ..nodes.comfy_glue import module_names
 
     comfy.model_management.unload_all_models()

@@ -2,12 +2,13 @@
 reconstruction error vs RECE's published full-UNet checkpoints, and the interference of stacked
 separately computed edits vs one joint solve.
 
-Speed uses :func:`conceptgate.adapters.closed_form.benchmark_speed` (random, realistically scaled
+Speed uses :func:`benchmark_speed` (random, realistically scaled
 weights of the full architectures; CPU). Run it on a quiet machine: the load average is recorded.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -20,7 +21,7 @@ COMMAND = 'python -c "from conceptgate.bench.speed_uce import bench_uce_rece; be
 TARGETS = {"uce": 1.0, "uce_plus_rece": 3.0}  # issue 5: UCE < 1 s, RECE (3 epochs) < 3 s, SD1.5 shapes, CPU
 
 
-from ..adapters.uce_rece import EditHost  # noqa: E402  (no host import: plain torch)
+from ..adapters.rece import EditHost  # noqa: E402  (no host import: plain torch)
 
 
 class _RandomSD15Host(EditHost):
@@ -33,7 +34,7 @@ class _RandomSD15Host(EditHost):
     def __init__(self, seed: int = 0):
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-        from ..adapters import closed_form as cf
+        from ..adapters.rece import closed_form as cf
         from ..toyworld import HERE
 
         self.weights = cf.random_cross_attention_weights("sd15", seed=seed)
@@ -56,16 +57,17 @@ class _RandomSD15Host(EditHost):
         return "random-clip-l"
 
     def unet_fingerprint(self, weights=None):
-        from ..adapters.uce_rece import weights_fingerprint
+        from ..adapters.fingerprint import weights_fingerprint
 
         return weights_fingerprint(self.weights)
 
 
 def _interference_host():
-    from ..adapters.uce_rece import DiffusersEditHost, resolve_model_path
+    from ..adapters.rece import DiffusersEditHost
+    from ..toyworld import WEIGHTS_DIR
 
     try:
-        return (DiffusersEditHost.from_folder(resolve_model_path("toy")), ("star", "striped style"),
+        return (DiffusersEditHost.from_folder(WEIGHTS_DIR), ("star", "striped style"),
                 ("a red star in flat style", "a blue circle in striped style", "a green heart in checkered style"),
                 "toy model")
     except FileNotFoundError:
@@ -76,8 +78,8 @@ def _interference_host():
 
 def _file_sizes(epochs: int, seed: int = 0) -> dict:
     """UCE and RECE edits of random SD1.5-shaped weights exported as eraser files (fp32, fp16)."""
-    from ..adapters import closed_form as cf
-    from ..adapters.uce_rece import EditOutcome, EditSpec, edit_to_eraser, save_edit
+    from ..adapters.rece import closed_form as cf
+    from ..adapters.rece import EditOutcome, EditSpec, edit_to_eraser, save_edit
 
     weights = cf.random_cross_attention_weights("sd15", seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -103,12 +105,11 @@ def _file_sizes(epochs: int, seed: int = 0) -> dict:
 def bench_uce_rece(write: bool = True, json_path=None, archs=("sd15", "sdxl"), repeats: int = 3,
                    n_preserve_prompts: int = 10, epochs: int = 3, num_threads: int | None = None,
                    sizes: bool = True, interference: bool = True):
-    from ..adapters import closed_form as cf
-    from ..adapters.uce_rece import PUBLISHED_FULL_UNET_BYTES, compute_edit, gated_stack_effect, stacked_interference
+    from ..adapters.rece import PUBLISHED_FULL_UNET_BYTES, compute_edit, gated_stack_effect, stacked_interference
 
     load_before = os.getloadavg()[0]
-    speed = {arch: cf.benchmark_speed(arch, n_preserve_prompts=n_preserve_prompts, epochs=epochs, repeats=repeats,
-                                      num_threads=num_threads) for arch in archs}
+    speed = {arch: benchmark_speed(arch, n_preserve_prompts=n_preserve_prompts, epochs=epochs, repeats=repeats,
+                                   num_threads=num_threads) for arch in archs}
     speed_rows = []
     for arch, r in speed.items():
         row = {"arch": arch, "n": r["n_matrices"], "ctx": r["ctx_dim"], "uce": f"{r['uce']:.3f}",
@@ -175,3 +176,64 @@ def bench_uce_rece(write: bool = True, json_path=None, archs=("sd15", "sdxl"), r
         write_section("speed-uce-rece", "UCE / RECE: speed, file size, stacking (issue 5)", body, COMMAND,
                       data=data, json_path=json_path)
     return data, body
+
+
+def benchmark_speed(arch: str = "sd15", *, n_preserve_prompts: int = 10, epochs: int = 3,
+                    tokens: int = 77, seed: int = 0, repeats: int = 1,
+                    num_threads: int | None = None) -> dict:
+    """Time one-concept UCE and RECE (``epochs``) on random weights shaped like ``arch``.
+
+    Setting: old-UCE convention (1 erase prompt -> ``tokens - 1`` aligned vectors
+    onto the ``' '`` guide), ``n_preserve_prompts`` preserve prompts x ``tokens``
+    rows (old convention uses every token; a_p by :func:`~conceptgate.adapters.rece.closed_form.default_preserve_scale`);
+    RECE from that UCE start with ``lam_reg`` 0.1, all ``tokens`` concept rows per
+    epoch and a ``' '`` preserve prompt.  Text vectors are random rows with
+    CLIP-like per-dimension scale 1.  Returns seconds (best of ``repeats``):
+    ``uce`` (vectors -> deltas, including the preserve Gram), ``rece`` (the
+    epochs only, from the UCE start, cold Gram cache), ``rece_cached_gram`` (the same
+    again with ``sum W^T W`` memoised), ``uce_plus_rece`` and ``preserve_gram``.
+    ``loadavg_1min`` is recorded because other processes on the CPUs skew timings.
+    """
+    from ..adapters.rece import closed_form as cf
+
+    prev_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+    try:
+        weights = cf.random_cross_attention_weights(arch, seed=seed)
+        d = next(iter(weights.values())).shape[1]
+        gen = torch.Generator().manual_seed(int(seed) + 1)
+        concept = torch.randn(tokens, d, generator=gen)          # concept prompt, all tokens
+        blank = torch.randn(tokens, d, generator=gen)            # ' ' prompt, all tokens
+        preserve_rows = torch.randn(n_preserve_prompts * tokens, d, generator=gen)
+        erase, guide = concept[1:], blank[: tokens - 1]          # last word (k=1) .. end -> BOS ..
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # pragma: no cover - platform dependent
+            load = None
+        res = {"arch": arch, "n_matrices": len(weights), "ctx_dim": d, "loadavg_1min": load,
+               "n_erase_vectors": int(erase.shape[0]), "n_preserve_vectors": int(preserve_rows.shape[0]),
+               "epochs": epochs, "threads": torch.get_num_threads()}
+        best = {"uce": math.inf, "rece": math.inf, "rece_cached_gram": math.inf,
+                "preserve_gram": math.inf}
+        for _ in range(max(1, int(repeats))):
+            cf.clear_gram_cache()
+            t0 = time.perf_counter()
+            pg = cf.cf.cf.PreserveGram.from_vectors(preserve_rows, n_prompts=n_preserve_prompts)
+            t1 = time.perf_counter()
+            start = cf.uce_edit(weights, erase, guide, pg)
+            t2 = time.perf_counter()
+            cf.rece_edit(weights, concept, blank, blank, start=start, epochs=epochs, lam_reg=0.1)
+            t3 = time.perf_counter()
+            cf.rece_edit(weights, concept, blank, blank, start=start, epochs=epochs, lam_reg=0.1)
+            t4 = time.perf_counter()
+            best["preserve_gram"] = min(best["preserve_gram"], t1 - t0)
+            best["uce"] = min(best["uce"], t2 - t0)
+            best["rece"] = min(best["rece"], t3 - t2)
+            best["rece_cached_gram"] = min(best["rece_cached_gram"], t4 - t3)
+        cf.clear_gram_cache()
+        res.update(best)
+        res["uce_plus_rece"] = best["uce"] + best["rece"]
+        return res
+    finally:
+        torch.set_num_threads(prev_threads)

@@ -1,7 +1,7 @@
 """Weight erasers in AUTOMATIC1111: per-row forward hooks with gates from the CFG batch layout.
 
 Nothing writes ``.weight`` (the built-in Lora extension backs weights up and merges into them; an
-in-place edit would be captured in its backup). :class:`~conceptgate.adapters.apply.RowGatedDeltas`
+in-place edit would be captured in its backup). :class:`~conceptgate.adapters.hooks.RowGatedDeltas`
 adds ``sum_i c[row, i] * U_i(D_i(x))`` to each target module's output.
 
 Row bookkeeping. ``CFGDenoiser.forward`` (``modules/sd_samplers_cfg_denoiser.py``) builds, per step::
@@ -30,7 +30,7 @@ import logging
 
 import torch
 
-from ..adapters.apply import RowGatedDeltas
+from ..adapters.hooks import RowGatedDeltas
 from ..adapters.gate import EncodedText, GateReport, to_window
 from ..adapters.stack import BankCache, EraserStack
 from . import ldm

@@ -26,7 +26,7 @@ import importlib
 
 import torch
 
-from ..adapters.apply import combined_deltas
+from ..adapters.hooks import combined_deltas
 from ..adapters.files import kohya_tensors
 
 from ..adapters.errors import IncompatibleModelError

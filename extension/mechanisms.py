@@ -64,7 +64,7 @@ class WeightMechanism(Mechanism):
 
 class ConditioningMechanism(Mechanism):
     kind = "conditioning"
-    # the core (adapters/geom.py), diffusers and ComfyUI implement it; the webui glue does not append the tokens yet
+    # the core (adapters/geom/), diffusers and ComfyUI implement it; the webui glue does not append the tokens yet
     reason = ("Geom-Erasing tokens: not implemented in the webui glue yet (the core, diffusers and ComfyUI have "
               "them); export them as an embedding "
               "(python -m conceptgate train geom --export DIR), put the file in embeddings/ and its name in the "
@@ -73,7 +73,7 @@ class ConditioningMechanism(Mechanism):
 
 class GuidanceMechanism(Mechanism):
     kind = "guidance"
-    # the core (adapters/abo.py) and the diffusers / ComfyUI glue implement it; the webui glue does not yet
+    # the core (adapters/abo/guidance.py) and the diffusers / ComfyUI glue implement it; the webui glue does not yet
     reason = ("All-but-One guidance erasers work in diffusers and ComfyUI but not in the webui yet "
               "(use the All-but-One adapter, a weight eraser, here)")
 

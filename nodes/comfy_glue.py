@@ -21,7 +21,7 @@ import comfy.lora
 import comfy.patcher_extension
 import comfy.utils
 
-from ..adapters.apply import RowGatedDeltas, combined_deltas
+from ..adapters.hooks import RowGatedDeltas, combined_deltas
 from ..adapters.errors import IncompatibleModelError
 from ..adapters.files import kohya_tensors
 from ..adapters.gate import EncodedText, GateReport, special_token_filter, to_window

@@ -1,4 +1,4 @@
-"""All-but-One guidance in ComfyUI (sampling-time reconstruction, see ``adapters/abo.py``).
+"""All-but-One guidance in ComfyUI (sampling-time reconstruction, see ``adapters/abo/guidance.py``).
 
 Two ways to run it, same rule, same gate:
 
@@ -37,7 +37,7 @@ import comfy.patcher_extension
 import comfy.samplers
 import folder_paths
 
-from ..adapters.abo import (
+from ..adapters.abo.guidance import (
     Term, abo_eraser, abo_entries, alternative_of, denoised_from_eps, eps_from_denoised, guidance_terms, save_abo,
 )
 from ..adapters.errors import EraserFileError

@@ -27,8 +27,8 @@ import folder_paths
 
 from ..adapters.gate import GateSettings, to_window
 from ..adapters.stack import EraserStack
-from ..adapters.uce_rece import (CONCEPT_TYPES, EditHost, EditSpec, _tensor_digest, compute_edit,
-                                 is_cross_attention_kv, save_edit)
+from ..adapters.fingerprint import _tensor_digest
+from ..adapters.rece import CONCEPT_TYPES, EditHost, EditSpec, compute_edit, is_cross_attention_kv, save_edit
 from . import comfy_glue
 from .nodes_conceptgate import ERASER, FOLDER
 

@@ -384,7 +384,7 @@ def test_same_gate_and_delta_as_the_comfyui_path(host, world):
         coeffs, report = comfy_glue.gates_for_conditioning(stack, world["clip"], cond)
         assert abs(ours - report.rows[0]["gate"]) < 1e-5, prompt
         # delta: hooks at coefficient m vs ComfyUI's patched weight at m
-        from conceptgate.adapters.apply import RowGatedDeltas
+        from conceptgate.adapters.hooks import RowGatedDeltas
         from conceptgate.extension import ldm
 
         m = float(coeffs[0])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conceptgate.adapters import EraserStack, GateSettings, load_eraser
-from conceptgate.adapters.abo_train import ABOConfig, ABOTrainer
+from conceptgate.adapters.abo.adapter import ABOConfig, ABOTrainer
 from comfy_sampling import close, encode, merged_model, sample
 from tiny_models import tiny_text_encoder, tiny_unet
 

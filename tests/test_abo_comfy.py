@@ -9,7 +9,7 @@ import torch
 
 from conceptgate import toyworld
 from conceptgate.adapters import EraserStack, GateSettings
-from conceptgate.adapters.abo import abo_eraser, abo_rule
+from conceptgate.adapters.abo.guidance import abo_eraser, abo_rule
 from conceptgate.adapters.errors import EraserFileError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""All-but-One at sampling time (adapters/abo.py, adapters/abo_diffusers.py) on the toy model in diffusers:
+"""All-but-One at sampling time (adapters/abo/guidance.py, adapters/abo/pipeline.py) on the toy model in diffusers:
 the formula, the identity with the fine-tuned optimum, gate 0 == plain CFG (bit for bit, no extra call),
 mixed batches, cfg == 1, files, and the quality-bench handler."""
 
@@ -9,10 +9,10 @@ import torch
 
 from conceptgate import toyworld
 from conceptgate.adapters import EraserStack, GateSettings, layout_from_diffusers_config
-from conceptgate.adapters.abo import (
+from conceptgate.adapters.abo.guidance import (
     AboPlan, Term, abo_eraser, abo_rule, check_abo_eraser, denoised_from_eps, eps_from_denoised, load_abo, save_abo,
 )
-from conceptgate.adapters.abo_diffusers import AboGuidedPipeline, register_bench
+from conceptgate.adapters.abo.pipeline import AboGuidedPipeline
 from conceptgate.adapters.diffusers_host import DiffusersTextEncoder, GatedPipeline
 from conceptgate.adapters.errors import EraserFileError
 from conceptgate.adapters.files import load_eraser, save_eraser
@@ -153,7 +153,7 @@ def test_file_round_trip_and_wrong_kind(tmp_path, pipe):
 def test_identity_with_the_finetuned_optimum(pipe, alternative, cfg):
     """p = erase, gamma = 1: ABO guidance == CFG sampling of the oracle model (eps_theta(x, c_e) = eps_0(x, c_a))."""
     with AboGuidedPipeline(pipe, EraserStack().with_eraser(abo_eraser("triangle", alternative))) as guided:
-        from conceptgate.adapters.abo import guidance_terms
+        from conceptgate.adapters.abo.guidance import guidance_terms
 
         ft = guidance_terms(guided.stack, guided.encoder(["triangle"]), guided.banks)
         assert ft[0][0].gamma == pytest.approx(1.0, abs=1e-5)   # the official FT gate at p = erase
@@ -240,7 +240,7 @@ def test_several_erasers_add_and_weights_follow_extra_rows(pipe):
             e = pipe.unet(x, t, encoder_hidden_states=enc).sample
         ref = abo_rule(e[:1], e[1:2], 5.0, [(1.0, e[2:3], e[3:4])])
     with AboGuidedPipeline(pipe, mixed) as g:
-        from conceptgate.adapters.abo import encode_texts, guidance_terms
+        from conceptgate.adapters.abo.guidance import encode_texts, guidance_terms
 
         terms = guidance_terms(mixed, g.encoder(prompts), g.banks)
         texts = encode_texts(g.encoder, terms)
@@ -252,7 +252,6 @@ def test_several_erasers_add_and_weights_follow_extra_rows(pipe):
 def test_quality_bench_handler_matches_pipeline(pipe):
     from conceptgate.bench.quality import generate_with_stack
 
-    register_bench()
     stack = EraserStack().with_eraser(abo_eraser("triangle", "square"), gate=CAL)
     prompts, seeds = ["a red triangle in striped style", "a blue circle"], [1000, 1001]
     images, gates = generate_with_stack(pipe, prompts, seeds, stack, steps=STEPS, cfg=5.0)

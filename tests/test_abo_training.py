@@ -1,4 +1,4 @@
-"""All-but-One adapter training (adapters/abo_train.py, reconstructed objective) on tiny random models: seconds."""
+"""All-but-One adapter training (adapters/abo/adapter.py, reconstructed objective) on tiny random models: seconds."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conceptgate.adapters import EraserStack, RowGatedDeltas
-from conceptgate.adapters.abo_train import (
+from conceptgate.adapters.abo.adapter import (
     GENERIC_TEMPLATES, MODULE_SETS, ABOConfig, ABOTrainer, abo_loss, module_names, prompt_pairs,
 )
 from conceptgate.adapters.files import load_eraser, read_safetensors

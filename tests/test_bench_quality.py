@@ -267,7 +267,7 @@ def test_cli_registration():
     a = p.parse_args(["bench", "quality", "--full", "--stack", "a.json", "--json", "x.json"])
     assert a.func is Q.run_quality and a.full and a.stack == ["a.json"] and a.json == "x.json"
     d = p.parse_args(["demo"])
-    from conceptgate.bench import demo
+    from conceptgate.cli import demo
 
     assert d.func is demo.cmd_demo and d.out == "conceptgate-demo"
 

@@ -1,4 +1,4 @@
-"""Tests for the UCE / RECE closed-form math (adapters/closed_form.py, issue 5)."""
+"""Tests for the UCE / RECE closed-form math (adapters/rece/closed_form.py, issue 5)."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from conceptgate.adapters import closed_form as cf
-from conceptgate.adapters.closed_form import (
+from conceptgate.adapters.rece import closed_form as cf
+from conceptgate.adapters.rece.closed_form import (
     EncodingCache, PreserveGram, VectorSet, aligned_tail_vectors, apply_deltas, default_preserve_scale,
     encode_texts, factor_delta, factor_edit, last_token_vectors, last_word_index, measure_interference,
     rece_adversarial_embedding, rece_defaults, rece_edit, stack_vector_sets, sum_deltas, uce_edit,
@@ -533,4 +533,6 @@ def test_standard_shapes_and_collection():
     assert sorted(got) == ["block.attn2.to_k", "block.attn2.to_v"]
     got_sd = cf.collect_cross_attention_weights(m.state_dict())
     assert sorted(got_sd) == sorted(got)
-    assert callable(cf.benchmark_speed)
+    from conceptgate.bench.speed_uce import benchmark_speed
+
+    assert callable(benchmark_speed)

@@ -10,7 +10,7 @@ import torch
 
 from conceptgate import toyworld
 from conceptgate.adapters import geom as G
-from conceptgate.adapters import geom_train as GT
+from conceptgate.adapters.geom import trainer as GT
 from conceptgate.adapters.errors import EraserFileError, IncompatibleModelError
 from conceptgate.adapters.files import load_eraser, save_eraser
 
@@ -225,7 +225,9 @@ def test_toy_detector_locates_rendered_watermarks():
     from conceptgate.toyworld import render as R
 
     imgs, lab = R.render_batch(60, 11, watermark_rate=0.5)
-    dets = G.ToyWatermarkDetector()(R.to_tensor(imgs))
+    from conceptgate.toyworld.detectors import ToyWatermarkDetector
+
+    dets = ToyWatermarkDetector()(R.to_tensor(imgs))
     found = np.array([bool(d) for d in dets])
     assert (found == lab["watermark"]).mean() > 0.95
     for d, b, w in zip(dets, lab["wm_box"], lab["watermark"]):

@@ -1,4 +1,4 @@
-"""SPM Latent Anchoring training (adapters/spm.py) on tiny random models: fast, seconds."""
+"""SPM Latent Anchoring training (adapters/spm/) on tiny random models: fast, seconds."""
 
 import json
 import os
@@ -278,7 +278,7 @@ def test_templates_resume_identically_and_deadline_still_writes(tokenizer, tmp_p
 
 
 def test_toy_concept_templates():
-    from conceptgate.adapters.cli_train import _templates
+    from conceptgate.cli.train import _templates
     from conceptgate.toyworld.captions import concept_templates
 
     obj = concept_templates("triangle", n=20)

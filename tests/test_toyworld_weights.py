@@ -70,8 +70,10 @@ def test_load_and_generate_roundtrip(exported):
 def test_cli_registration():
     import argparse
 
+    from conceptgate.cli.toyworld import add_cli
+
     p = argparse.ArgumentParser()
-    T.add_cli(p.add_subparsers(dest="cmd"))
+    add_cli(p.add_subparsers(dest="cmd"))
     a = p.parse_args(["toyworld", "train", "--quick", "--device", "cpu", "--out", "x", "--set", "unet_steps=3"])
     assert a.func is T.run_train and a.quick and a.set == ["unet_steps=3"]
     assert p.parse_args(["toyworld", "info"]).func is T.run_info

@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 
-from conceptgate.adapters import EraserStack, GateSettings, closed_form as cf, layout_from_diffusers_config, load_eraser
+from conceptgate.adapters import EraserStack, GateSettings, layout_from_diffusers_config, load_eraser
+from conceptgate.adapters.rece import closed_form as cf
 from conceptgate.adapters.synthetic import random_eraser
-from conceptgate.adapters.uce_rece import EditCache, compute_edit, save_edit
+from conceptgate.adapters.rece import EditCache, compute_edit, save_edit
 from comfy_sampling import close, encode, merged_model, sample
 from tiny_models import tiny_text_encoder, tiny_unet
 

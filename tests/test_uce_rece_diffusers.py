@@ -10,12 +10,14 @@ from conceptgate.adapters import layout_from_diffusers_config
 
 from conceptgate.adapters.synthetic import random_eraser
 
-from conceptgate.adapters import EraserStack, GateSettings, closed_form as cf, load_eraser
+from conceptgate.adapters import EraserStack, GateSettings, load_eraser
+from conceptgate.adapters.rece import closed_form as cf
 from conceptgate.adapters.errors import EraserFileError
-from conceptgate.adapters.uce_rece import (
+from conceptgate.adapters.rece import (
     DiffusersEditHost, EditCache, EditSpec, compute_edit, import_published, save_edit, save_import,
-    stacked_interference, weights_fingerprint,
+    stacked_interference,
 )
+from conceptgate.adapters.fingerprint import weights_fingerprint
 from tiny_models import tiny_text_encoder, tiny_unet, tiny_vae
 
 TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toyworld", "data", "tokenizer")
@@ -231,7 +233,7 @@ def test_joint_solve_and_stacked_interference(host):
 
 
 def test_gated_stack_effect_per_prompt(host):
-    from conceptgate.adapters.uce_rece import gated_stack_effect
+    from conceptgate.adapters.rece import gated_stack_effect
 
     sep = [compute_edit(host, method="uce", concepts=(c,), cache=None) for c in ("red triangle", "blue circle")]
     rows = gated_stack_effect(host, sep, ["red triangle", "a blue circle", "a green square"])
@@ -285,7 +287,7 @@ def test_cli_edit_uce_and_rece(model_dir, tmp_path, capsys, host):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    from conceptgate.adapters.uce_rece import resolve_model_path
+    from conceptgate.cli.common import resolve_model_path
     from conceptgate.cli import main
 
     assert main(["edit", "uce", "--model", str(tmp_path / "nowhere"), "--concept", "x", "--out", str(tmp_path / "o")]) == 2

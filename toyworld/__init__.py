@@ -91,3 +91,14 @@ def generate(pipe, prompts, seeds, steps: int = 25, cfg: float = 5.0, negative_p
         latents=latents, output_type="pt", height=64, width=64,
     )
     return out.images.float().cpu().clamp(0, 1)
+
+
+def _register_with_core() -> None:
+    # the toy world offers its caption templates to the trainers ("--context toy")
+    from ..adapters.registry import register_prompt_context
+    from .contexts import abo_prompt_pairs
+
+    register_prompt_context("toy", abo_prompt_pairs)
+
+
+_register_with_core()

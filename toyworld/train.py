@@ -728,20 +728,11 @@ def _add_train_args(p):
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
 
 
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register ``toyworld train`` and ``toyworld info`` on an argparse subparsers object."""
-    p = subparsers.add_parser("toyworld", help="the toy world: train, info")
-    sub = p.add_subparsers(dest="toyworld_cmd", required=True)
-    t = sub.add_parser("train", help="train the toy world from scratch")
-    _add_train_args(t)
-    t.set_defaults(func=run_train)
-    i = sub.add_parser("info", help="show the committed toy-world model and vocabulary")
-    i.add_argument("--weights", default=None)
-    i.set_defaults(func=run_info)
-    return p
-
-
 def main(argv=None):
+    """Standalone entry (``main(['train', ...])``, used by ``gpu_train.sh``); ``python -m conceptgate
+    toyworld ...`` is the same through :mod:`conceptgate.cli.toyworld`."""
+    from ..cli.toyworld import add_cli
+
     parser = argparse.ArgumentParser(prog="toyworld")
     sub = parser.add_subparsers(dest="cmd", required=True)
     # standalone: `main(['train', ...])` or `main(['toyworld', 'train', ...])`

@@ -161,7 +161,7 @@ def report(out_dir, cmp_dir):
                          f"{lay['iou_median']:.2f}"})
     body = []
     body.append("Erase **triangle -> square** with the fine-tuned All-but-One adapter (a reconstruction of the AAAI 2024 "
-                "objective from its abstract: `adapters/abo_train.py`, training in `toyworld/erasers/README.md`). Same "
+                "objective from its abstract: `adapters/abo/adapter.py`, training in `toyworld/erasers/README.md`). Same "
                 "prompts, seeds and sampler as the `abo-guidance` section (quality bench quick tier at 4 seeds, DDIM 25, "
                 "CFG 5), plus a `replace` set: `a {colour} triangle in {style} style` for all 36 pairs x seeds "
                 f"{SEEDS_REPLACE[0]}, {SEEDS_REPLACE[1]}. Percentages; 95% prompt-bootstrap intervals in brackets.")

@@ -42,7 +42,7 @@ def stack_for(name: str, files: dict | None = None):
 
 def run(names, out_dir, threads, device="cpu", files=None, tier=None):
     from ...bench.quality import _strip_images, evaluate_stack
-    from ...toyworld import load_judges, load_pipeline
+    from .. import load_judges, load_pipeline
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

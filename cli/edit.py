@@ -14,6 +14,8 @@ import argparse
 import sys
 import time
 
+from .common import friendly, log, read_lines, resolve_model_path
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -23,58 +25,35 @@ def _dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def _friendly(fn):
-    """Missing files, bad inputs and unreadable files end with one line on stderr and status 2."""
-    def run(args) -> int:
-        from .errors import EraserFileError
-
-        try:
-            return fn(args)
-        except (FileNotFoundError, EraserFileError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    run.__name__ = fn.__name__
-    return run
-
-
-@_friendly
+@friendly
 def cmd_edit(args) -> int:
-    from .uce_rece import DiffusersEditHost, EditSpec, compute_edit, resolve_model_path, save_edit
+    from ..adapters.rece import DiffusersEditHost, EditSpec, compute_edit, save_edit
 
     preserve = list(args.preserve or [])
     if args.preserve_file:
-        preserve += _read_lines(args.preserve_file)
+        preserve += read_lines(args.preserve_file)
     spec = EditSpec(method=args.method, concepts=tuple(args.concept), guide=args.guide, preserve=tuple(preserve),
                     concept_type=args.type, epochs=args.epochs, lam=args.lam, erase_scale=args.erase_scale,
                     preserve_scale=args.preserve_scale, lam_reg=args.lam_reg, convention=args.convention)
     t0 = time.perf_counter()
     path = resolve_model_path(args.model)
-    _log(f"loading UNet and text encoder from {path}")
+    log(f"loading UNet and text encoder from {path}")
     host = DiffusersEditHost.from_folder(path, clip_skip=args.clip_skip)
-    _log(f"loaded in {time.perf_counter() - t0:.2f} s ({host.base_family or 'custom'} UNet)")
-    outcome = compute_edit(host, spec, name=args.name, store_dtype=_dtype(args.dtype), log=_log)
+    log(f"loaded in {time.perf_counter() - t0:.2f} s ({host.base_family or 'custom'} UNet)")
+    outcome = compute_edit(host, spec, name=args.name, store_dtype=_dtype(args.dtype), log=log)
     save_edit(outcome, args.out)
     print(outcome.text())
     return 0
 
 
-@_friendly
+@friendly
 def cmd_import(args) -> int:
-    from .uce_rece import import_published, save_import
+    from ..adapters.rece import import_published, save_import
 
     t0 = time.perf_counter()
-    _log(f"reading {args.file}")
-    outcome = import_published(args.file, args.base, args.concept, method=args.method, name=args.name,
-                               rank=args.rank, tol=args.tol, full=args.full, store_dtype=_dtype(args.dtype), log=_log)
+    log(f"reading {args.file}")
+    outcome = import_published(args.file, _base(args.base), args.concept, method=args.method, name=args.name,
+                               rank=args.rank, tol=args.tol, full=args.full, store_dtype=_dtype(args.dtype), log=log)
     save_import(outcome, args.out)
     r = outcome.report
     print(f"wrote {args.out}: {r['method']} eraser for {', '.join(r['concepts'])}, {r['modules']} modules, "
@@ -86,6 +65,10 @@ def cmd_import(args) -> int:
     for w in r["warnings"]:
         print(f"WARNING: {w}", file=sys.stderr)
     return 0
+
+
+def _base(base: str) -> str:
+    return resolve_model_path(base) if base == "toy" else base
 
 
 def _add_import_options(p, positional: bool = True):

@@ -1,4 +1,4 @@
-"""All-but-One guidance (sampling-time reconstruction, see :mod:`.abo`) on plain diffusers.
+"""All-but-One guidance (sampling-time reconstruction, see :mod:`.guidance`) on plain diffusers.
 
 Typical use::
 
@@ -22,66 +22,42 @@ removed on exit.
 
 from __future__ import annotations
 
-import threading
 from typing import Sequence
 
 import torch
 
-from .abo import AboPlan, Term, abo_entries, encode_texts, guidance_terms, terms_from_gates
-from .diffusers_host import DiffusersTextEncoder, GatedPipeline
-from .gate import facilitated_transport
-from .stack import BankCache
+from .. import hooks
+from ..hooks import HookSet
+from ..diffusers_host import DiffusersTextEncoder, GatedPipeline
+from ..errors import UnsupportedEraser
+from ..gate import facilitated_transport
+from ..stack import BankCache
+from .guidance import AboPlan, Term, abo_entries, encode_texts, guidance_terms, terms_from_gates
 
 
-class AboUNetHooks:
+class AboUNetHooks(HookSet):
     """Pre/post forward hooks on a diffusers ``UNet2DConditionModel`` that batch ABO rows into the
     pipeline's CFG call. Activate for one sampling call with :meth:`active`; ``calls`` / ``extra_rows``
     count UNet calls and extra rows seen while active (for tests and the speed bench)."""
 
     def __init__(self, unet, row_hooks=None):
+        super().__init__()
         self.unet = unet
         self.row_hooks = row_hooks  # a RowGatedDeltas whose coefficients must follow the extra rows
-        self._handles = []
-        self._local = threading.local()
         self.calls = 0
         self.extra_rows = 0
 
     # --------------------------------------------------------------- lifecycle
-    def attach(self) -> "AboUNetHooks":
-        if not self._handles:
-            self._handles = [self.unet.register_forward_pre_hook(self._pre, with_kwargs=True),
-                             self.unet.register_forward_hook(self._post, with_kwargs=True)]
-        return self
-
-    def detach(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self.attach()
-
-    def __exit__(self, *exc):
-        self.detach()
-
-    class _Active:
-        def __init__(self, owner, state):
-            self.owner, self.state = owner, state
-
-        def __enter__(self):
-            self.prev = getattr(self.owner._local, "state", None)
-            self.owner._local.state = self.state
-            return self.owner
-
-        def __exit__(self, *exc):
-            self.owner._local.state = self.prev
+    def _register(self) -> list:
+        return [self.unet.register_forward_pre_hook(self._pre, with_kwargs=True),
+                self.unet.register_forward_hook(self._post, with_kwargs=True)]
 
     def active(self, terms: list[list[Term]], text_hidden: dict[str, torch.Tensor], with_uncond: bool):
         """Context: the next UNet calls carry ``terms`` (one list per prompt, in the pipeline's prompt
         order); ``with_uncond``: the pipeline batches ``[uncond, cond]`` (CFG > 1)."""
         fires = any(terms)
         state = {"terms": terms, "text": text_hidden, "uncond": with_uncond, "plans": {}} if fires else None
-        return self._Active(self, state)
+        return self.scoped(state)
 
     # --------------------------------------------------------------- hooks
     def _plan(self, state, ehs: torch.Tensor, P: int, r: int) -> AboPlan:
@@ -95,7 +71,7 @@ class AboUNetHooks:
         return plan
 
     def _pre(self, module, args, kwargs):
-        state = getattr(self._local, "state", None)
+        state = self.state
         self._local.pending = None
         if state is None:
             return None
@@ -145,7 +121,7 @@ class AboUNetHooks:
                                            for k, v in added.items()}
         prev_rows = None
         if self.row_hooks is not None and self.row_hooks.current() is not None:
-            prev_rows = getattr(self.row_hooks._local, "state", None)
+            prev_rows = self.row_hooks.state
             cur = self.row_hooks.current()
             rows = cur.repeat_interleave(B // cur.shape[0], 0)
             self.row_hooks.set_coefficients(torch.cat([rows, rows[idx.cpu()]]))
@@ -160,8 +136,8 @@ class AboUNetHooks:
         self._local.pending = None
         plan, B, P, r, prev_rows = pending
         if prev_rows is not None:
-            self.row_hooks._local.state = prev_rows
-        state = self._local.state
+            self.row_hooks.state = prev_rows
+        state = self.state
         out = output[0] if isinstance(output, tuple) else output.sample
         main, extra = out[:B], out[B:]
         off = P * r if state["uncond"] else 0
@@ -235,14 +211,12 @@ def abo_generate(pipe, prompts: Sequence[str], stack, guidance_scale: float = 7.
 # ------------------------------------------------------------------------------------ quality bench
 
 
-def bench_guidance_handler(pipe, entries, prompts, seeds, gates, steps, cfg, sample):
-    """``bench.quality`` guidance handler for method ``abo`` (see ``GUIDANCE_HANDLERS``): the default
+def diffusers_handler(pipe, entries, prompts, seeds, gates, steps, cfg, sample):
+    """The registry's guidance handler for diffusers pipelines (method ``abo``): the default
     sampler with the UNet hooks on; ``gates`` are the raw per-entry gates (strength applied here).
 
     Stacks that also hold weight erasers are refused here: the bench's sampler keeps their per-row
     hooks private (use :class:`AboGuidedPipeline`, which handles both)."""
-    from ..bench.quality import UnsupportedEraser
-
     if _row_gated_hooks_present(pipe.unet):
         raise UnsupportedEraser("All-but-One guidance together with weight erasers in one bench stack: the bench's "
                                 "per-row hooks cannot follow the extra rows (AboGuidedPipeline handles such stacks)")
@@ -255,27 +229,17 @@ def bench_guidance_handler(pipe, entries, prompts, seeds, gates, steps, cfg, sam
         best[:, j] = scores.argmax(1)
     terms = terms_from_gates(entries, gates, best)
     texts = encode_texts(encoder, terms)
-    hooks = AboUNetHooks(pipe.unet).attach()
+    unet_hooks = AboUNetHooks(pipe.unet).attach()
     try:
-        with hooks.active(terms, texts, with_uncond=cfg > 1.0):
+        with unet_hooks.active(terms, texts, with_uncond=cfg > 1.0):
             return sample()
     finally:
-        hooks.detach()
+        unet_hooks.detach()
 
 
 def _row_gated_hooks_present(unet) -> bool:
-    from . import apply
-
-    return any(getattr(h, "__module__", None) == apply.__name__
+    return any(getattr(h, "__module__", None) == hooks.__name__
                for m in unet.modules() for h in m._forward_hooks.values())
 
 
-def register_bench() -> None:
-    """Register :func:`bench_guidance_handler` as the quality bench's ``abo`` guidance handler."""
-    from ..bench.quality import register_guidance
-
-    register_guidance("abo", bench_guidance_handler)
-
-
-__all__ = ["AboGuidedPipeline", "AboUNetHooks", "abo_entries", "abo_generate", "bench_guidance_handler",
-           "register_bench"]
+__all__ = ["AboGuidedPipeline", "AboUNetHooks", "abo_entries", "abo_generate", "diffusers_handler"]

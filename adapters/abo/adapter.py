@@ -44,7 +44,6 @@ difference of v's, the objective is linear in the output either way).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -53,10 +52,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .eraser import Eraser
-from .naming import layout_from_diffusers_config
-from .spm import Membranes
-from .training import CheckpointedTrainer, TrainResult, check_same_settings  # noqa: F401  (TrainResult: re-exported)
+from ..eraser import Eraser
+from ..naming import layout_from_diffusers_config
+from ..registry import prompt_contexts
+from ..spm import Membranes
+from ..training import CheckpointedTrainer, TrainResult  # noqa: F401  (TrainResult: re-exported)
 
 MODULE_SETS = ("attn2_kv", "attn2", "spm")
 CONTEXTS = ("toy", "generic", "bare")
@@ -137,16 +137,20 @@ class ABOConfig:
 def prompt_pairs(concept: str, alternative: str, context: str) -> list[tuple[str, str]]:
     """(c_e, c_a) prompt pairs: the same template with the concept and with the alternative.
 
-    ``toy``: the toy world's training templates that name an object (or a style, when the concept is
-    a toy style), every colour and style (or object) filled in, the concept by its keyword and
-    synonyms (or ``concept`` itself if it is not in the toy vocabulary); ``generic``:
+    ``toy``: the toy world's caption templates (registered by ``conceptgate.toyworld``, see
+    :func:`conceptgate.toyworld.contexts.abo_prompt_pairs`); any other registered context
+    (:func:`~conceptgate.adapters.registry.register_prompt_context`); ``generic``:
     :data:`GENERIC_TEMPLATES`; ``bare``: the concept alone. With an empty alternative ``c_a = ""``."""
     if context == "bare":
         pairs = [(concept, alternative)]
     elif context == "generic":
         pairs = [(t.format(concept), t.format(alternative) if alternative else "") for t in GENERIC_TEMPLATES]
     else:
-        pairs = _toy_pairs(concept, alternative)
+        contexts = prompt_contexts()
+        if context not in contexts:
+            raise ValueError(f"the {context!r} context's prompts are not available here: known contexts are "
+                             f"{', '.join(sorted(set(contexts) | {'generic', 'bare'}))}")
+        pairs = contexts[context](concept, alternative)
     out, seen = [], set()
     for e, a in pairs:
         a = a if alternative.strip() else ""
@@ -154,42 +158,6 @@ def prompt_pairs(concept: str, alternative: str, context: str) -> list[tuple[str
             seen.add(e)
             out.append((e, a))
     return out
-
-
-def _toy_pairs(concept: str, alternative: str) -> list[tuple[str, str]]:
-    from ..toyworld import captions as C
-
-    def lookup(word):
-        w = word.strip().lower()
-        for kind, table in (("o", C.OBJECT_NAMES), ("s", C.STYLE_NAMES)):
-            for names in table.values():
-                if w in names:
-                    return kind, names
-        return None, [word]
-
-    kind, names = lookup(concept)
-    kind = kind or "o"
-    alt_kind, alt_names = lookup(alternative) if alternative.strip() else (kind, [""])
-    alt = alt_names[0]
-    if alt_kind not in (None, kind):
-        raise ValueError(f"the toy context swaps {concept!r} for {alternative!r} in the same template, but one is "
-                         "an object and the other a style; use --context generic or bare")
-    other = "s" if kind == "o" else "o"
-    other_names = [v[0] for v in (C.STYLE_NAMES if other == "s" else C.OBJECT_NAMES).values()]
-    colours = [v[0] for v in C.COLOUR_NAMES.values()]
-    pairs = []
-    for template in C.TRAIN_TEMPLATES:
-        fields = C.template_fields(template)
-        if kind not in fields:
-            continue
-        for name in names:
-            for col in (colours if "c" in fields else [None]):
-                for oth in (other_names if other in fields else [None]):
-                    kw = {"c": col, other: oth}
-                    e = template.format(**{**kw, kind: name})
-                    a = template.format(**{**kw, kind: alt}) if alt else ""
-                    pairs.append((e, a))
-    return pairs
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -341,29 +309,18 @@ class ABOTrainer(CheckpointedTrainer):
         return {"loss": float(tot[0]), "guidance": float(tot[1]), "uncond": float(tot[2])}
 
     # ---------------------------------------------------------------- state
-    def state(self) -> dict:
-        return {
-            "iteration": self.iteration,
-            "adapter": {k: v.detach().cpu() for k, v in self.adapter.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "lr_schedule": self.lr_schedule.state_dict(),
-            "generator": self.generator.get_state(),
-            "config": json.dumps(self.config.trajectory_key(), sort_keys=True),
-            "pool": self.pool if self.pool is not None else torch.zeros(0),
-            "pool_pairs": self.pool_pairs if self.pool_pairs is not None else torch.zeros(0, dtype=torch.long),
-            "losses": torch.tensor(self.losses, dtype=torch.float64) if self.losses else torch.zeros(0, 4),
-        }
+    trained_key = "adapter"
 
-    def load_state(self, state: dict):
-        check_same_settings(state["config"], self.config)
-        self.adapter.load_state_dict(state["adapter"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.generator.set_state(state["generator"])
-        self.iteration = int(state["iteration"])
+    def trained_module(self):
+        return self.adapter
+
+    def extra_state(self) -> dict:  # the x_t pool, so a resume does not regenerate it
+        return {"pool": self.pool if self.pool is not None else torch.zeros(0),
+                "pool_pairs": self.pool_pairs if self.pool_pairs is not None else torch.zeros(0, dtype=torch.long)}
+
+    def load_extra_state(self, state: dict) -> None:
         if state["pool"].numel():
             self.pool, self.pool_pairs = state["pool"], state["pool_pairs"]
-        self.losses = [tuple(r) for r in state["losses"].tolist()]
 
     # ---------------------------------------------------------------- output
     def settings(self) -> dict:

@@ -33,8 +33,8 @@ hold (``e_erase`` equal to the prompt reuses the conditional row; ``e_alt = ""``
 unconditional row when the negative prompt is empty and CFG > 1). So: +1 row with an empty
 alternative, +2 with a named one, +0 when no row fires (bit-identical to plain CFG).
 
-API (host-agnostic; the diffusers glue ``adapters/abo_diffusers.py`` and the ComfyUI glue ``nodes/nodes_abo.py``
-use it, ``adapters/abo_train.py`` may; the A1111/Forge glue does not reach guidance erasers yet):
+API (host-agnostic; the diffusers glue :mod:`.pipeline` and the ComfyUI glue ``nodes/nodes_abo.py`` use it;
+the A1111/Forge glue does not reach guidance erasers yet):
 
 * :func:`abo_eraser` (constructor), :func:`is_abo`, :func:`check_abo_eraser`; files via
   :func:`~conceptgate.adapters.files.save_eraser` / ``load_eraser(path, kind="guidance")``
@@ -53,10 +53,10 @@ from typing import Sequence
 
 import torch
 
-from .eraser import Eraser
-from .errors import EraserFileError
-from .gate import EncodedText, facilitated_transport
-from .stack import BankCache, EraserStack, StackEntry
+from ..eraser import Eraser
+from ..errors import EraserFileError
+from ..gate import EncodedText, facilitated_transport
+from ..stack import BankCache, EraserStack, StackEntry
 
 METHOD = "abo"
 KIND = "guidance"
@@ -106,7 +106,7 @@ def check_abo_eraser(eraser: Eraser, path=None) -> None:
 
 def save_abo(eraser: Eraser, path) -> str:
     """Write a guidance eraser (metadata only; a few hundred bytes). Returns its sha256."""
-    from .files import save_eraser
+    from ..files import save_eraser
 
     check_abo_eraser(eraser)
     sha = save_eraser(eraser, path)
@@ -116,7 +116,7 @@ def save_abo(eraser: Eraser, path) -> str:
 
 def load_abo(path, concepts: list[str] | None = None) -> Eraser:
     """Load an ABO guidance eraser; a weight / conditioning file is refused naming the file."""
-    from .files import load_eraser
+    from ..files import load_eraser
 
     eraser = load_eraser(path, concepts=concepts, kind=KIND)
     check_abo_eraser(eraser, path)

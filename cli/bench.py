@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import os
 
-from .report import ROOT
+from ..bench.report import ROOT
 
 
 def run_speed(args) -> int:
     json_path = args.json or os.path.join(ROOT, "benchmarks.json")
     if args.what in ("spm", "all"):
-        from .speed import bench_spm
+        from ..bench.speed import bench_spm
 
         _, body = bench_spm(steps=args.steps, latent=args.latent, repeats=args.repeats, json_path=json_path)
         print(body)
     if args.what in ("uce", "all"):
-        from .speed_uce import bench_uce_rece
+        from ..bench.speed_uce import bench_uce_rece
 
         out = bench_uce_rece(json_path=json_path, repeats=args.repeats)
         print(out[1] if isinstance(out, tuple) else out)
@@ -23,7 +23,7 @@ def run_speed(args) -> int:
 
 
 def run_rece_attack(args) -> int:
-    from .rece_attack import bench_rece_attack
+    from ..bench.rece_attack import bench_rece_attack
 
     _, body = bench_rece_attack(concept=args.concept, epochs=args.epochs, seeds=args.seeds,
                                 json_path=args.json or os.path.join(ROOT, "benchmarks.json"))
@@ -47,13 +47,13 @@ def add_cli(subparsers):
     a.add_argument("--seeds", type=int, default=8)
     a.add_argument("--json", default=None)
     a.set_defaults(func=run_rece_attack)
-    from .quality import add_quality_cli
+    from ..bench.quality import add_quality_cli
 
     add_quality_cli(sub)
-    from .abo import add_abo_cli
+    from ..bench.abo import add_abo_cli
 
     add_abo_cli(sub)
-    from .geom import add_cli as add_geom_cli
+    from ..bench.geom import add_cli as add_geom_cli
 
     add_geom_cli(sub)
     return p

@@ -159,62 +159,27 @@ class _RowState:
 _INACTIVE = _RowState(None)
 
 
-class RowGatedDeltas:
-    """Forward hooks adding per-row gated eraser deltas to a UNet's modules.
+class HookSet:
+    """The one hook mechanism: a set of torch hooks that are attached together, removed together (also
+    on exceptions, as a context manager) and read per-thread state, so parallel samplers never see each
+    other's gates. Subclasses implement :meth:`_register` (returning the hook handles)."""
 
-    ``resolve(name)`` returns the host module for a canonical (diffusers) module name. Set the
-    coefficients for the next UNet calls with :meth:`set_coefficients` (``[rows, E]``; ``rows`` must
-    divide the batch, rows are repeated contiguously, as CFG pipelines lay out their batches), or
-    use :meth:`coefficients` as a context manager. With no coefficients set, hooks do nothing.
-    """
+    _default_state = None
 
-    def __init__(self, stack: EraserStack, resolve: Callable[[str], nn.Module]):
-        self.stack = stack
-        official = stack.combine == "official"
-        if official:
-            stack.check_official_combinable()
-        per_module: dict[str, list] = {}
-        for i, e in stack.weight_entries:
-            for name, d in e.eraser.modules.items():
-                per_module.setdefault(name, []).append((i, d))
-        self.terms = {n: _ModuleTerms(n, t, official) for n, t in per_module.items()}
-        self.resolve = resolve
+    def __init__(self):
         self._handles: list = []
-        self._local = threading.local()  # parallel samplers do not see each other's gates
+        self._local = threading.local()
 
-    def set_coefficients(self, coeffs: torch.Tensor | None):
-        if coeffs is not None:
-            coeffs = torch.as_tensor(coeffs, dtype=torch.float32)
-            if coeffs.dim() == 1:
-                coeffs = coeffs[None]
-            if coeffs.shape[1] != len(self.stack.entries):
-                raise ValueError(f"coefficients have {coeffs.shape[1]} columns, the stack {len(self.stack.entries)} entries")
-        self._local.state = _RowState(coeffs)
+    def _register(self) -> list:
+        raise NotImplementedError
 
-    def current(self) -> torch.Tensor | None:
-        return getattr(self._local, "state", _INACTIVE).coeffs
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
 
-    class _Scope:
-        def __init__(self, owner, coeffs):
-            self.owner, self.coeffs = owner, coeffs
-
-        def __enter__(self):
-            self.prev = getattr(self.owner._local, "state", _INACTIVE)
-            self.owner.set_coefficients(self.coeffs)
-            return self.owner
-
-        def __exit__(self, *exc):
-            self.owner._local.state = self.prev
-
-    def coefficients(self, coeffs):
-        return self._Scope(self, coeffs)
-
-    def attach(self) -> "RowGatedDeltas":
-        if self._handles:
-            return self
-        for name, terms in self.terms.items():
-            module = self.resolve(name)
-            self._handles.append(module.register_forward_hook(self._make_hook(terms)))
+    def attach(self):
+        if not self._handles:
+            self._handles = list(self._register())
         return self
 
     def detach(self):
@@ -227,6 +192,86 @@ class RowGatedDeltas:
 
     def __exit__(self, *exc):
         self.detach()
+
+    # per-thread state read by the hooks
+    @property
+    def state(self):
+        return getattr(self._local, "state", self._default_state)
+
+    @state.setter
+    def state(self, value):
+        self._local.state = value
+
+    def scoped(self, value):
+        """Context manager: ``state = value`` for the block, the previous state restored after it."""
+        return Scoped(self, "state", value)
+
+
+class Scoped:
+    """Context manager setting ``owner.<attr> = value`` for a block and restoring the previous value."""
+
+    def __init__(self, owner, attr: str, value):
+        self.owner, self.attr, self.value = owner, attr, value
+
+    def __enter__(self):
+        self.prev = getattr(self.owner, self.attr)
+        self._set(self.value)
+        return self.owner
+
+    def _set(self, value):
+        setattr(self.owner, self.attr, value)
+
+    def __exit__(self, *exc):
+        setattr(self.owner, self.attr, self.prev)
+
+
+class _CoefficientScope(Scoped):
+    def _set(self, value):
+        self.owner.set_coefficients(value)  # validated
+
+
+class RowGatedDeltas(HookSet):
+    """Forward hooks adding per-row gated eraser deltas to a UNet's modules.
+
+    ``resolve(name)`` returns the host module for a canonical (diffusers) module name. Set the
+    coefficients for the next UNet calls with :meth:`set_coefficients` (``[rows, E]``; ``rows`` must
+    divide the batch, rows are repeated contiguously, as CFG pipelines lay out their batches), or
+    use :meth:`coefficients` as a context manager. With no coefficients set, hooks do nothing.
+    """
+
+    _default_state = _INACTIVE
+
+    def __init__(self, stack: EraserStack, resolve: Callable[[str], nn.Module]):
+        super().__init__()
+        self.stack = stack
+        official = stack.combine == "official"
+        if official:
+            stack.check_official_combinable()
+        per_module: dict[str, list] = {}
+        for i, e in stack.weight_entries:
+            for name, d in e.eraser.modules.items():
+                per_module.setdefault(name, []).append((i, d))
+        self.terms = {n: _ModuleTerms(n, t, official) for n, t in per_module.items()}
+        self.resolve = resolve
+
+    def set_coefficients(self, coeffs: torch.Tensor | None):
+        if coeffs is not None:
+            coeffs = torch.as_tensor(coeffs, dtype=torch.float32)
+            if coeffs.dim() == 1:
+                coeffs = coeffs[None]
+            if coeffs.shape[1] != len(self.stack.entries):
+                raise ValueError(f"coefficients have {coeffs.shape[1]} columns, the stack {len(self.stack.entries)} entries")
+        self.state = _RowState(coeffs)
+
+    def current(self) -> torch.Tensor | None:
+        return self.state.coeffs
+
+    def coefficients(self, coeffs):
+        """Context manager: these coefficients for the UNet calls inside the block."""
+        return _CoefficientScope(self, "state", coeffs)
+
+    def _register(self) -> list:
+        return [self.resolve(name).register_forward_hook(self._make_hook(terms)) for name, terms in self.terms.items()]
 
     def _make_hook(self, terms: _ModuleTerms):
         local = self._local
@@ -279,8 +324,3 @@ def combined_deltas(stack: EraserStack, coeffs: torch.Tensor) -> dict[str, Modul
             down = torch.cat([d.down.float() for _, d in parts], 0)
             out[name] = ModuleDelta(up=up, down=down, alpha=float(up.shape[1]))  # scale 1
     return out
-
-
-def merged_copy_state(weights: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``W + delta`` per module, on copies (the reference the equivalence tests compare against)."""
-    return {n: weights[n] + deltas[n].to(weights[n]) for n in deltas}

@@ -1,15 +1,13 @@
-"""``python -m conceptgate``: inspect, convert, and (as the mechanisms land) demo / bench / train / edit."""
+"""``python -m conceptgate inspect|convert``: what an eraser file holds, and pickles to safetensors."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 
 
 def cmd_inspect(args) -> int:
-    from .adapters.files import describe
+    from ..adapters.files import describe
 
     status = 0
     for path in args.files:
@@ -37,8 +35,8 @@ def cmd_convert(args) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from .adapters.errors import EraserFileError
-    from .adapters.files import describe
+    from ..adapters.errors import EraserFileError
+    from ..adapters.files import describe
 
     try:
         obj = torch.load(args.file, map_location="cpu", weights_only=True)
@@ -63,12 +61,7 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m conceptgate",
-                                     description="ConceptGate: gated concept erasure for diffusers, ComfyUI and A1111/Forge.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def add_cli(sub) -> None:
     p = sub.add_parser("inspect", help="print what an eraser file holds and every validation problem")
     p.add_argument("files", nargs="+", help=".safetensors eraser files")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -79,29 +72,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--concepts", default="", help="comma-separated erased concepts to record")
     p.set_defaults(func=cmd_convert)
-
-    for module in _plugin_modules():
-        module.add_cli(sub)
-    return parser
-
-
-def _plugin_modules():
-    """Subcommands contributed by the mechanisms, the toy world and the benchmarks (each has ``add_cli``)."""
-    from .adapters import cli_edit, cli_train, cli_train_abo, geom_train
-    from .bench import cli as bench_cli
-    from .bench import demo as bench_demo
-    from .toyworld import train as toyworld_train
-
-    return [toyworld_train, cli_edit, bench_cli, cli_train, cli_train_abo, geom_train, bench_demo]
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command not in ("demo", "bench"):
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from . import geom as G
-from .errors import EraserFileError
+from .. import geom as G
+from ..errors import EraserFileError
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -125,15 +124,6 @@ def write_folder(folder: str, data: GeomData, category: str) -> None:
     G.write_coco(os.path.join(folder, "annotations.json"), data.files, data.detections, data.size, category)
 
 
-def toy_captions(n: int, seed: int) -> list[str]:
-    from ..toyworld import captions as C
-    from ..toyworld import render as R
-
-    rng = np.random.default_rng(seed)
-    labels = R.sample_labels(n, rng)
-    return C.training_captions(labels, rng)
-
-
 @torch.no_grad()
 def generate_data(pipe, prompts: list[str], detector, config: GeomConfig, log=None) -> GeomData:
     """Model removal: generate one image per prompt (seed = index) and label it with the detector."""
@@ -164,30 +154,13 @@ def label_folder(folder: str, detector) -> GeomData:
     return GeomData([os.path.basename(f) for f in files], caps, dets, (x.shape[3], x.shape[2]), x)
 
 
-def make_detector(spec: str, device: str = "cpu", category: str | None = None):
-    """``toy-watermark`` (the toy world's watermark judge + location check), ``toy-watermark-handcrafted``
-    (no learned judge), or a COCO JSON path."""
-    if spec == "toy-watermark":
-        from ..toyworld import load_judges
-
-        return G.ToyWatermarkDetector(judge=load_judges())
-    if spec == "toy-watermark-handcrafted":
-        return G.ToyWatermarkDetector()
-    if spec.lower().endswith(".json"):
-        return G.CocoDetector(spec, category)
-    raise ValueError(f"unknown detector {spec!r}: toy-watermark, toy-watermark-handcrafted or a COCO .json file")
-
-
-def load_pipeline(model: str, device: str = "cpu"):
-    if model == "toy":
-        from ..toyworld import load_pipeline as toy
-
-        return toy(device=device)
-    if not os.path.isdir(model):
-        raise FileNotFoundError(f"{model}: not a diffusers model folder (or 'toy')")
+def load_pipeline(folder: str, device: str = "cpu"):
+    """A diffusers ``StableDiffusionPipeline`` from a local folder (offline, no safety checker)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: not a diffusers model folder")
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
                                                    local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -304,7 +277,7 @@ class GeomTrainer:
 
     def train(self, out: str, checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True,
               log=None, name: str | None = None, hyper: dict | None = None):
-        from .files import save_eraser
+        from ..files import save_eraser
 
         c = self.config
         log = log or (lambda s: None)
@@ -351,118 +324,3 @@ class GeomTrainer:
         save_eraser(eraser, out, hyperparameters={**asdict(c), **(hyper or {}), "seconds": seconds,
                                                   "seconds_per_iteration": seconds / max(self.iteration - start, 1)})
         return eraser, seconds, self.iteration - start
-
-
-# -------------------------------------------------------------------------------------- CLI
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def prepare_data(pipe, args, config: GeomConfig, ckdir: str, log=_log) -> GeomData:
-    detector = make_detector(args.detector, args.device, getattr(args, "category", None))
-    if args.data:
-        data = label_folder(args.data, detector)
-        log(f"data folder {args.data}: {len(data.files)} images, {len(data.positives)} with {config.concept!r}")
-        return data
-    cache = os.path.join(ckdir, "data")
-    if os.path.exists(os.path.join(cache, "annotations.json")):
-        data = label_folder(cache, G.CocoDetector(os.path.join(cache, "annotations.json")))
-        log(f"reusing generated data {cache}: {len(data.files)} images, {len(data.positives)} with {config.concept!r}")
-        return data
-    if isinstance(detector, G.CocoDetector):
-        raise ValueError("a COCO annotation file labels a data folder: pass --data FOLDER (or a detector for generated images)")
-    if args.prompts:
-        with open(args.prompts) as f:
-            lines = [l.strip() for l in f if l.strip()]
-        prompts = [lines[i % len(lines)] for i in range(config.generate)]
-    elif args.model == "toy":
-        prompts = toy_captions(config.generate, config.seed)
-    else:
-        raise ValueError("--prompts FILE is needed to generate training images from a non-toy model")
-    t = time.perf_counter()
-    data = generate_data(pipe, prompts, detector, config, log)
-    log(f"generated {len(data.files)} images in {time.perf_counter() - t:.1f} s; the detector found "
-        f"{config.concept!r} in {len(data.positives)}")
-    write_folder(cache, data, config.concept)
-    return data
-
-
-def cmd_train_geom(args) -> int:
-    from .files import save_eraser  # noqa: F401  (import errors early)
-
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but torch sees no CUDA device")
-        config = GeomConfig(concept=args.concept, grid=args.grid, alpha=args.alpha, iterations=args.iterations,
-                            batch=args.batch, lr=args.lr, learn_concept=not args.fixed_concept,
-                            use_locations=not args.no_locations, seed=args.seed, save_every=args.save_every,
-                            generate=args.generate, gen_steps=args.gen_steps, gen_cfg=args.gen_cfg)
-        ckdir = args.checkpoint_dir or os.path.splitext(args.out)[0] + ".checkpoints"
-        os.makedirs(ckdir, exist_ok=True)
-        _log(f"loading {args.model}")
-        pipe = load_pipeline(args.model, args.device)
-        data = prepare_data(pipe, args, config, ckdir)
-        if args.data_only:
-            print(f"data in {os.path.join(ckdir, 'data')}: {len(data.files)} images, {len(data.positives)} with {config.concept!r}")
-            return 0
-        trainer = GeomTrainer(pipe, data, config, args.device)
-        used = [b for b, n in enumerate(trainer.bin_counts) if n]
-        _log(f"grid {config.grid}x{config.grid}, alpha {config.alpha}, {len(trainer.pos)} training images, bins covered: "
-             + ", ".join(f"{G.token_name(b, config.grid)} x{trainer.bin_counts[b]}" for b in used))
-        eraser, seconds, n = trainer.train(args.out, ckdir, args.resume, not args.no_progress, _log, args.name)
-        if args.export:
-            paths = G.export_ti(eraser, args.export, name=args.name or eraser.name, per_token=args.per_token)
-            _log(f"exported {len(paths)} textual-inversion file(s) to {args.export}")
-    except (FileNotFoundError, EraserFileError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    last = np.mean([l for _, l in trainer.losses[-50:]]) if trainer.losses else float("nan")
-    print(f"wrote {args.out}: Geom-Erasing tokens for {args.concept!r} (grid {config.grid}, alpha {config.alpha}), "
-          f"{n} iterations in {seconds:.1f} s ({seconds / max(n, 1):.3f} s/it), mean loss of the last 50 {last:.4f}")
-    return 0
-
-
-import sys  # noqa: E402
-
-
-def add_cli(subparsers) -> None:
-    from .cli_train import _train_subparsers
-
-    tsub = _train_subparsers(subparsers)
-    p = tsub.add_parser("geom", help="learn Geom-Erasing concept + location tokens (Liu et al., ECCV 2024)",
-                        description="Textual-inversion-style training of the location tokens <l{m,n}> (and the concept "
-                                    "token) with the spatially re-weighted loss; UNet and text encoder frozen.")
-    p.add_argument("--model", required=True, help='diffusers model folder, or "toy"')
-    p.add_argument("--concept", required=True, help="the implicit concept's name (e.g. watermark)")
-    p.add_argument("--detector", default="toy-watermark",
-                   help="toy-watermark | toy-watermark-handcrafted | a COCO .json of boxes for the --data folder")
-    p.add_argument("--category", default=None, help="COCO category name to use (default: every annotation)")
-    p.add_argument("--data", default=None, help="folder of images + captions (data removal); default: generate (model removal)")
-    p.add_argument("--data-only", action="store_true", help="generate and label the training data, then stop")
-    p.add_argument("--prompts", default=None, help="text file of prompts to generate training images from (non-toy models)")
-    p.add_argument("--generate", type=int, default=384, help="images to generate in model-removal mode")
-    p.add_argument("--gen-steps", type=int, default=25)
-    p.add_argument("--gen-cfg", type=float, default=5.0)
-    p.add_argument("--grid", type=int, default=4, help="location grid N (N x N bins)")
-    p.add_argument("--alpha", type=float, default=0.5, help="re-weighting: <1 up-weights the concept region, 1 = plain loss")
-    p.add_argument("--iterations", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--fixed-concept", action="store_true", help="use the concept's word as is (do not learn a concept token)")
-    p.add_argument("--no-locations", action="store_true", help="ablation: learn the concept token only")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=250)
-    p.add_argument("--checkpoint-dir", default=None, help="default: <out>.checkpoints/ (also caches generated data)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint directory's state.pt")
-    p.add_argument("--export", default=None, help="also write textual-inversion embedding(s) into this folder")
-    p.add_argument("--per-token", action="store_true", help="with --export: one file per location token too")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--name", default=None, help="eraser / embedding name (default geom_<concept>)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True, help="output .safetensors (ConceptGate conditioning eraser)")
-    p.set_defaults(func=cmd_train_geom)

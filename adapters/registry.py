@@ -1,0 +1,98 @@
+"""The mechanism registry: how each mechanism's erasers are checked and applied during sampling.
+
+Every mechanism package (``spm``, ``rece``, ``geom``, ``abo``) declares itself here when it is imported
+(``conceptgate.adapters`` imports all four), so the core's generic code, the hosts and the benchmark
+look a handler up by ``(kind, method)`` instead of importing a mechanism: data flows downward only.
+
+* **checks** ``fn(eraser, path) -> None``: raise :class:`~.errors.EraserFileError` (naming the file)
+  when a loaded eraser of that kind and method is not usable. :func:`~.files.load_eraser` runs them.
+* **conditioning handlers** ``fn(pipe, entries, prompts, gates) -> dict``: extra diffusers pipeline
+  keyword arguments for conditioning erasers (e.g. ``negative_prompt_embeds`` with Geom-Erasing's
+  learned tokens appended where the gate fires), ``gates`` being each row's coefficient
+  (gate x strength) per entry.
+* **guidance handlers** ``fn(pipe, entries, prompts, seeds, gates, steps, cfg, sample) -> images``:
+  replace the sampling call for guidance erasers; ``sample(**extra_pipe_kwargs)`` runs the default
+  sampler (weight erasers hooked, conditioning keyword arguments applied) if the handler only wraps it.
+
+Weight erasers need no handler: every host applies them through the one hook mechanism
+(:mod:`.hooks`) or its own LoRA patching.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import UnsupportedEraser
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One published method as ConceptGate ships it: the package that holds it and the eraser
+    (kind, method) pairs its files carry."""
+
+    name: str
+    title: str
+    erasers: tuple[tuple[str, str], ...]
+
+
+MECHANISMS: dict[str, Mechanism] = {}
+CHECKS: dict[tuple[str, str], Callable] = {}
+#: ``method -> fn(pipe, entries, prompts, gates) -> dict`` (see the module docstring)
+CONDITIONING_HANDLERS: dict[str, Callable] = {}
+#: ``method -> fn(pipe, entries, prompts, seeds, gates, steps, cfg, sample) -> images``
+GUIDANCE_HANDLERS: dict[str, Callable] = {}
+
+
+def register_mechanism(mechanism: Mechanism) -> None:
+    MECHANISMS[mechanism.name] = mechanism
+
+
+def register_check(kind: str, method: str, fn: Callable) -> None:
+    """``fn(eraser, path)`` raises when an eraser of ``kind`` / ``method`` is not usable."""
+    CHECKS[(kind, method)] = fn
+
+
+def register_conditioning(method: str, fn: Callable) -> None:
+    """Plug in how conditioning erasers of ``method`` enter diffusers generation."""
+    CONDITIONING_HANDLERS[method] = fn
+
+
+def register_guidance(method: str, fn: Callable) -> None:
+    """Plug in a guidance eraser's diffusers sampler for ``method``."""
+    GUIDANCE_HANDLERS[method] = fn
+
+
+def check_eraser(eraser, path=None) -> None:
+    fn = CHECKS.get((eraser.kind, eraser.method))
+    if fn is not None:
+        fn(eraser, path)
+
+
+def _handler(table: dict, kind: str, eraser) -> Callable:
+    fn = table.get(eraser.method)
+    if fn is None:  # never sample without an eraser that was asked for
+        raise UnsupportedEraser(f"{eraser.name}: no {kind} handler for method {eraser.method!r} "
+                                f"(register_{kind})")
+    return fn
+
+
+def conditioning_handler(eraser) -> Callable:
+    return _handler(CONDITIONING_HANDLERS, "conditioning", eraser)
+
+
+def guidance_handler(eraser) -> Callable:
+    return _handler(GUIDANCE_HANDLERS, "guidance", eraser)
+
+
+#: ``name -> fn(concept, alternative) -> [(prompt with the concept, same prompt with the alternative)]``:
+#: training prompt contexts a model world provides (``conceptgate.toyworld`` registers ``toy``), so the
+#: trainers take prompts in context without importing that world.
+PROMPT_CONTEXTS: dict[str, Callable] = {}
+
+
+def register_prompt_context(name: str, fn: Callable) -> None:
+    PROMPT_CONTEXTS[name] = fn
+
+
+def prompt_contexts() -> dict[str, Callable]:
+    return dict(PROMPT_CONTEXTS)
