@@ -12,6 +12,7 @@ The pipeline's UNet weights are never modified: hooks are removed on exit.
 
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
@@ -94,14 +95,28 @@ class GatedPipeline:
         self.last_report: GateReport | None = None
         self.last_coefficients: torch.Tensor | None = None
 
+    # UNet -> the GatedPipeline whose hooks are on it: one stack's hooks per UNet at a time
+    _in_use: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
     def __enter__(self):
-        self.hooks = attach(self.pipe.unet, self.stack)
+        unet = self.pipe.unet
+        if self.hooks is not None:
+            raise RuntimeError("this GatedPipeline is already entered (nested 'with' on the same instance); "
+                               "use the outer one")
+        owner = GatedPipeline._in_use.get(unet)
+        if owner is not None and owner is not self:
+            raise RuntimeError("this UNet already carries the erasers of another GatedPipeline; leave that one "
+                               "first (two stacks on one UNet would both act)")
+        self.hooks = attach(unet, self.stack)
+        GatedPipeline._in_use[unet] = self
         return self
 
     def __exit__(self, *exc):
         if self.hooks is not None:
             self.hooks.detach()
             self.hooks = None
+        if GatedPipeline._in_use.get(self.pipe.unet) is self:
+            del GatedPipeline._in_use[self.pipe.unet]
 
     def coefficients(self, prompts: Sequence[str]) -> tuple[torch.Tensor, GateReport]:
         return self.stack.gates(self.encoder(prompts), banks=self.banks)

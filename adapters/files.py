@@ -29,8 +29,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import EraserFileError
+from .errors import EraserFileError, UnsupportedEraser
 from .eraser import KINDS, Eraser
+from .limits import clean_name
 from .lowrank import ModuleDelta
 from .naming import KOHYA_UNET_PREFIX, from_kohya, guess_family, to_kohya
 from .registry import check_eraser
@@ -50,16 +51,62 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit (safetensors refuses larger headers)
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entry(path, key: str, info) -> tuple[int, int]:
+    """One tensor's header entry -> its (begin, end) offsets; anything malformed names the tensor."""
+    where = f"corrupt safetensors header at {key!r}"
+    if not isinstance(info, dict):
+        raise EraserFileError(path, f"{where}: not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise EraserFileError(path, f"{where}: unknown dtype {str(dtype)[:40]!r}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(s) and 0 <= s < 2 ** 40 for s in shape):
+        raise EraserFileError(path, f"{where}: shape must be a list of at most 8 non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise EraserFileError(path, f"{where}: data_offsets must be two integers [begin, end] with begin <= end")
+    numel = 1
+    for s in shape:
+        numel *= s
+    if offsets[1] - offsets[0] != numel * DTYPE_BYTES[dtype]:
+        raise EraserFileError(path, f"{where}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}")
+    return offsets[0], offsets[1]
+
+
+def read_header(path) -> dict:
+    """The validated safetensors header of ``path`` (tensor entries and ``__metadata__``), read without
+    loading any tensor. The header's size is checked before it is read."""
+    return _check_container(str(path))
+
+
 def _check_container(path: str) -> dict:
     """Validate the safetensors container itself; returns the parsed header."""
     if not os.path.exists(path):
         raise EraserFileError(path, "file not found")
+    if os.path.isdir(path):
+        raise EraserFileError(path, "this is a folder, not an eraser file")
     lower = path.lower()
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError as e:
+        raise EraserFileError(path, f"cannot be read ({e.strerror or e})") from None
+    with f:
+        head = f.read(9)
         looks_pickled = head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
         if lower.endswith(PICKLE_SUFFIXES) or (looks_pickled and (n is None or n > size - 8)):
             raise EraserFileError(
                 path,
@@ -69,20 +116,30 @@ def _check_container(path: str) -> dict:
             )
         if n is None:
             raise EraserFileError(path, f"truncated file: {size} bytes, not even a safetensors header")
+        if n < 2 or (len(head) == 9 and head[8:9] not in (b"{", b"[")):  # "[": a JSON list, named below
+            # the format's header is a JSON object right after its 8-byte length
+            raise EraserFileError(path, "not a safetensors file (it does not start with a safetensors header; "
+                                        "a text file, an image or another format?)")
+        if n > MAX_HEADER_BYTES:
+            raise EraserFileError(path, f"not a usable safetensors file: its header claims {n} bytes, more than "
+                                        f"the format's limit of {MAX_HEADER_BYTES} (refused without reading it)")
         if n > size - 8:
             raise EraserFileError(path, f"truncated file: header claims {n} bytes, file has {size}")
+        f.seek(8)  # the header starts after its 8-byte length
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EraserFileError(path, f"not a safetensors file (unreadable header: {e})") from None
+            header = json.loads(f.read(n).decode("utf-8"), parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise EraserFileError(path, f"not a safetensors file (unreadable header: {str(e)[:200]})") from None
+    if not isinstance(header, dict):
+        raise EraserFileError(path, f"not a safetensors file (its header is a JSON {type(header).__name__}, "
+                                    "not an object)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise EraserFileError(path, "corrupt safetensors header: __metadata__ must map names to strings")
     end = 0
     for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise EraserFileError(path, f"corrupt safetensors header at {key!r}") from None
+        if key != "__metadata__":
+            end = max(end, _check_entry(path, key, info)[1])
     if 8 + n + end > size:
         raise EraserFileError(
             path, f"truncated file: tensors need {8 + n + end} bytes, file has {size} (incomplete download?)"
@@ -111,8 +168,8 @@ def _json_meta(meta: dict, key: str, default=None, path=None):
     if raw is None:
         return default
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
         raise EraserFileError(path, f"metadata {META + key} is not valid JSON") from None
 
 
@@ -150,15 +207,24 @@ def modules_from_kohya(path, tensors: dict[str, torch.Tensor], known: dict[str, 
         except KeyError as e:
             raise EraserFileError(path, f"cannot map key {prefix!r} to a UNet module: {e}") from None
         if "diff" in parts:
+            if parts["diff"].dim() not in (2, 4) or not parts["diff"].is_floating_point():
+                raise EraserFileError(path, f"{prefix}.diff: a {parts['diff'].dim()}-D {parts['diff'].dtype} tensor; "
+                                            "a full delta is a 2-D or 4-D floating-point tensor")
             modules[name] = ModuleDelta(diff=parts["diff"])
             continue
         missing = [s for s in ("lora_down.weight", "lora_up.weight") if s not in parts]
         if missing:
             raise EraserFileError(path, f"missing key {prefix}.{missing[0]} (its partner is present)")
         up, down = parts["lora_up.weight"], parts["lora_down.weight"]
-        if up.shape[1] != down.shape[0]:
+        for what, t in (("lora_up.weight", up), ("lora_down.weight", down)):
+            if t.dim() not in (2, 4) or not t.is_floating_point():
+                raise EraserFileError(path, f"{prefix}.{what}: a {t.dim()}-D {t.dtype} tensor; a LoRA factor is a "
+                                            "2-D (linear) or 4-D (conv) floating-point tensor")
+        if up.dim() != down.dim() or up.shape[1] != down.shape[0]:
             raise EraserFileError(path, f"{prefix}: up {tuple(up.shape)} and down {tuple(down.shape)} ranks differ")
         alpha = parts.get("alpha")
+        if alpha is not None and alpha.numel() != 1:
+            raise EraserFileError(path, f"{prefix}.alpha: {alpha.numel()} values, a LoRA alpha is one number")
         modules[name] = ModuleDelta(up=up, down=down, alpha=float(alpha) if alpha is not None else None)
     return modules
 
@@ -173,6 +239,19 @@ def family_from_modules(modules: dict[str, ModuleDelta]) -> str | None:
 
 def load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] | None = None,
                 kind: str | None = None) -> Eraser:
+    """Load and validate an eraser file (ConceptGate or official SPM format); every problem is an
+    :class:`EraserFileError` (or :class:`IncompatibleModelError`) naming the file. See :func:`_load_eraser`."""
+    try:
+        return _load_eraser(path, concepts, known, kind)
+    except (EraserFileError, UnsupportedEraser):
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, RecursionError,
+            OverflowError) as e:  # a malformed file that slipped past the checks: never a traceback
+        raise EraserFileError(path, f"malformed eraser file ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+def _load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] | None = None,
+                 kind: str | None = None) -> Eraser:
     """Load and validate an eraser file (ConceptGate or official SPM format).
 
     ``concepts`` overrides or supplies the concept list (official files without ``prompts``).
@@ -195,14 +274,19 @@ def load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] |
         if kind not in KINDS:
             raise EraserFileError(path, f"unknown eraser kind {kind!r} in metadata (known: {', '.join(KINDS)})")
         file_concepts = _json_meta(meta, "concepts", [], path)
+        if not isinstance(file_concepts, list) or not all(isinstance(c, str) for c in file_concepts):
+            raise EraserFileError(path, f"metadata {META}concepts must be a JSON list of strings")
         method = meta.get(META + "method", "lora")
-        name = meta.get(META + "name", name)
+        name = clean_name(meta.get(META + "name", name)) or name  # shown in reports, node text, infotext
     else:
         kind, method = "weight", "spm" if "prompts" in meta else "lora"
         file_concepts = [c.strip() for c in meta.get("prompts", "").split(",") if c.strip()]
     if kind_expected is not None and kind != kind_expected:
         raise EraserFileError(path, _wrong_kind(kind, method, kind_expected))
     concepts = list(concepts) if concepts else file_concepts
+    settings = _json_meta(meta, "settings", {}, path)
+    if not isinstance(settings, dict):
+        raise EraserFileError(path, f"metadata {META}settings must be a JSON object")
     if not concepts:
         raise EraserFileError(
             path, "no concept list: the file has no 'prompts' metadata; enter the erased concept(s) by hand"
@@ -229,7 +313,7 @@ def load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] |
         method=method,
         modules=modules,
         tensors=extra,
-        settings=_json_meta(meta, "settings", {}, path),
+        settings=settings,
         base_family=meta.get(META + "base_family") or (family_from_modules(modules) if modules else None),
         base_fingerprint=meta.get(META + "base_fingerprint"),
         text_fingerprint=meta.get(META + "text_fingerprint"),

@@ -37,6 +37,10 @@ class StackEntry:
     strength: float = 1.0
     gate: GateSettings = field(default_factory=GateSettings)
 
+    def __post_init__(self):  # finite and bounded (adapters/limits.py), never NaN / inf
+        from .limits import check_strength
+        check_strength(self.strength, f"eraser {self.eraser.name!r}")
+
 
 @dataclass(frozen=True)
 class EraserStack:
@@ -99,51 +103,15 @@ class EraserStack:
 
     # ------------------------------------------------------------- files
     def to_manifest(self, path) -> dict:
-        """Write a JSON manifest referencing the eraser files by relative path and sha256."""
-        base = os.path.dirname(os.path.abspath(path))
-        entries = []
-        for e in self.entries:
-            if not e.eraser.source:
-                raise ValueError(f"eraser {e.eraser.name!r} has no file; save it before saving the stack")
-            entries.append({
-                "file": os.path.relpath(os.path.abspath(e.eraser.source), base),
-                "sha256": e.eraser.sha256 or sha256_file(e.eraser.source),
-                "name": e.eraser.name,
-                "concepts": e.eraser.concepts,
-                "enabled": e.enabled,
-                "strength": e.strength,
-                "gate": e.gate.to_dict(),
-            })
-        manifest = {"conceptgate_stack": MANIFEST_VERSION, "combine": self.combine, "entries": entries}
-        with open(path, "w") as f:
-            json.dump(manifest, f, indent=2)
-        return manifest
+        """Write a JSON manifest referencing the eraser files by relative path and sha256 (:mod:`.manifest`)."""
+        from .manifest import write_manifest
+        return write_manifest(self, path)
 
     @classmethod
-    def from_manifest(cls, path, search_dirs=()) -> "EraserStack":
-        path = str(path)
-        try:
-            with open(path) as f:
-                manifest = json.load(f)
-        except FileNotFoundError:
-            raise EraserFileError(path, "stack manifest not found") from None
-        except json.JSONDecodeError as e:
-            raise EraserFileError(path, f"not a JSON stack manifest: {e}") from None
-        if manifest.get("conceptgate_stack") != MANIFEST_VERSION:
-            raise EraserFileError(path, "not a ConceptGate stack manifest (missing 'conceptgate_stack': 1)")
-        base = os.path.dirname(os.path.abspath(path))
-        stack = cls(combine=manifest.get("combine", "additive"))
-        for item in manifest.get("entries", []):
-            candidates = [os.path.join(base, item["file"])] + [os.path.join(d, os.path.basename(item["file"])) for d in search_dirs]
-            file = next((c for c in candidates if os.path.exists(c)), None)
-            if file is None:
-                raise EraserFileError(path, f"eraser file {item['file']!r} not found next to the manifest")
-            eraser = load_eraser(file, concepts=item.get("concepts") or None)
-            if item.get("sha256") and eraser.sha256 != item["sha256"]:
-                raise EraserFileError(file, f"sha256 differs from the manifest {os.path.basename(path)} (file changed?)")
-            stack = stack.with_eraser(eraser, item.get("enabled", True), item.get("strength", 1.0),
-                                      GateSettings.from_dict(item.get("gate")))
-        return stack
+    def from_manifest(cls, path, search_dirs=(), allow_unhashed: bool = False) -> "EraserStack":
+        """The stack a manifest describes, strictly validated (:func:`.manifest.read_manifest`)."""
+        from .manifest import read_manifest
+        return read_manifest(path, search_dirs, allow_unhashed, cls)
 
 
 class BankCache:

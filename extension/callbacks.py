@@ -9,7 +9,7 @@ from modules import extra_networks, script_callbacks, shared
 
 from .library import OPTION, Library, default_folder
 from .params import NETWORK, tag_params
-from .state import TAGS_ATTR
+from .state import TAGS_ATTR, clear_poison, fail_closed
 
 log = logging.getLogger("conceptgate")
 
@@ -38,7 +38,10 @@ class ExtraNetworkErase(extra_networks.ExtraNetwork):
         super().__init__(NETWORK)
 
     def activate(self, p, params_list):
-        setattr(p, TAGS_ATTR, [tag_params(list(params.items)) for params in params_list])
+        try:
+            setattr(p, TAGS_ATTR, [tag_params(list(params.items)) for params in params_list])
+        except Exception as e:  # the webui only logs what activate raises: stop the generation instead
+            raise fail_closed(p, e, "<erase:...> tag") from None
 
     def deactivate(self, p):
         pass
@@ -65,13 +68,17 @@ def reset_active():
     if state is not None:
         state.release()
     ACTIVE["state"] = ACTIVE["p"] = None
+    clear_poison()
 
 
 def on_cfg_denoiser(params):
     state, p = ACTIVE["state"], ACTIVE["p"]
     if state is None:
         return
-    state.on_cfg_denoiser(p, params, getattr(shared, "sd_model", None))
+    try:
+        state.on_cfg_denoiser(p, params, getattr(shared, "sd_model", None))
+    except Exception as e:  # the webui only logs callback errors: the next UNet call raises it instead
+        raise fail_closed(p, e, "CFG step") from None
 
 
 def on_script_unloaded():

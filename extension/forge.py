@@ -103,6 +103,8 @@ def batch_gates(stack: EraserStack, sd_model, prompts, banks: BankCache | None =
             texts.append(part)
             image_of_row.append(i)
     coeffs, report = stack.gates(encoder(texts), banks=banks, tokens_known=encoder.tokens_known)
+    from .state import check_finite_coefficients  # NaN would vanish in the max below: stop instead
+    check_finite_coefficients(stack, coeffs, "Forge batch")
     per_image = image_coefficients(coeffs, image_of_row, len(prompts))
     batch = image_coefficients(per_image, [0] * len(prompts), 1)[0]
     for row, entry in zip(report.rows, stack.entries):

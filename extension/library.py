@@ -11,14 +11,13 @@ by path and modification time.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import threading
 
 from ..adapters.eraser import Eraser
 from ..adapters.errors import EraserFileError
-from ..adapters.files import load_eraser
+from ..adapters.files import load_eraser, read_header
+from ..adapters.limits import clean_name
 from ..adapters.stack import EraserStack
 from .mechanisms import reachable_kind
 
@@ -31,12 +30,8 @@ PRESET_EXT = ".json"
 def _peek_kind(path: str) -> str | None:
     """The eraser kind from the safetensors header only (None when unreadable)."""
     try:
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            if n > 100_000_000:
-                return None
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError):
+        header = read_header(path)  # size bounded before reading; a JSON list or garbage is an error
+    except EraserFileError:
         return None
     meta = header.get("__metadata__") or {}
     return meta.get("conceptgate.kind", "weight")
@@ -52,7 +47,17 @@ class Library:
         found = {}
         if not os.path.isdir(self.folder):
             return found
+        seen: set[tuple[int, int]] = set()  # (device, inode) of every folder walked: a symlink loop is walked once
         for root, dirs, files in os.walk(self.folder, followlinks=True):
+            try:
+                st = os.stat(root)
+            except OSError:
+                dirs[:] = []
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                dirs[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
             dirs.sort()
             for f in sorted(files):
                 if f.lower().endswith(ext):
@@ -82,6 +87,7 @@ class Library:
         return {name + PRESET_EXT: path for name, path in self._scan(PRESET_EXT).items()}
 
     def path_of(self, name: str) -> str:
+        shown = clean_name(name)  # the name as it may appear in a message (no control characters, cut)
         files = self.eraser_files()
         if name in files:
             return files[name]
@@ -89,8 +95,8 @@ class Library:
         if len(stem) == 1:
             return stem[0]
         if len(stem) > 1:
-            raise EraserFileError(name, f"several erasers are named {name!r} in {self.folder}: use the folder/name form")
-        raise EraserFileError(name, f"no eraser named {name!r} in {self.folder}")
+            raise EraserFileError(shown, f"several erasers are named {shown!r} in {self.folder}: use the folder/name form")
+        raise EraserFileError(shown, f"no eraser named {shown!r} in {self.folder}")
 
     def load(self, name: str) -> Eraser:
         path = self.path_of(name)
@@ -107,7 +113,7 @@ class Library:
     def load_preset(self, preset: str) -> EraserStack:
         presets = self.presets()
         if preset not in presets:
-            raise EraserFileError(preset, f"no stack preset {preset!r} in {self.folder}")
+            raise EraserFileError(clean_name(preset), f"no stack preset {clean_name(preset)!r} in {self.folder}")
         return EraserStack.from_manifest(presets[preset], search_dirs=[self.folder])
 
     def name_for_hash(self, name: str, sha12: str | None) -> str | None:

@@ -28,9 +28,11 @@ Infotext keys written to the image's generation parameters::
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
+from ..adapters.limits import STRENGTH_LIMIT, check_strength, clean_name
 from ..adapters.stack import COMBINE_MODES
 
 TITLE = "ConceptGate"
@@ -48,6 +50,33 @@ INFOTEXT_KEYS = (KEY, KEY_HASHES, KEY_PRESET, KEY_COMBINE, KEY_GATE, KEY_COND_ON
 
 # A1111's extra-network syntax (modules/extra_networks.py): <(\w+):([^>]+)>, items split on ':'.
 TAG = re.compile(r"<(\w+):([^>]+)>")
+MAX_NAME = 200  # characters of an eraser name written into infotext or shown in a message
+
+
+class InputError(ValueError):
+    """Bad script arguments, ``<erase:...>`` tag or selection string; ``str(err)`` is for the user."""
+
+
+def user_strength(value, where: str) -> float:
+    """A strength typed by a user, an API client or a prompt: a finite number in [0, STRENGTH_LIMIT]."""
+    try:
+        return check_strength(value, f"ConceptGate: {where}", allow_negative=False)
+    except ValueError as e:
+        raise InputError(f"{e} (negative, NaN and infinite strengths are refused)") from None
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~&\"'=:$%^])")
+
+
+def markdown_text(text, max_chars: int = MAX_NAME) -> str:
+    """``text`` (an eraser name, a folder) as literal Markdown: control characters removed, cut to
+    ``max_chars``, every Markdown/HTML special character backslash-escaped (no markup, links or HTML)."""
+    return _MD_SPECIAL.sub(r"\\\1", clean_name(str(text), max_chars))
+
+
+def shown(name) -> str:
+    """An eraser name as it may appear in a message or the UI: no control characters, at most MAX_NAME."""
+    return repr(clean_name(str(name), MAX_NAME))
 
 
 @dataclass
@@ -69,11 +98,21 @@ class ScriptArgs:
         defaults = [False, "", NO_PRESET, "additive", "ft", False]
         args = args + defaults[len(args):]
         enabled, erasers, preset, combine, gate, cond_only = args[:6]
-        if combine not in COMBINE_MODES:
-            raise ValueError(f"ConceptGate: unknown combine mode {combine!r} ({', '.join(COMBINE_MODES)})")
-        if gate not in GATE_RULES:
-            raise ValueError(f"ConceptGate: unknown gate rule {gate!r} ({', '.join(GATE_RULES)})")
-        selection = parse_selection(erasers) if isinstance(erasers, str) else [(str(n), float(s)) for n, s in erasers]
+        if not isinstance(combine, str) or combine not in COMBINE_MODES:
+            raise InputError(f"ConceptGate: unknown combine mode {str(combine)[:40]!r} ({', '.join(COMBINE_MODES)})")
+        if not isinstance(gate, str) or gate not in GATE_RULES:
+            raise InputError(f"ConceptGate: unknown gate rule {str(gate)[:40]!r} ({', '.join(GATE_RULES)})")
+        if isinstance(erasers, str):
+            selection = parse_selection(erasers)
+        else:
+            try:
+                selection = [(str(n), s) for n, s in (erasers or ())]
+            except (TypeError, ValueError):
+                raise InputError("ConceptGate: erasers must be a string 'name:strength, ...' or a list of "
+                                 "[name, strength] pairs") from None
+        selection = [(n, user_strength(s, f"eraser {shown(n)}")) for n, s in selection]
+        if preset is not None and not isinstance(preset, str):
+            raise InputError("ConceptGate: preset must be the name of a .json stack preset or 'None'")
         return cls(bool(enabled), selection, preset or NO_PRESET, combine, gate, bool(cond_only))
 
     def to_args(self) -> list:
@@ -94,8 +133,10 @@ def parse_selection(text: str) -> list[tuple[str, float]]:
         try:
             value = float(strength)
         except ValueError:  # a name containing ':' is not allowed (the tag syntax splits on it)
-            raise ValueError(f"ConceptGate: bad strength in {part!r} (expected name:number)") from None
-        out.append((name.strip(), value))
+            raise InputError(f"ConceptGate: bad strength in {part[:200]!r} (expected name:number)") from None
+        if not math.isfinite(value):
+            raise InputError(f"ConceptGate: bad strength in {part[:200]!r} (not a finite number)")
+        out.append((unescape_name(name.strip()), value))
     return out
 
 
@@ -104,21 +145,24 @@ def _num(x: float) -> str:
 
 
 def format_selection(items) -> str:
-    return ", ".join(f"{n}:{_num(s)}" for n, s in items)
+    """The inverse of :func:`parse_selection` (names with ``,`` ``:`` ``%`` are percent-encoded)."""
+    return ", ".join(f"{escape_name(n, None)}:{_num(s)}" for n, s in items)
 
 
 # ------------------------------------------------------------------ prompt tags
 def tag_params(items: list[str]) -> tuple[str, float]:
     """The items of one ``<erase:...>`` tag (A1111's ``ExtraNetworkParams.items``) -> (name, strength)."""
     if not items or not items[0].strip():
-        raise ValueError("ConceptGate: <erase:...> needs an eraser name, e.g. <erase:snoopy:1>")
+        raise InputError("ConceptGate: <erase:...> needs an eraser name, e.g. <erase:snoopy:1>")
     name = items[0].strip()
     strength = 1.0
+    tag = f"<erase:{':'.join(items)}>"[:200]
     if len(items) > 1 and items[1].strip():
         try:
             strength = float(items[1])
         except ValueError:
-            raise ValueError(f"ConceptGate: bad strength {items[1]!r} in <erase:{':'.join(items)}>") from None
+            raise InputError(f"ConceptGate: bad strength {items[1][:40]!r} in {tag}") from None
+        strength = user_strength(strength, tag)
     return name, strength
 
 
@@ -140,8 +184,8 @@ def infotext_params(used: list[UsedEraser], args: ScriptArgs) -> dict[str, str]:
     """The entries for ``p.extra_generation_params`` (empty when no eraser was used)."""
     if not used:
         return {}
-    out = {KEY: ", ".join(f"{u.name}:{_num(u.strength)}:{'off' if u.gate is None else f'{u.gate:.3f}'}" for u in used)}
-    hashes = [f"{u.name}: {u.sha256[:12]}" for u in used if u.sha256]
+    out = {KEY: ", ".join(f"{escape_name(u.name)}:{_num(u.strength)}:{_gate_text(u.gate)}" for u in used)}
+    hashes = [f"{escape_name(u.name)}: {u.sha256[:12]}" for u in used if u.sha256]
     if hashes:
         out[KEY_HASHES] = ", ".join(hashes)
     if args.enabled and args.preset != NO_PRESET:
@@ -155,24 +199,46 @@ def infotext_params(used: list[UsedEraser], args: ScriptArgs) -> dict[str, str]:
     return out
 
 
+def _gate_text(gate) -> str:
+    if gate is None:
+        return "off"
+    return f"{gate:.3f}" if math.isfinite(gate) else "nan"
+
+
+_ESCAPED = re.compile(r"[%,:<>\"\x00-\x1f\x7f]")
+
+
+def escape_name(name: str, max_chars: int | None = MAX_NAME) -> str:
+    """A name for the infotext: at most MAX_NAME characters, and ``%``, ``,``, ``:``, ``<``, ``>``, ``"`` and
+    control characters percent-encoded, so the fields split back exactly (:func:`unescape_name`). A longer
+    name is cut; pasting finds its file again by the hash next to it."""
+    return _ESCAPED.sub(lambda m: f"%{ord(m.group()):02X}", str(name)[:max_chars])
+
+
+def unescape_name(text: str) -> str:
+    return re.sub(r"%([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
 def parse_used(value: str) -> list[tuple[str, float, str]]:
     out = []
-    for part in (value or "").split(","):
+    for part in (value if isinstance(value, str) else "").split(","):
         bits = part.strip().rsplit(":", 2)
         if len(bits) == 3:
             try:
-                out.append((bits[0].strip(), float(bits[1]), bits[2].strip()))
+                strength = float(bits[1])
             except ValueError:
                 continue
+            if math.isfinite(strength) and 0 <= strength <= STRENGTH_LIMIT and bits[0].strip():
+                out.append((unescape_name(bits[0].strip()), strength, bits[2].strip()))
     return out
 
 
 def parse_hashes(value: str) -> dict[str, str]:
     out = {}
-    for part in (value or "").split(","):
+    for part in (value if isinstance(value, str) else "").split(","):
         name, sep, h = part.rpartition(":")
         if sep:
-            out[name.strip()] = h.strip()
+            out[unescape_name(name.strip())] = h.strip()
     return out
 
 
@@ -182,9 +248,15 @@ def restore(params: dict, rename=None) -> ScriptArgs:
     Erasers that came from ``<erase:...>`` tags are restored with the prompt, so they are left out of
     the selection. ``rename(name, hash12)`` may map a name to the installed file with that hash.
     """
-    if KEY not in params:
+    if not isinstance(params, dict) or not isinstance(params.get(KEY), str):
         return ScriptArgs()
-    from_tags = {n for n, _ in tags_in(params.get("Prompt", ""))}
+    from_tags = set()
+    for m in TAG.finditer(params.get("Prompt") if isinstance(params.get("Prompt"), str) else ""):
+        if m.group(1) == NETWORK:
+            try:
+                from_tags.add(tag_params(m.group(2).split(":"))[0])
+            except InputError:  # a bad tag stays in the prompt, where the generation will refuse it
+                continue
     hashes = parse_hashes(params.get(KEY_HASHES, ""))
     selection = []
     for name, strength, gate in parse_used(params[KEY]):
@@ -194,11 +266,13 @@ def restore(params: dict, rename=None) -> ScriptArgs:
             name = rename(name, hashes.get(name)) or name
         selection.append((name, strength))
     preset = params.get(KEY_PRESET, NO_PRESET)
+    preset = preset if isinstance(preset, str) and preset.strip() else NO_PRESET
+    combine, gate = params.get(KEY_COMBINE, "additive"), params.get(KEY_GATE, "ft")
     return ScriptArgs(
         enabled=bool(selection) or preset != NO_PRESET,
         erasers=selection,
         preset=preset,
-        combine=params.get(KEY_COMBINE, "additive"),
-        gate=params.get(KEY_GATE, "ft"),
+        combine=combine if combine in COMBINE_MODES else "additive",  # an unknown pasted value: the default
+        gate=gate if gate in GATE_RULES else "ft",
         cond_only=str(params.get(KEY_COND_ONLY, "False")).lower() == "true",
     )

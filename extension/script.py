@@ -20,8 +20,8 @@ import modules.scripts as scripts
 
 from . import callbacks
 from . import host as _host
-from .params import TITLE, ScriptArgs
-from .state import STATE_ATTR, GenerationState
+from .params import NETWORK, TITLE, ScriptArgs
+from .state import STATE_ATTR, TAGS_ATTR, GenerationState, fail_closed
 
 log = logging.getLogger("conceptgate")
 
@@ -41,27 +41,43 @@ class ConceptGateScript(scripts.Script):
         return build(self, is_img2img)
 
     # ------------------------------------------------------------- stages
+    # Every stage fails closed: the webui wraps script stages in try/except and only logs, so an error
+    # (unknown eraser, bad strength, missing file, wrong model, NaN gate) goes through state.fail_closed,
+    # which stops the generation with it instead of letting an unerased image through.
     def process(self, p, *args):
         callbacks.reset_active()
-        state = GenerationState(ScriptArgs.from_args(args), callbacks.library(), _host.HOST)
+        try:
+            state = GenerationState(ScriptArgs.from_args(args), callbacks.library(), _host.HOST)
+        except Exception as e:
+            raise fail_closed(p, e, "process") from None
         setattr(p, STATE_ATTR, state)
+
+    def before_process_batch(self, p, *args, **kwargs):
+        setattr(p, TAGS_ATTR, None)  # set again by the <erase:...> extra network's activate, every batch
 
     def process_batch(self, p, *args, **kwargs):
         state = getattr(p, STATE_ATTR, None)
         if state is None:
             return
-        state.report = None
-        if _host.is_forge(state.host):
-            return  # Forge: everything happens in process_before_every_sampling
-        state.sync_a1111(p)
-        if state.runtime is not None:
-            state.runtime.first_report = None
-            callbacks.set_active(state, p)
+        try:
+            _check_tags_activated(p)
+            state.report = None
+            if _host.is_forge(state.host):
+                return  # Forge: everything happens in process_before_every_sampling
+            state.sync_a1111(p)
+            if state.runtime is not None:
+                state.runtime.first_report = None
+                callbacks.set_active(state, p)
+        except Exception as e:
+            raise fail_closed(p, e, "process_batch") from None
 
     def process_before_every_sampling(self, p, *args, **kwargs):  # Forge only; A1111 never calls it
         state = getattr(p, STATE_ATTR, None)
         if state is not None and _host.is_forge(state.host):
-            state.forge_before_sampling(p)
+            try:
+                state.forge_before_sampling(p)
+            except Exception as e:
+                raise fail_closed(p, e, "process_before_every_sampling") from None
 
     def postprocess_batch(self, p, *args, **kwargs):
         state = getattr(p, STATE_ATTR, None)
@@ -75,7 +91,16 @@ class ConceptGateScript(scripts.Script):
         if state is None:
             return
         state.release()
-        callbacks.reset_active()
+        callbacks.reset_active()  # also removes a fail-closed hook that never fired
         callbacks.LAST["text"] = state.summary()
         if state.stack is not None and len(state.stack):
             log.info("%s", callbacks.LAST["text"].replace("\n", "; "))
+
+
+def _check_tags_activated(p):
+    """``<erase:...>`` tags were in the prompt but the extra network never saw them (not registered, e.g.
+    another extension reset the registry): refuse rather than ignore them."""
+    data = getattr(p, "extra_network_data", None)
+    if isinstance(data, dict) and data.get(NETWORK) and getattr(p, TAGS_ATTR, None) is None:
+        raise RuntimeError("ConceptGate: the prompt has <erase:...> tags but the 'erase' extra network is not "
+                           "registered in this webui session (restart the webui); the generation was stopped")

@@ -20,11 +20,75 @@ from ..adapters.stack import BankCache, EraserStack
 from . import host as _host
 from .library import Library
 from .mechanisms import reachable_kind
-from .params import NO_PRESET, ScriptArgs, UsedEraser, infotext_params
+from .params import NO_PRESET, ScriptArgs, UsedEraser, infotext_params, shown
 
 log = logging.getLogger("conceptgate")
 TAGS_ATTR = "conceptgate_tags"  # set on p by the <erase:...> extra network
 STATE_ATTR = "conceptgate"
+ERROR_ATTR = "conceptgate_error"  # the error that stopped this generation (fail closed)
+
+# forward pre-hooks that raise the error of a failed generation on the next UNet call (see fail_closed)
+_POISON: list = []
+
+
+def fail_closed(p, err: BaseException, stage: str) -> BaseException:
+    """Make sure generation ``p`` stops with ``err`` instead of producing an unerased image.
+
+    The webui runs every script stage (and extra networks, and callbacks) inside ``try/except`` and only
+    logs what they raise, so raising is not enough. Two things are done, whatever the stage:
+
+    * ``p.sample`` is replaced on the instance: ``process_images_inner`` calls ``p.sample(...)``
+      outside any script ``try``, so an error found before sampling stops the generation there; the
+      webui shows it in the UI and the API answers with an error;
+    * a forward pre-hook on the UNet raises it on the next UNet call, for errors found while sampling
+      (CFG callback, Forge's ``process_before_every_sampling``, the hires pass).
+
+    Whichever fires first removes the fail-closed hooks and this generation's eraser hooks, so a failed
+    generation leaves nothing on the model; :func:`clear_poison` also runs at every ``process``.
+    """
+    first = getattr(p, ERROR_ATTR, None)
+    if first is None:
+        setattr(p, ERROR_ATTR, err)
+        first = err
+        log.error("ConceptGate stopped the generation (%s): %s", stage, err)
+
+    def stop():  # the generation ends here: nothing of it stays on the model (webui generations are serial)
+        clear_poison()
+        state = getattr(p, STATE_ATTR, None)
+        if isinstance(state, GenerationState):
+            state.release()
+
+    def refuse(*args, **kwargs):
+        stop()
+        raise first
+
+    try:
+        p.sample = refuse
+    except AttributeError:
+        pass
+    for dm in _diffusion_models(p):
+        def poison(module, args, kwargs=None):
+            stop()
+            raise first
+
+        _POISON.append(dm.register_forward_pre_hook(poison))
+    return first
+
+
+def clear_poison():
+    while _POISON:
+        _POISON.pop().remove()
+
+
+def _diffusion_models(p) -> list:
+    sd_model = getattr(p, "sd_model", None)
+    found = []
+    for owner in (getattr(sd_model, "model", None),
+                  getattr(getattr(getattr(sd_model, "forge_objects", None), "unet", None), "model", None)):
+        dm = getattr(owner, "diffusion_model", None)
+        if isinstance(dm, torch.nn.Module) and all(dm is not d for d in found):
+            found.append(dm)
+    return found
 
 
 def _key(eraser) -> str:
@@ -112,6 +176,9 @@ class GenerationState:
         self.runtime.follow_model(sd_model)
         self.sync_prompts(p)
         self.runtime.on_cfg_denoiser(params)
+        table = self.runtime.table
+        if table is not None:
+            check_finite_coefficients(self.runtime.stack, torch.cat([table.cond, table.uncond]), "A1111 CFG step")
         if self.report is None:
             self.report = self.runtime.first_report
         self.image_gates = self.runtime.image_gates
@@ -166,6 +233,15 @@ class GenerationState:
             for i, row in enumerate(self.image_gates.tolist()):
                 lines.append(f"image {i + 1}: " + ", ".join(f"{e.eraser.name} {m:.3f}" for e, m in zip(self.stack.entries, row)))
         return "\n".join(lines)
+
+
+def check_finite_coefficients(stack: EraserStack, coeffs: torch.Tensor, where: str):
+    """A NaN / inf coefficient would make an unerased (or broken) image: stop instead."""
+    bad = ~torch.isfinite(coeffs).all(0)
+    if bool(bad.any()):
+        names = [e.eraser.name for e, b in zip(stack.entries, bad.tolist()) if b]
+        raise ValueError(f"ConceptGate: the gate of {', '.join(shown(n) for n in names)} is not a finite number "
+                         f"({where}); the generation was stopped instead of running without the eraser")
 
 
 def _merge(stack: EraserStack, eraser, strength: float, gate: GateSettings, enabled: bool = True) -> EraserStack:

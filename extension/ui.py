@@ -8,7 +8,12 @@ built; files added later are usable by name in the text box or with ``<erase:nam
 
 from __future__ import annotations
 
+import hashlib
+import re
+
+from ..adapters.limits import clean_name
 from . import callbacks
+from .params import MAX_NAME, markdown_text
 from .params import GATE_RULES, KEY, KEY_COMBINE, KEY_COND_ONLY, KEY_GATE, KEY_HASHES, KEY_PRESET, NO_PRESET, TITLE
 from .params import format_selection, parse_selection, restore
 from ..adapters.stack import COMBINE_MODES
@@ -31,12 +36,13 @@ def build(script, is_img2img):
                                  elem_id=script.elem_id("conceptgate_preset"))
             refresh = gr.Button("Refresh presets", elem_id=script.elem_id("conceptgate_refresh"))
         if not rows:
-            gr.Markdown(f"No erasers in `{lib.folder}`.")
+            gr.Markdown(f"No erasers in {markdown_text(lib.folder, 1000)}.")
         for name in rows:
             with gr.Row():
-                toggles.append(gr.Checkbox(False, label=name, elem_id=script.elem_id(f"conceptgate_on_{name}")))
-                sliders.append(gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label=f"{name} strength",
-                                         elem_id=script.elem_id(f"conceptgate_strength_{name}")))
+                label = clean_name(name, MAX_NAME)
+                toggles.append(gr.Checkbox(False, label=label, elem_id=script.elem_id(f"conceptgate_on_{_id(name)}")))
+                sliders.append(gr.Slider(0.0, 2.0, value=1.0, step=0.05, label=f"{label} strength",  # no negative: it amplifies
+                                         elem_id=script.elem_id(f"conceptgate_strength_{_id(name)}")))
         erasers = gr.Textbox("", label="Selected erasers (name:strength, ...)", lines=1,
                              elem_id=script.elem_id("conceptgate_erasers"))
         with gr.Row():
@@ -47,7 +53,8 @@ def build(script, is_img2img):
             cond_only = gr.Checkbox(False, label="Conditional rows only (non-official)",
                                     elem_id=script.elem_id("conceptgate_cond_only"))
         if unavailable:
-            gr.Markdown("Not usable in the webui yet: " + "; ".join(f"`{n}` ({why})" for n, why in unavailable.items()))
+            gr.Markdown("Not usable in the webui yet: " + "; ".join(f"{markdown_text(n)} ({markdown_text(why, 400)})"
+                                                                      for n, why in unavailable.items()))
         last = gr.Textbox(callbacks.LAST["text"], label="Gates of the last generation", lines=3, interactive=False,
                           elem_id=script.elem_id("conceptgate_last"))
         show_last = gr.Button("Show gates of the last generation", elem_id=script.elem_id("conceptgate_show_last"))
@@ -82,6 +89,13 @@ def build(script, is_img2img):
     ]
     script.paste_field_names = [KEY, KEY_HASHES, KEY_PRESET, KEY_COMBINE, KEY_GATE, KEY_COND_ONLY]
     return [enabled, erasers, preset, combine, gate, cond_only]
+
+
+def _id(name: str) -> str:
+    """An HTML element id fragment from a name (the name itself when it is already a plain identifier)."""
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        return name
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
 
 
 def _safe_parse(text):

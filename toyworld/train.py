@@ -123,7 +123,7 @@ class Ckpt:
 
     def load(self, name):
         p = self.path(name)
-        return torch.load(p, map_location="cpu", weights_only=False) if os.path.exists(p) else None
+        return torch.load(p, map_location="cpu", weights_only=True) if os.path.exists(p) else None
 
 
 def _adamw(params, **kw):

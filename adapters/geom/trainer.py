@@ -286,7 +286,7 @@ class GeomTrainer:
         gen = torch.Generator().manual_seed(c.seed + 1)
         state_path = os.path.join(ckdir, "state.pt")
         if resume and os.path.exists(state_path):
-            self.load_state(torch.load(state_path, weights_only=False), gen)
+            self.load_state(torch.load(state_path, map_location="cpu", weights_only=True), gen)
             log(f"resumed at iteration {self.iteration}")
         saved = {m: m.requires_grad for m in (self.unet, self.te, self.vae) for m in m.parameters()}
         for p in saved:

@@ -4,6 +4,7 @@ from collections import defaultdict
 
 re_extra_net = re.compile(r"<(\w+):([^>]+)>")
 extra_network_registry = {}
+REPORTED = []  # errors activate() raised, as the webui only displays them
 
 
 class ExtraNetworkParams:
@@ -59,11 +60,18 @@ def activate(p, extra_network_data):
         if net is None:
             print(f"Skipping unknown extra network: {name}")
             continue
-        net.activate(p, params_list)
+        try:  # A1111 catches and displays activation errors (errors.display), then goes on
+            net.activate(p, params_list)
+        except Exception as e:
+            REPORTED.append((name, e))
+            print(f"activating extra network {name} with arguments {params_list}: {e}")
         activated.append(net)
     for name, net in extra_network_registry.items():
         if net not in activated:
-            net.activate(p, [])
+            try:
+                net.activate(p, [])
+            except Exception as e:
+                REPORTED.append((name, e))
 
 
 def deactivate(p, extra_network_data):

@@ -99,7 +99,10 @@ class StableDiffusionProcessing:
         if hasattr(self.sd_model, "forge_objects"):  # Forge: objects reset right before sampling
             self.sd_model.forge_objects.unet = self.sd_model.forge_objects_original_unet
             self.scripts.process_before_every_sampling(self, x=x, noise=x, c=c, uc=uc)
-            self.sampled_unets.append(self.sd_model.forge_objects.unet)
+            unet = self.sd_model.forge_objects.unet
+            self.sampled_unets.append(unet)
+            with torch.no_grad():  # the sampler calls the UNet (here once, unpatched: only so its forward hooks run)
+                unet.model.diffusion_model(x[:1], timesteps=torch.ones(1), context=(uc["crossattn"] if isinstance(uc, dict) else uc)[:1])
             return x
         denoiser = CFGDenoiser(InnerModel(self.sd_model), self, total_steps=self.steps)
         self.denoisers.append(denoiser)

@@ -40,6 +40,12 @@ class CFGDenoiserParams:
         self.text_cond, self.text_uncond, self.denoiser = text_cond, text_uncond, denoiser
 
 
+REPORTED = []  # callback errors: the webui's report_exception logs them and sampling goes on
+
+
 def cfg_denoiser_callback(params):
     for fn in callback_map["cfg_denoiser"]:
-        fn(params)
+        try:
+            fn(params)
+        except Exception as e:
+            REPORTED.append(("cfg_denoiser", e))

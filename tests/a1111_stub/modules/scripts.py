@@ -1,4 +1,13 @@
-"""Stand-in for modules.scripts: the Script base class and AlwaysVisible."""
+"""Stand-in for modules.scripts: the Script base class and AlwaysVisible.
+
+Like the real ``ScriptRunner`` (modules/scripts.py: ``try: script.process(p, ...) except Exception:
+errors.report(...)``), every stage's exceptions are caught and only reported (here: printed and kept in
+``REPORTED``); a script that must stop a generation has to do it another way.
+"""
+import sys
+import traceback
+
+REPORTED = []  # (stage, exception) of every error a script stage raised
 
 
 class AlwaysVisibleType:
@@ -76,7 +85,12 @@ class ScriptRunnerStub:
             fn = getattr(s, stage, None)
             if fn is None:
                 continue
-            fn(p, *extra, *p.script_args[s.args_from:s.args_to], **kwargs)
+            try:
+                fn(p, *extra, *p.script_args[s.args_from:s.args_to], **kwargs)
+            except Exception as e:  # errors.report(f"Error running {stage}: {script.filename}", exc_info=True)
+                REPORTED.append((stage, e))
+                print(f"Error running {stage}: {s.filename}", file=sys.stderr)
+                traceback.print_exc()
 
     def before_process(self, p): self._each("before_process", p)
     def process(self, p): self._each("process", p)
