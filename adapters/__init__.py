@@ -16,7 +16,7 @@ and ``conceptgate.cli``, which import this package (ARCHITECTURE.md).
 from .eraser import Eraser
 from .errors import EraserFileError, IncompatibleModelError, UnsupportedEraser
 from .files import describe, load_eraser, save_eraser
-from .gate import ConceptBank, EncodedText, GateReport, GateSettings, facilitated_transport
+from .gate import BankCache, ConceptBank, EncodedText, GateReport, GateSettings, entry_gates, facilitated_transport
 from .hooks import RowGatedDeltas, dense_deltas
 from .lowrank import ModuleDelta
 from .naming import UNetLayout, layout_from_diffusers_config, reference_layout
@@ -26,8 +26,8 @@ from .stack import EraserStack, StackEntry
 from . import abo, geom, rece, spm  # noqa: E402,F401  (isort: skip)
 
 __all__ = [
-    "ConceptBank", "EncodedText", "Eraser", "EraserFileError", "EraserStack", "GateReport", "GateSettings",
+    "BankCache", "ConceptBank", "EncodedText", "Eraser", "EraserFileError", "EraserStack", "GateReport", "GateSettings",
     "IncompatibleModelError", "ModuleDelta", "RowGatedDeltas", "StackEntry", "UNetLayout", "UnsupportedEraser",
-    "abo", "dense_deltas", "describe", "facilitated_transport", "geom", "layout_from_diffusers_config",
+    "abo", "dense_deltas", "describe", "entry_gates", "facilitated_transport", "geom", "layout_from_diffusers_config",
     "load_eraser", "rece", "reference_layout", "save_eraser", "spm",
 ]

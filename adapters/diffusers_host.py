@@ -34,6 +34,7 @@ class DiffusersTextEncoder:
         self.clip_skip = clip_skip
         specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
         self._content = special_token_filter([s for s in specials if s is not None])
+        self._special = torch.tensor([s for s in specials if s is not None], dtype=torch.long)
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> EncodedText:
@@ -49,7 +50,8 @@ class DiffusersTextEncoder:
             hidden = inner.final_layer_norm(hidden)
         else:
             hidden = self.text_encoder(ids.to(device))[0]
-        return EncodedText(hidden.float(), [self._content(row.tolist()) for row in ids])
+        ids = ids.cpu()
+        return EncodedText(hidden.float(), [self._content(row.tolist()) for row in ids], ids, ~torch.isin(ids, self._special))
 
 
 def check_stack_fits(stack: EraserStack, unet) -> None:

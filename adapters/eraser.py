@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .gate.context import ContextDetector  # noqa: F401  (the type of Eraser.gate)
 from .lowrank import ModuleDelta
 from .naming import UNetLayout
 
@@ -39,6 +40,7 @@ class Eraser:
     source: str | None = None
     sha256: str | None = None
     official_format: bool = False  # loaded from a file without ConceptGate metadata
+    gate: "ContextDetector | None" = None  # the calibrated ``context`` gate stored with the file, if any
 
     def __post_init__(self):
         if self.kind not in KINDS:

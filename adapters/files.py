@@ -39,6 +39,7 @@ from .registry import check_eraser
 FORMAT_VERSION = "1"
 META = "conceptgate."
 TENSOR_PREFIX = "conceptgate.tensor."
+GATE_PREFIX = "conceptgate.gate."  # the calibrated context gate's tensors; its metadata is META + "gate"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 _MODULE_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "diff")
 
@@ -264,6 +265,7 @@ def _load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] 
     if not tensors and meta.get(META + "kind") != "guidance":
         raise EraserFileError(path, "the file holds no tensors")
     _check_finite(path, tensors)
+    tensors, gate = _split_gate(path, tensors, meta)
     ours = (META + "format") in meta
     name = os.path.splitext(os.path.basename(path))[0]
     if ours:
@@ -321,11 +323,26 @@ def _load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] 
         source=path,
         sha256=sha256_file(path),
         official_format=not ours,
+        gate=gate,
     )
     if eraser.base_family == "custom":
         eraser.base_family = None
     check_eraser(eraser, path)  # the mechanism's own checks (registry)
     return eraser
+
+
+def _split_gate(path, tensors: dict, meta: dict):
+    """(the other tensors, the stored :class:`~.gate.context.ContextDetector` or None)."""
+    from .gate.context import ContextDetector
+
+    parts = {k[len(GATE_PREFIX):]: t for k, t in tensors.items() if k.startswith(GATE_PREFIX)}
+    rest = {k: t for k, t in tensors.items() if not k.startswith(GATE_PREFIX)}
+    if not parts and META + "gate" not in meta:
+        return rest, None
+    try:
+        return rest, ContextDetector.from_parts(parts, _json_meta(meta, "gate", {}, path))
+    except ValueError as e:
+        raise EraserFileError(path, f"stored gate calibration unusable: {e}") from None
 
 
 def _wrong_kind(kind: str, method: str, expected: str) -> str:
@@ -359,10 +376,14 @@ def save_eraser(eraser: Eraser, path, hyperparameters: dict | None = None, dtype
     tensors = kohya_tensors(eraser.modules)
     for k, t in eraser.tensors.items():
         tensors[TENSOR_PREFIX + k] = t
+    if eraser.gate is not None:
+        tensors.update({GATE_PREFIX + k: t.float() for k, t in eraser.gate.to_tensors().items()})
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and v.dim() else v)
                .detach().contiguous().cpu() for k, v in tensors.items()}
     _check_finite(path, tensors)
-    meta = {
+    # keys of other tools (kohya's ss_*, official SPM's) travel along; ours are written anew below
+    meta = {k: v for k, v in (eraser.metadata or {}).items() if not k.startswith(META) and isinstance(v, str)}
+    meta.update({
         META + "format": FORMAT_VERSION,
         META + "kind": eraser.kind,
         META + "method": eraser.method,
@@ -371,7 +392,9 @@ def save_eraser(eraser: Eraser, path, hyperparameters: dict | None = None, dtype
         META + "settings": json.dumps(eraser.settings),
         META + "hyperparameters": json.dumps(hyperparameters or {}),
         META + "version": __version__,
-    }
+    })
+    if eraser.gate is not None:
+        meta[META + "gate"] = json.dumps(eraser.gate.to_metadata())
     for key in ("base_family", "base_fingerprint", "text_fingerprint"):
         if getattr(eraser, key):
             meta[META + key] = str(getattr(eraser, key))
@@ -417,6 +440,10 @@ def describe(path) -> tuple[dict, list[str]]:
     )
     if e.tensors:
         info["vectors"] = {k: list(t.shape) for k, t in e.tensors.items()}
+    info["gate"] = (f"context, calibrated (threshold {e.gate.calibration.threshold:.3g}, names "
+                    f"{', '.join(e.gate.names)}; fired on {e.gate.rates.get('negatives_fired', '?')} of neutral prompts, "
+                    f"its probe half on {e.gate.rates.get('probe_positives_fired', '?')} of concept prompts)"
+                    if e.gate is not None else "not calibrated (calibrated on first use; see 'calibrate')")
     if e.modules:
         from .naming import reference_layout
 

@@ -96,3 +96,19 @@ def register_prompt_context(name: str, fn: Callable) -> None:
 
 def prompt_contexts() -> dict[str, Callable]:
     return dict(PROMPT_CONTEXTS)
+
+
+#: ``method -> gate rule`` used when a stack entry is added without gate settings. The default rule
+#: (``context``) follows what the prompt asks for; an implicit concept (a watermark nobody asks for)
+#: registers ``always``.
+DEFAULT_GATE_RULES: dict[str, str] = {}
+
+
+def register_default_gate_rule(method: str, rule: str) -> None:
+    DEFAULT_GATE_RULES[method] = rule
+
+
+def default_gate_rule(eraser) -> str:
+    from .gate.settings import DEFAULT_RULE
+
+    return DEFAULT_GATE_RULES.get(eraser.method, DEFAULT_RULE)

@@ -24,7 +24,8 @@ import torch
 from .errors import EraserFileError
 from .eraser import Eraser
 from .files import load_eraser, sha256_file
-from .gate import ConceptBank, EncodedText, GateReport, GateSettings, TextEncoderLike, facilitated_transport
+from .gate import BankCache, EncodedText, GateReport, GateSettings, TextEncoderLike, entry_gates
+from .registry import default_gate_rule
 
 COMBINE_MODES = ("additive", "official")
 MANIFEST_VERSION = 1
@@ -53,7 +54,7 @@ class EraserStack:
 
     # ------------------------------------------------------------- building
     def with_eraser(self, eraser: Eraser, enabled=True, strength=1.0, gate: GateSettings | None = None) -> "EraserStack":
-        entry = StackEntry(eraser, bool(enabled), float(strength), gate or GateSettings())
+        entry = StackEntry(eraser, bool(enabled), float(strength), gate or GateSettings(rule=default_gate_rule(eraser)))
         return replace(self, entries=self.entries + (entry,))
 
     def with_combine(self, combine: str) -> "EraserStack":
@@ -94,11 +95,12 @@ class EraserStack:
         coeffs = torch.zeros(n, len(self.entries))
         report = GateReport()
         for i, entry in enumerate(self.entries):
-            gamma, scores = facilitated_transport(prompt, banks.get(entry.eraser), entry.gate, tokens_known)
+            result = entry_gates(prompt, entry.eraser, entry.gate, banks, tokens_known)
             if entry.enabled:
-                coeffs[:, i] = gamma * entry.strength
-            detail = "" if tokens_known or entry.gate.rule in ("always", "cos") else "token overlap unknown: cosine only"
-            report.add(entry.eraser.name, float(gamma[0]), entry.strength, entry.enabled, detail)
+                coeffs[:, i] = result.values * entry.strength
+            note = banks.notes.get(entry.eraser.name)
+            detail = result.details[0] + (f"; {note}" if note and note != "stored calibration" else "")
+            report.add(entry.eraser.name, float(result.values[0]), entry.strength, entry.enabled, detail)
         return coeffs, report
 
     # ------------------------------------------------------------- files
@@ -112,20 +114,3 @@ class EraserStack:
         """The stack a manifest describes, strictly validated (:func:`.manifest.read_manifest`)."""
         from .manifest import read_manifest
         return read_manifest(path, search_dirs, allow_unhashed, cls)
-
-
-class BankCache:
-    """Concept encodings per eraser, computed once per text encoder."""
-
-    def __init__(self, encoder: TextEncoderLike | None):
-        self.encoder = encoder
-        self._banks: dict[tuple, tuple[Eraser, ConceptBank]] = {}
-
-    def get(self, eraser: Eraser) -> ConceptBank:
-        key = (id(eraser), tuple(eraser.concepts))
-        hit = self._banks.get(key)
-        if hit is None or hit[0] is not eraser:  # the eraser is held, so its id cannot be reused
-            if self.encoder is None:
-                raise ValueError("a text encoder is needed to encode the erased concepts")
-            hit = self._banks[key] = (eraser, ConceptBank.encode(eraser.concepts, self.encoder))
-        return hit[1]

@@ -21,14 +21,13 @@ def _latents(pipe, seeds):
 
 def _raw_gates(stack, encoder, prompts: Sequence[str], banks=None) -> torch.Tensor:
     """[P, E] gate values (before strength / enable), each entry with its own gate settings."""
-    from ..adapters.gate import facilitated_transport
-    from ..adapters.stack import BankCache
+    from ..adapters.gate import BankCache, entry_gates
 
     banks = banks or BankCache(encoder)
     enc = encoder(list(prompts))
     out = torch.zeros(len(prompts), len(stack.entries))
     for i, e in enumerate(stack.entries):
-        out[:, i], _ = facilitated_transport(enc, banks.get(e.eraser), e.gate)
+        out[:, i] = entry_gates(enc, e.eraser, e.gate, banks).values
     return out
 
 

@@ -2,6 +2,7 @@
 
 =========================  ==================================================================
 ``inspect``, ``convert``   :mod:`.files`: what an eraser file holds; pickles to safetensors
+``gate``, ``calibrate``    :mod:`.gate`: why an eraser fires on a prompt; fitting its context gate
 ``edit``                   :mod:`.edit`: UCE / RECE edits, import of published weights
 ``train``                  :mod:`.train`: SPM membranes, All-but-One adapters, Geom-Erasing tokens
 ``bench``                  :mod:`.bench`: measured numbers into BENCHMARKS.md
@@ -20,10 +21,10 @@ import sys
 
 
 def _command_modules():
-    from . import bench, demo, edit, files, toyworld, train
+    from . import bench, demo, edit, files, gate, toyworld, train
 
     # the order of the help listing
-    return [files, toyworld, edit, bench, train, demo]
+    return [files, gate, toyworld, edit, bench, train, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

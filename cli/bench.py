@@ -47,6 +47,9 @@ def add_cli(subparsers):
     a.add_argument("--seeds", type=int, default=8)
     a.add_argument("--json", default=None)
     a.set_defaults(func=run_rece_attack)
+    from ..bench.gate import add_cli as add_gate_cli
+
+    add_gate_cli(sub)
     from ..bench.quality import add_quality_cli
 
     add_quality_cli(sub)

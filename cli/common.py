@@ -77,4 +77,6 @@ def add_run_options(p, save_every: int, name_default: str) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--name", default=None, help=f"eraser name (default: {name_default})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="do not fit the context gate at the end (it is then fitted on first use)")
     p.add_argument("--out", required=True, help="output .safetensors")

@@ -15,6 +15,7 @@ import sys
 import time
 
 from .common import friendly, log, read_lines, resolve_model_path
+from .gate import calibrate_saved
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -42,6 +43,8 @@ def cmd_edit(args) -> int:
     log(f"loaded in {time.perf_counter() - t0:.2f} s ({host.base_family or 'custom'} UNet)")
     outcome = compute_edit(host, spec, name=args.name, store_dtype=_dtype(args.dtype), log=log)
     save_edit(outcome, args.out)
+    if not args.no_calibrate:
+        calibrate_saved(args.out, host.gate_encoder(), args.model)
     print(outcome.text())
     return 0
 
@@ -113,6 +116,8 @@ def add_cli(sub) -> None:
         q.add_argument("--name", default=None, help="eraser name")
         q.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="stored factor dtype")
         q.add_argument("--out", required=True, help="output .safetensors")
+        q.add_argument("--no-calibrate", action="store_true",
+                       help="do not fit the context gate at the end (it is then fitted on first use)")
         q.set_defaults(func=cmd_edit, method=method)
     q = esub.add_parser("import", help="convert published UCE/RECE weights against their base model")
     _add_import_options(q)

@@ -16,6 +16,7 @@ import time
 
 from .common import (add_model_option, add_run_options, command_group, friendly, log, read_lines, resolve_model_path,
                      setup_torch)
+from .gate import calibrate_saved
 
 
 def _train_group(subparsers):
@@ -66,6 +67,8 @@ def cmd_train_spm(args) -> int:
     deadline = time.time() + 60 * args.deadline_min if args.deadline_min else None
     result = trainer.train(args.out, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                            progress=not args.no_progress, log=log, name=args.name, deadline=deadline)
+    if not args.no_calibrate:
+        calibrate_saved(args.out, trainer.encoder, args.model)
     last = result.losses[-1] if result.losses else None
     tail = f", last loss {last[1]:.4g} (erase {last[2]:.4g}, anchor {last[3]:.3g})" if last else ""
     print(f"wrote {args.out}: SPM membrane for {args.concept!r} (surrogate {args.surrogate!r}), "
@@ -126,6 +129,8 @@ def cmd_train_abo(args) -> int:
         f"{len(trainer.pairs)} prompt pairs ({config.context}), latent {trainer.latent_size}x{trainer.latent_size}")
     result = trainer.train(args.out, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                            progress=not args.no_progress, log=log, name=args.name)
+    if not args.no_calibrate:
+        calibrate_saved(args.out, trainer.encoder, args.model)
     last = result.losses[-1] if result.losses else None
     tail = f", last loss {last[1]:.4g} (guidance {last[2]:.4g}, unconditional {last[3]:.3g})" if last else ""
     print(f"wrote {args.out}: All-but-One adapter {args.concept!r} -> {args.alternative!r}, "
@@ -256,6 +261,10 @@ def cmd_train_geom(args) -> int:
     log(f"grid {config.grid}x{config.grid}, alpha {config.alpha}, {len(trainer.pos)} training images, bins covered: "
         + ", ".join(f"{G.token_name(b, config.grid)} x{trainer.bin_counts[b]}" for b in used))
     eraser, seconds, n = trainer.train(args.out, ckdir, args.resume, not args.no_progress, log, args.name)
+    if not args.no_calibrate:
+        from ..adapters.diffusers_host import DiffusersTextEncoder
+
+        calibrate_saved(args.out, DiffusersTextEncoder(pipe.tokenizer, pipe.text_encoder), args.model)
     if args.export:
         paths = G.export_ti(eraser, args.export, name=args.name or eraser.name, per_token=args.per_token)
         log(f"exported {len(paths)} textual-inversion file(s) to {args.export}")

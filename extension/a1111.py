@@ -31,7 +31,7 @@ import logging
 import torch
 
 from ..adapters.hooks import RowGatedDeltas
-from ..adapters.gate import EncodedText, GateReport, to_window
+from ..adapters.gate import EncodedText, GateReport, positions_mask, to_window
 from ..adapters.stack import BankCache, EraserStack
 from . import ldm
 from .text import HostTextEncoder, conditioning_hidden, subprompts
@@ -78,8 +78,8 @@ class A1111Runtime:
         self._pre = None
 
     def attach(self) -> "A1111Runtime":
-        for entry in self.stack.entries:  # encode the concepts now, not in the middle of sampling
-            self.banks.get(entry.eraser)
+        for entry in self.stack.entries:  # encode the concepts / load the detectors now, not mid-sampling
+            self.banks.prepare(entry)
         self.hooks.attach()
         if self._pre is None:
             self._pre = self.dm.register_forward_pre_hook(self._unet_call, with_kwargs=True)
@@ -113,7 +113,8 @@ class A1111Runtime:
             for part in subprompts(prompt):
                 texts.append(part)
                 image_of_row.append(i)
-        return self.encoder.tokens(texts), image_of_row
+        tokens, counts = self.encoder.token_rows(texts)
+        return tokens, image_of_row, counts
 
     # ------------------------------------------------------------- CFG step
     def on_cfg_denoiser(self, params):
@@ -123,13 +124,15 @@ class A1111Runtime:
         n_images = (uncond["crossattn"] if isinstance(uncond, dict) else uncond).shape[0]
         rows = self.prompt_rows.get(bool(self.is_hr())) or self.prompt_rows.get(False)
         if rows is not None and len(rows[1]) == n_cond and max(rows[1]) < n_images:
-            tokens, image_of_row = rows
+            tokens, image_of_row, counts = rows
             known = self.encoder.tokens_known
         else:  # the rows do not match the prompts (another extension changed them): cosine only
             tokens = [set() for _ in range(n_cond)]
             image_of_row = [min(r * n_images // max(n_cond, 1), n_images - 1) for r in range(n_cond)]
-            known = False
-        coeffs, report = self.stack.gates(EncodedText(to_window(hidden), tokens), banks=self.banks, tokens_known=known)
+            known, counts = False, None
+        window = to_window(hidden)
+        mask = positions_mask(counts, window.shape[1]) if counts is not None else None  # None: the rule fails closed
+        coeffs, report = self.stack.gates(EncodedText(window, tokens, mask=mask), banks=self.banks, tokens_known=known)
         per_image = image_coefficients(coeffs, image_of_row, n_images)
         uncond_rows = per_image.clone()
         for j, entry in enumerate(self.stack.entries):

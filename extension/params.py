@@ -33,11 +33,11 @@ import re
 from dataclasses import dataclass, field
 
 from ..adapters.limits import STRENGTH_LIMIT, check_strength, clean_name
+from ..adapters.gate import DEFAULT_RULE, RULES as GATE_RULES
 from ..adapters.stack import COMBINE_MODES
 
 TITLE = "ConceptGate"
 NETWORK = "erase"  # <erase:name:strength>
-GATE_RULES = ("ft", "always", "cos", "tokens")
 NO_PRESET = "None"
 
 KEY = "ConceptGate"
@@ -85,7 +85,7 @@ class ScriptArgs:
     erasers: list[tuple[str, float]] = field(default_factory=list)
     preset: str = NO_PRESET
     combine: str = "additive"
-    gate: str = "ft"
+    gate: str = DEFAULT_RULE
     cond_only: bool = False
 
     @classmethod
@@ -94,8 +94,8 @@ class ScriptArgs:
         if args and isinstance(args[0], dict):
             d = args[0]
             args = [d.get("enabled", True), d.get("erasers", ""), d.get("preset", NO_PRESET),
-                    d.get("combine", "additive"), d.get("gate", "ft"), d.get("cond_only", False)]
-        defaults = [False, "", NO_PRESET, "additive", "ft", False]
+                    d.get("combine", "additive"), d.get("gate", DEFAULT_RULE), d.get("cond_only", False)]
+        defaults = [False, "", NO_PRESET, "additive", DEFAULT_RULE, False]
         args = args + defaults[len(args):]
         enabled, erasers, preset, combine, gate, cond_only = args[:6]
         if not isinstance(combine, str) or combine not in COMBINE_MODES:
@@ -192,7 +192,7 @@ def infotext_params(used: list[UsedEraser], args: ScriptArgs) -> dict[str, str]:
         out[KEY_PRESET] = args.preset
     if args.combine != "additive":
         out[KEY_COMBINE] = args.combine
-    if args.gate != "ft":
+    if args.gate != DEFAULT_RULE:
         out[KEY_GATE] = args.gate
     if args.cond_only:
         out[KEY_COND_ONLY] = "True"
@@ -267,12 +267,12 @@ def restore(params: dict, rename=None) -> ScriptArgs:
         selection.append((name, strength))
     preset = params.get(KEY_PRESET, NO_PRESET)
     preset = preset if isinstance(preset, str) and preset.strip() else NO_PRESET
-    combine, gate = params.get(KEY_COMBINE, "additive"), params.get(KEY_GATE, "ft")
+    combine, gate = params.get(KEY_COMBINE, "additive"), params.get(KEY_GATE, DEFAULT_RULE)
     return ScriptArgs(
         enabled=bool(selection) or preset != NO_PRESET,
         erasers=selection,
         preset=preset,
         combine=combine if combine in COMBINE_MODES else "additive",  # an unknown pasted value: the default
-        gate=gate if gate in GATE_RULES else "ft",
+        gate=gate if gate in GATE_RULES else DEFAULT_RULE,
         cond_only=str(params.get(KEY_COND_ONLY, "False")).lower() == "true",
     )

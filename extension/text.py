@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from ..adapters.gate import EncodedText, special_token_filter, to_window
+from ..adapters.gate import EncodedText, positions_mask, special_token_filter, to_window
 
 AND = re.compile(r"\bAND\b")
 SUB_WEIGHT = re.compile(r"\s*:\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")  # "cat :1.2" weight of an AND part
@@ -63,6 +63,7 @@ class HostTextEncoder:
     def __init__(self, sd_model):
         self.sd_model = sd_model
         self._tokenize, specials = self._find_tokenizer(sd_model)
+        self._specials = specials  # (start, end, pad) where the host names them
         self._content = special_token_filter(specials)
 
     @staticmethod
@@ -86,14 +87,35 @@ class HostTextEncoder:
             out = self.sd_model.get_learned_conditioning(list(texts))
         return conditioning_hidden(out)
 
-    def tokens(self, texts: Sequence[str]) -> list[set[int]]:
+    def token_rows(self, texts: Sequence[str]) -> tuple[list[set[int]], list[int] | None]:
+        """(content token ids per text, content tokens in the first 75-token window per text or None
+        when the host has no tokenizer)."""
         if self._tokenize is None:
-            return [set() for _ in texts]
+            return [set() for _ in texts], None
         ids = self._tokenize([plain_words(t) for t in texts])
-        return [self._content(row) for row in ids]
+        return [self._content(row) for row in ids], [min(len(row), 75) for row in ids]
+
+    def tokens(self, texts: Sequence[str]) -> list[set[int]]:
+        return self.token_rows(texts)[0]
 
     def __call__(self, texts: Sequence[str]) -> EncodedText:
-        return EncodedText(to_window(self.hidden(texts)), self.tokens(texts))
+        hidden = to_window(self.hidden(texts))
+        tokens, counts = self.token_rows(texts)
+        if counts is None:
+            return EncodedText(hidden, tokens)
+        return EncodedText(hidden, tokens, self._window_ids(texts, hidden.shape[1]), positions_mask(counts, hidden.shape[1]))
+
+    def _window_ids(self, texts: Sequence[str], length: int) -> torch.Tensor | None:
+        """The first window's ids as the webui lays them out (start, 75 content tokens, end, padding)."""
+        if len(self._specials) < 2:
+            return None
+        start, end = self._specials[0], self._specials[1]
+        pad = self._specials[2] if len(self._specials) > 2 else end
+        ids = torch.full((len(texts), length), pad, dtype=torch.long)
+        for b, row in enumerate(self._tokenize([plain_words(t) for t in texts])):
+            row = [start] + list(row)[: length - 2] + [end]
+            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return ids
 
 
 def conditioning_hidden(cond) -> torch.Tensor:

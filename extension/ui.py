@@ -48,7 +48,7 @@ def build(script, is_img2img):
         with gr.Row():
             combine = gr.Dropdown(list(COMBINE_MODES), value="additive", label="Combine",
                                   elem_id=script.elem_id("conceptgate_combine"))
-            gate = gr.Dropdown(list(GATE_RULES), value="ft", label="Gate rule (ft = official Facilitated Transport)",
+            gate = gr.Dropdown(list(GATE_RULES), value=GATE_RULES[0], label="Gate rule (context = by meaning; ft = official Facilitated Transport)",
                                elem_id=script.elem_id("conceptgate_gate"))
             cond_only = gr.Checkbox(False, label="Conditional rows only (non-official)",
                                     elem_id=script.elem_id("conceptgate_cond_only"))

@@ -31,7 +31,8 @@ from ..adapters.stack import BankCache, EraserStack
 
 log = logging.getLogger("conceptgate")
 KEY = "conceptgate"
-TOKENS_KEY = "conceptgate_tokens"  # set on conditionings by our text-encode node
+TOKENS_KEY = "conceptgate_tokens"  # set on conditionings by our text-encode node: content token ids
+WINDOW_IDS_KEY = "conceptgate_window_ids"  # and the token id at every position of the first 77-token window
 
 
 # ------------------------------------------------------------------ text
@@ -41,13 +42,39 @@ def _tokenizers(clip):
     return found or [tok]
 
 
-def content_tokens(clip, tokens: dict) -> set[int]:
-    """Token ids of a ComfyUI token dict without start/end/pad (and without embedding tensors)."""
+def _specials(clip) -> set[int]:
     specials = set()
     for t in _tokenizers(clip):
         specials |= {x for x in (getattr(t, "start_token", None), getattr(t, "end_token", None),
                                  getattr(t, "pad_token", None)) if x is not None}
-    keep = special_token_filter(sorted(specials))
+    return specials
+
+
+def window_ids(clip, tokens: dict) -> list[int]:
+    """The token id at every position of the first 77-token window (an embedding vector counts as a
+    content position with id -1)."""
+    first = next(iter(tokens.values()))[0]
+    return [t[0] if isinstance(t[0], int) else -1 for t in first][:77]
+
+
+def encoded_conditioning(clip_specials: set[int] | None, ctx: torch.Tensor, extra: dict) -> EncodedText:
+    """What the gate reads from one CONDITIONING entry: its context and, where our text-encode node
+    recorded them, its tokens and content positions (a stock CLIPTextEncode records neither)."""
+    tokens = extra.get(TOKENS_KEY)
+    hidden = to_window(ctx[:1].float())
+    ids = extra.get(WINDOW_IDS_KEY)
+    mask = None
+    if ids is not None and clip_specials is not None:
+        row = torch.tensor(list(ids)[: hidden.shape[1]], dtype=torch.long)
+        m = ~torch.isin(row, torch.tensor(sorted(clip_specials), dtype=torch.long))
+        mask = torch.zeros(1, hidden.shape[1], dtype=torch.bool)
+        mask[0, : len(m)] = m
+    return EncodedText(hidden, [set(tokens or ())], mask=mask)
+
+
+def content_tokens(clip, tokens: dict) -> set[int]:
+    """Token ids of a ComfyUI token dict without start/end/pad (and without embedding tensors)."""
+    keep = special_token_filter(sorted(_specials(clip)))
     ids = []
     first = next(iter(tokens.values()))  # SDXL: the g and l lists hold the same words
     for chunk in first:
@@ -62,14 +89,19 @@ class ComfyTextEncoder:
     def __init__(self, clip):
         self.clip = clip
 
-    def encode_one(self, text: str) -> tuple[torch.Tensor, set[int]]:
+    def encode_one(self, text: str) -> tuple[torch.Tensor, set[int], list[int]]:
         tokens = self.clip.tokenize(text)
         cond = self.clip.encode_from_tokens(tokens)
-        return to_window(cond.float()), content_tokens(self.clip, tokens)
+        return to_window(cond.float()), content_tokens(self.clip, tokens), window_ids(self.clip, tokens)
 
     def __call__(self, texts) -> EncodedText:
         rows = [self.encode_one(t) for t in texts]
-        return EncodedText(torch.cat([r[0] for r in rows]), [r[1] for r in rows])
+        hidden = torch.cat([r[0] for r in rows])
+        ids = torch.full((len(rows), hidden.shape[1]), -2, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r[2])] = torch.tensor(r[2][: hidden.shape[1]], dtype=torch.long)
+        specials = torch.tensor(sorted(_specials(self.clip) | {-2}), dtype=torch.long)
+        return EncodedText(hidden, [r[1] for r in rows], ids, ~torch.isin(ids, specials))
 
 
 # ------------------------------------------------------------------ model layout
@@ -123,6 +155,7 @@ class RowGateRuntime:
     def __init__(self, model, stack: EraserStack, encoder, report_sink=None):
         self.stack = stack
         self.banks = BankCache(encoder)
+        self.specials = _specials(encoder.clip) if hasattr(encoder, "clip") else None
         names = module_names(model)
         diffusion = model.model
         self.hooks = RowGatedDeltas(stack, lambda n: diffusion.get_submodule(names[n]))
@@ -133,9 +166,8 @@ class RowGateRuntime:
         ctx = cond.get("cross_attn")
         if ctx is None:
             return torch.zeros(len(self.stack.entries))
-        tokens = cond.get(TOKENS_KEY)
-        enc = EncodedText(to_window(ctx[:1].float()), [set(tokens or ())])
-        coeffs, report = self.stack.gates(enc, banks=self.banks, tokens_known=tokens is not None)
+        enc = encoded_conditioning(self.specials, ctx, cond)
+        coeffs, report = self.stack.gates(enc, banks=self.banks, tokens_known=cond.get(TOKENS_KEY) is not None)
         if self.report_sink is not None:
             self.report_sink(report)
         return coeffs[0]
@@ -178,8 +210,8 @@ def row_gated(model, stack: EraserStack, clip, report_sink=None):
     check_fits(model, stack)
     m = model.clone()
     runtime = RowGateRuntime(m, stack, ComfyTextEncoder(clip), report_sink)
-    for entry in stack.entries:  # encode the concepts now, not in the middle of sampling
-        runtime.banks.get(entry.eraser)
+    for entry in stack.entries:  # encode the concepts / load the detectors now, not in the middle of sampling
+        runtime.banks.prepare(entry)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, KEY, runtime.calc_cond_batch_wrapper)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, runtime.diffusion_model_wrapper)
     m.set_injections(KEY, [comfy.patcher_extension.PatcherInjection(
@@ -192,9 +224,8 @@ def gates_for_conditioning(stack: EraserStack, clip, conditioning, banks: BankCa
     banks = banks or BankCache(ComfyTextEncoder(clip))
     best, best_report = None, GateReport()
     for cond_tensor, extra in conditioning:
-        tokens = extra.get(TOKENS_KEY)
-        enc = EncodedText(to_window(cond_tensor[:1].float()), [set(tokens or ())])
-        coeffs, report = stack.gates(enc, banks=banks, tokens_known=tokens is not None)
+        enc = encoded_conditioning(_specials(clip), cond_tensor, extra)
+        coeffs, report = stack.gates(enc, banks=banks, tokens_known=extra.get(TOKENS_KEY) is not None)
         if best is None or float(coeffs.sum()) > float(best.sum()):
             best, best_report = coeffs[0], report
     if best is None:

@@ -66,8 +66,8 @@ class AboRuntime:
         self.stack = stack
         self.clip = clip
         self.banks = BankCache(comfy_glue.ComfyTextEncoder(clip))
-        for _, e in abo_entries(stack):  # encode now, not in the middle of sampling
-            self.banks.get(e.eraser)
+        for _, e in abo_entries(stack):  # encode / calibrate now, not in the middle of sampling
+            self.banks.prepare(e)
         self._conditioning: dict[str, list] = {}
         self._terms: dict = {}
         self.pending = None
@@ -107,7 +107,7 @@ class AboRuntime:
             if ctx is None:
                 continue
             tokens = c.get(comfy_glue.TOKENS_KEY)
-            enc = EncodedText(to_window(ctx[:1].float()), [set(tokens or ())])
+            enc = comfy_glue.encoded_conditioning(comfy_glue._specials(self.clip), ctx, c)
             for t in guidance_terms(self.stack, enc, self.banks, tokens_known=tokens is not None)[0]:
                 if t.eraser not in best or t.gamma > best[t.eraser].gamma:
                     best[t.eraser] = t
@@ -145,6 +145,7 @@ class AboRuntime:
         new["cross_attn"] = c[0]
         new["uuid"] = uuid.uuid4()
         new.pop(comfy_glue.TOKENS_KEY, None)
+        new.pop(comfy_glue.WINDOW_IDS_KEY, None)
         self._terms[key] = new
         return new
 

@@ -17,7 +17,8 @@ import os
 import folder_paths
 
 from ..adapters.files import load_eraser
-from ..adapters.gate import GateSettings
+from ..adapters.gate import DEFAULT_RULE, GateSettings
+from ..adapters.gate import RULES as GATE_RULES
 from ..adapters.stack import COMBINE_MODES, EraserStack
 from . import comfy_glue
 
@@ -27,7 +28,6 @@ FOLDER = "conceptgate"
 ERASER = "CONCEPTGATE_ERASER"
 STACK = "CONCEPTGATE_STACK"
 MODES = ("per-row", "batch")
-GATE_RULES = ("ft", "always", "cos", "tokens")
 
 
 def register_model_folder():
@@ -107,9 +107,12 @@ class AddToStack:
                                     "(output identical to a graph without it)."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
                                    "tooltip": "Multiplies the gate. 1.0 = as trained."}),
-            "gate": (list(GATE_RULES), {"default": "ft", "tooltip": "ft: SPM's Facilitated Transport (official): "
-                     "max(prompt/concept embedding cosine, share of the concept's tokens in the prompt). always: a plain "
-                     "LoRA at 'strength'. cos / tokens: one half of ft."}),
+            "gate": (list(GATE_RULES), {"default": DEFAULT_RULE, "tooltip": "context (default): the eraser's "
+                     "calibrated detector on what the prompt means (content tokens only), or a listed name in it; needs "
+                     "'CLIP Text Encode (ConceptGate)' to know the prompt's tokens, else the eraser acts on every "
+                     "prompt. ft: SPM's Facilitated Transport (official): max(prompt/concept embedding cosine, share of "
+                     "the concept's tokens in the prompt). always: a plain LoRA at 'strength'. cos / tokens: one half "
+                     "of ft."}),
             "cond_only": ("BOOLEAN", {"default": False, "tooltip": "Apply to the positive branch only and keep the "
                                       "unconditional prediction of the base model (non-official)."}),
         }, "optional": {
@@ -182,8 +185,10 @@ class TextEncode:
     def encode(self, clip, text):
         tokens = clip.tokenize(text)
         conditioning = clip.encode_from_tokens_scheduled(tokens)
+        ids = comfy_glue.window_ids(clip, tokens)
         tokens = comfy_glue.content_tokens(clip, tokens)
-        return ([[c, dict(extra, **{comfy_glue.TOKENS_KEY: sorted(tokens)})] for c, extra in conditioning],)
+        tags = {comfy_glue.TOKENS_KEY: sorted(tokens), comfy_glue.WINDOW_IDS_KEY: ids}
+        return ([[c, dict(extra, **tags)] for c, extra in conditioning],)
 
 
 NODE_CLASS_MAPPINGS = {

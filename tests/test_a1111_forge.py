@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import a1111_stub
-from conceptgate.adapters import EraserStack, dense_deltas
+from conceptgate.adapters import EraserStack, GateSettings, dense_deltas
 from test_a1111_webui import loaded, world  # noqa: F401  (module fixture)
 
 
@@ -84,7 +84,8 @@ def test_patches_equal_hand_merge_at_the_comfyui_gate(forge, world, combine):
     assert unet is not forge.unet  # a clone; the original patcher keeps no patches
     assert not getattr(forge.unet, "lora_patches", None) and not getattr(forge.unet, "patches", None)
     tri, circ = loaded(world, "tri", "circ")
-    stack = EraserStack(combine=combine).with_eraser(tri).with_eraser(circ, strength=0.6)
+    ft = GateSettings(rule="ft")  # the rule the webui run above was given
+    stack = EraserStack(combine=combine).with_eraser(tri, gate=ft).with_eraser(circ, strength=0.6, gate=ft)
     # the batch coefficient: per eraser, the strongest gate over the AND parts (ComfyUI gates each part)
     parts = [comfy_coeff(world, stack, t) for t in ("a red triangle", "a green square")]
     want = torch.where(parts[0].abs() >= parts[1].abs(), parts[0], parts[1])

@@ -41,14 +41,14 @@ def test_script_args_list_dict_and_validation():
 def test_infotext_params_and_restore():
     used = [params.UsedEraser("tri", 0.8, 0.9123, "ab" * 32), params.UsedEraser("circ", 1.0, None, None),
             params.UsedEraser("tag", 0.5, 0.1, "cd" * 32)]
-    args = params.ScriptArgs(True, [("tri", 0.8)], "both.json", "official", "ft", True)
+    args = params.ScriptArgs(True, [("tri", 0.8)], "both.json", "official", "context", True)  # the default rule
     p = params.infotext_params(used, args)
     assert p == {"ConceptGate": "tri:0.8:0.912, circ:1:off, tag:0.5:0.100",
                  "ConceptGate hashes": f"tri: {'ab' * 6}, tag: {'cd' * 6}", "ConceptGate preset": "both.json",
                  "ConceptGate combine": "official", "ConceptGate cond only": "True"}
     pasted = dict(p, Prompt="a cat <erase:tag:0.5>")
     r = params.restore(pasted, rename=lambda n, h: "tri_v2" if h == "ab" * 6 else n)
-    assert r == params.ScriptArgs(True, [("tri_v2", 0.8)], "both.json", "official", "ft", True)
+    assert r == params.ScriptArgs(True, [("tri_v2", 0.8)], "both.json", "official", "context", True)
     assert params.restore({"Prompt": "x"}) == params.ScriptArgs()
     assert params.infotext_params([], args) == {}
 

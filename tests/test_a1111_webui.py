@@ -379,7 +379,7 @@ def test_same_gate_and_delta_as_the_comfyui_path(host, world):
     for prompt in ("a red triangle", "a painting of a triangle", "a green square"):
         p, _ = host.run(prompt, [True, "tri:0.9", "None", "additive", "ft", False])
         ours = p.conceptgate.report.rows[0]["gate"]
-        stack = EraserStack().with_eraser(tri, strength=0.9)
+        stack = EraserStack().with_eraser(tri, strength=0.9, gate=GateSettings(rule="ft"))  # as the webui run
         (cond,) = TextEncode().encode(world["clip"], prompt)
         coeffs, report = comfy_glue.gates_for_conditioning(stack, world["clip"], cond)
         assert abs(ours - report.rows[0]["gate"]) < 1e-5, prompt
@@ -439,7 +439,8 @@ def test_incompatible_and_unreachable_erasers_are_refused_by_name(world, tmp_pat
 
 def test_preset_manifest(host, world):
     tri, circ = loaded(world, "tri", "circ")
-    stack = EraserStack().with_eraser(tri, strength=0.7).with_eraser(circ, enabled=False, gate=GateSettings(rule="always"))
+    stack = EraserStack().with_eraser(tri, strength=0.7, gate=GateSettings(rule="ft")).with_eraser(
+        circ, enabled=False, gate=GateSettings(rule="always"))
     path = os.path.join(world["folder"], "both.json")
     stack.to_manifest(path)
     try:

@@ -197,8 +197,10 @@ def test_evaluate_stack_with_generate_fn_and_gates(toy):
 
     pipe, judges = toy
     (uce,) = Q.make_edit_erasers(pipe, Q.DEFAULT_EDITS[:1])
+    from conceptgate.adapters.gate import GateSettings
+
     tier = dict(keyword=6, synonym=3, heldout=3, per_target=3, seeds=2, gate_prompts=12, boot=100)
-    stack = EraserStack().with_eraser(uce)
+    stack = EraserStack().with_eraser(uce, gate=GateSettings(rule="ft"))
     sets = Q.build_prompt_sets({**Q.TIERS["quick"], **tier}, [TRI])
     r = Q.evaluate_stack(pipe, judges, stack, tier=tier, prompt_sets=sets, generate_fn=_render_generate(sets))
     kw = r["sets"]["keyword"]

@@ -11,9 +11,9 @@ CFG scale ``w``::
 
 ``e_erase`` / ``e_alt`` encode the erased concept and the alternative with the sampler's own text
 encoder; an empty alternative means "erase to nothing" (``e_alt = E("")``). ``gamma(p)`` is the
-stack's per-prompt gate for this eraser (:func:`~conceptgate.adapters.gate.facilitated_transport`
-with the entry's :class:`~conceptgate.adapters.gate.GateSettings`: ``ft`` / ``always`` / ``cos`` /
-``tokens``, optional non-official threshold) times the entry's strength.
+stack's per-prompt gate for this eraser (:func:`~conceptgate.adapters.gate.entry_gates` with the entry's
+:class:`~conceptgate.adapters.gate.GateSettings`: ``context`` by default, or ``ft`` / ``always`` /
+``cos`` / ``tokens``, optional threshold) times the entry's strength.
 
 Identity (tested): at ``p = erase``, ``gamma = 1`` and ``e_n = E("")`` the rule is exactly CFG
 sampling of the fine-tuned model at the reconstructed objective's optimum
@@ -55,7 +55,7 @@ import torch
 
 from ..eraser import Eraser
 from ..errors import EraserFileError
-from ..gate import EncodedText, facilitated_transport
+from ..gate import EncodedText, entry_gates
 from ..stack import BankCache, EraserStack, StackEntry
 
 METHOD = "abo"
@@ -180,12 +180,13 @@ def guidance_terms(stack: EraserStack, prompt: EncodedText, banks: BankCache,
                    tokens_known: bool = True) -> list[list[Term]]:
     """For each of the P encoded prompts, the ABO terms whose gate x strength is non-zero.
 
-    Each enabled ABO entry's gate is :func:`facilitated_transport` with the entry's settings; the
-    erased conditioning is the entry's best-matching concept for that prompt."""
+    Each enabled ABO entry's gate is :func:`~conceptgate.adapters.gate.entry_gates` with the entry's
+    settings; the erased conditioning is the entry's best-matching concept for that prompt."""
     n = prompt.hidden.shape[0]
     out: list[list[Term]] = [[] for _ in range(n)]
     for _, entry in abo_entries(stack):
-        gamma, scores = facilitated_transport(prompt, banks.get(entry.eraser), entry.gate, tokens_known)
+        result = entry_gates(prompt, entry.eraser, entry.gate, banks, tokens_known)
+        gamma, scores = result.values, result.scores
         best = scores.argmax(dim=1) if scores.dim() == 2 and scores.shape[1] else torch.zeros(n, dtype=torch.long)
         for i in range(n):
             g = float(gamma[i]) * entry.strength

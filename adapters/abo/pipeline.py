@@ -30,7 +30,7 @@ from .. import hooks
 from ..hooks import HookSet
 from ..diffusers_host import DiffusersTextEncoder, GatedPipeline
 from ..errors import UnsupportedEraser
-from ..gate import facilitated_transport
+from ..gate import entry_gates
 from ..stack import BankCache
 from .guidance import AboPlan, Term, abo_entries, encode_texts, guidance_terms, terms_from_gates
 
@@ -225,8 +225,7 @@ def diffusers_handler(pipe, entries, prompts, seeds, gates, steps, cfg, sample):
     banks = BankCache(encoder)
     best = torch.zeros(len(prompts), len(entries), dtype=torch.long)
     for j, e in enumerate(entries):
-        _, scores = facilitated_transport(enc, banks.get(e.eraser), e.gate)
-        best[:, j] = scores.argmax(1)
+        best[:, j] = entry_gates(enc, e.eraser, e.gate, banks).scores.argmax(1)
     terms = terms_from_gates(entries, gates, best)
     texts = encode_texts(encoder, terms)
     unet_hooks = AboUNetHooks(pipe.unet).attach()

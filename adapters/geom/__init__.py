@@ -31,7 +31,7 @@ setting also trains tokens only (the paper fine-tunes the UNet jointly there, wh
 portable artefact).
 """
 
-from ..registry import Mechanism, register_conditioning, register_mechanism
+from ..registry import Mechanism, register_conditioning, register_default_gate_rule, register_mechanism
 from .detectors import CocoDetector, Detection, write_coco
 from .embedding import eraser_from_ti, export_ti, load_ti, ti_metadata, ti_vectors
 from .negative import NegativePlan, concept_segments, diffusers_handler, encode_negative, plan_negative, select_bins
@@ -41,3 +41,5 @@ from .tokens import (METHOD, OVERFLOW, TI_KEY, TI_META, TOKEN_SETS, WINDOW, Vect
 
 register_mechanism(Mechanism("geom", "Geom-Erasing (Liu et al., ECCV 2024)", (("conditioning", METHOD),)))
 register_conditioning(METHOD, diffusers_handler)
+# an implicit concept is not asked for by the prompt: its tokens join every negative by default
+register_default_gate_rule(METHOD, "always")

@@ -43,11 +43,12 @@ class EditHost:
 
         def enc(texts):
             hidden, ids = self.encode(list(texts))
-            toks = []
-            for row in ids.tolist():
+            toks, mask = [], torch.zeros(ids.shape, dtype=torch.bool)
+            for b, row in enumerate(ids.tolist()):
                 end = next((i for i, t in enumerate(row[1:], 1) if t == cf.CLIP_EOS_TOKEN_ID), len(row))
                 toks.append({t for t in row[1:end] if t >= 0})
-            return EncodedText(hidden.float(), toks)
+                mask[b, 1:end] = True
+            return EncodedText(hidden.float(), toks, ids.long(), mask)
         return enc
 
 
