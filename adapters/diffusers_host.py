@@ -21,7 +21,8 @@ from .hooks import RowGatedDeltas
 from .errors import IncompatibleModelError
 from .gate import EncodedText, GateReport, special_token_filter
 from .naming import layout_from_diffusers_config
-from .stack import BankCache, EraserStack
+from .gate import BankCache
+from .stack import EraserStack
 
 
 class DiffusersTextEncoder:

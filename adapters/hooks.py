@@ -170,7 +170,8 @@ class HookSet:
         self._handles: list = []
         self._local = threading.local()
 
-    def _register(self) -> list:
+    def _register(self):
+        """Yield the hook handles one by one (so a failure half-way can remove those already added)."""
         raise NotImplementedError
 
     @property
@@ -179,7 +180,15 @@ class HookSet:
 
     def attach(self):
         if not self._handles:
-            self._handles = list(self._register())
+            added = []
+            try:
+                for handle in self._register():
+                    added.append(handle)
+            except BaseException:
+                for handle in added:  # never leave a partial set of hooks on the user's model
+                    handle.remove()
+                raise
+            self._handles = added
         return self
 
     def detach(self):
@@ -270,8 +279,9 @@ class RowGatedDeltas(HookSet):
         """Context manager: these coefficients for the UNet calls inside the block."""
         return _CoefficientScope(self, "state", coeffs)
 
-    def _register(self) -> list:
-        return [self.resolve(name).register_forward_hook(self._make_hook(terms)) for name, terms in self.terms.items()]
+    def _register(self):
+        for name, terms in self.terms.items():
+            yield self.resolve(name).register_forward_hook(self._make_hook(terms))
 
     def _make_hook(self, terms: _ModuleTerms):
         local = self._local

@@ -15,20 +15,15 @@ Two ways to combine several weight erasers on one module (SPM section 1.5 of the
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from .errors import EraserFileError
 from .eraser import Eraser
-from .files import load_eraser, sha256_file
 from .gate import BankCache, EncodedText, GateReport, GateSettings, TextEncoderLike, entry_gates
 from .registry import default_gate_rule
 
 COMBINE_MODES = ("additive", "official")
-MANIFEST_VERSION = 1
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,20 @@ def check_same_settings(saved_config_json: str, config) -> None:
 
 class CheckpointedTrainer:
     progress_desc = "train"
+    #: (label, step-record key, format) of what the progress bar shows after a step
+    postfix_fields: tuple = (("loss", "loss", ".4g"),)
 
-    def setup_frozen_models(self, unet, text_encoder, tokenizer, scheduler_config: dict, device, clip_skip):
+    def setup_frozen_models(self, config, unet, text_encoder, tokenizer, scheduler_config: dict, device, clip_skip):
         """The frozen float32 base both trainers start from: UNet, text encoder (+ the host-style encoder that
-        encodes prompts as the sampler does) and a DDIM sampler built from the model's scheduler config."""
+        encodes prompts as the sampler does), a DDIM sampler built from the model's scheduler config, the UNet's
+        layout and the seeded generator every random draw of the run comes from."""
         from diffusers import DDIMScheduler
+
+        from .naming import layout_from_diffusers_config
+
+        self.config = config
+        self.layout = layout_from_diffusers_config(unet.config)
+        self.generator = torch.Generator().manual_seed(config.seed)
 
         from .diffusers_host import DiffusersTextEncoder
 
@@ -61,8 +70,7 @@ class CheckpointedTrainer:
         self.num_train_timesteps = int(self.sampler.config.num_train_timesteps)
 
     def postfix(self, rec: dict) -> dict:
-        """What the progress bar shows after a step (override)."""
-        return {"loss": f"{rec['loss']:.4g}"}
+        return {label: format(rec[key], fmt) for label, key, fmt in self.postfix_fields}
 
     def before_loop(self, log: Callable[[str], None] | None) -> None:
         """Work done once before the first step of a call (e.g. building a data pool)."""

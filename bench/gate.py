@@ -243,7 +243,11 @@ def _write(result: dict, json_path=None) -> None:
         table(rows, [("concept", "concept"), ("rule", "rule")] + [(c, c.replace("ring_a_bell_", "RAB ")) for c in cols]),
         "",
         f"Prompts per set (first concept): {n}. The context rule's calibration (fitted by `calibrate` on random "
-        f"fillings of the training templates and random vocabulary, never on these sets): {cal}.",
+        f"fillings of the training templates and random vocabulary, never on these sets): {cal}. One choice was "
+        "made on these sets: the whitening shrinkage alpha (0.3) and the neutral false-fire bound (0.5%) were picked "
+        "among 8 settings (alpha 0.1-1.0, bound 0.2-1%, pool 600/1200) as the one meeting every should-not-fire "
+        "target with the best attack detection; with alpha 0.1 the watermark sweep without the concept fired on "
+        "50% (the word 'water' in the sentence).",
         f"Cost of the context rule, 8 erasers, per prompt (text encoding excluded, 1 CPU thread): {cost}.",
         f"Total {result['seconds']:.0f} s.",
     ])

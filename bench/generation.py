@@ -58,7 +58,7 @@ def generate_with_stack(pipe, prompts: Sequence[str], seeds: Sequence[int], stac
     encoder = None
     if entries:
         from ..adapters.diffusers_host import DiffusersTextEncoder
-        from ..adapters.stack import BankCache
+        from ..adapters.gate import BankCache
 
         encoder = gated.encoder if gated is not None else DiffusersTextEncoder(pipe.tokenizer, pipe.text_encoder)
         banks = gated.banks if gated is not None else BankCache(encoder)

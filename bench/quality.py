@@ -209,7 +209,7 @@ def evaluate_stack(pipe, judges, stack=None, targets=None, tier: str | dict = "q
     # ---- gate profiles (text only)
     if stack is not None and len(stack.entries):
         from ..adapters.diffusers_host import DiffusersTextEncoder
-        from ..adapters.stack import BankCache
+        from ..adapters.gate import BankCache
 
         enc = DiffusersTextEncoder(pipe.tokenizer, pipe.text_encoder)
         banks = BankCache(enc)
@@ -261,7 +261,14 @@ def make_edit_erasers(pipe, edits=DEFAULT_EDITS, out_dir: str | None = None, log
     ``out_dir`` when given). Preserve set: the other keywords of the same kind."""
     from ..adapters.rece import DiffusersEditHost, compute_edit, save_edit
 
+    from ..adapters.diffusers_host import DiffusersTextEncoder
+    from ..adapters.gate.calibrate import Calibrator
+    from ..toyworld.contexts import gate_carriers, gate_neutral_prompts, gate_synonyms
+
     host = DiffusersEditHost.from_pipeline(pipe)
+    # as `edit --model toy` does: the new eraser's context gate is calibrated at the end, with the toy vocabulary
+    calibrator = Calibrator(DiffusersTextEncoder(pipe.tokenizer, pipe.text_encoder), domain_carriers=gate_carriers,
+                            domain_prompts=gate_neutral_prompts, domain_synonyms=gate_synonyms)
     erasers = []
     for ed in edits:
         t = resolve_concept(ed["concept"])
@@ -270,6 +277,7 @@ def make_edit_erasers(pipe, edits=DEFAULT_EDITS, out_dir: str | None = None, log
         o = compute_edit(host, method=ed["method"], concepts=(ed["concept"],), guide=ed.get("guide"),
                          preserve=preserve, concept_type=ed.get("concept_type", "object"), cache=None,
                          name=f"{ed['method']}-{ed['concept']}")
+        o.eraser.gate = calibrator.calibrate(o.eraser.concepts)
         if out_dir:
             save_edit(o, os.path.join(out_dir, f"{o.eraser.name}.safetensors"))
         if log:
@@ -440,10 +448,12 @@ def _notes(result: dict) -> list[str]:
                      f"only {100 * ag['object_agreement']:.0f}% / {100 * ag['watermark_agreement']:.0f}% of base-model "
                      "generations: generated silhouettes and glyphs are softer than renders, so the hand-crafted "
                      "checks are a sanity check on renders, not a second judge of generations.")
+    rules = sorted({g.get("rule", "?") for g in (result.get("gates") or {}).values()})
     notes.append("UCE/RECE erasers are computed on the fly on the committed model (guide = the neutral anchor of their "
-                 "kind, preserve = the other keywords of that kind) and applied through GatedPipeline with the "
-                 "official Facilitated-Transport gate (no threshold): the gate's cosine half is high for short "
-                 "in-domain prompts, hence the high unrelated fire rates at 0.5.")
+                 "kind, preserve = the other keywords of that kind), their context gate calibrated as `edit --model toy` "
+                 f"does, and applied through GatedPipeline with each eraser's default gate rule ({', '.join(rules)}). "
+                 "Where the gate is 0 the images are bit-identical to the base model's, so equal IRA/CRA rows are "
+                 "expected.")
     if result.get("tier") == "quick":
         notes.append("Quick tier: few prompts per set; intervals are wide. `--full` for release numbers.")
     rt = result.get("runtime")

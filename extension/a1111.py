@@ -32,7 +32,8 @@ import torch
 
 from ..adapters.hooks import RowGatedDeltas
 from ..adapters.gate import EncodedText, GateReport, positions_mask, to_window
-from ..adapters.stack import BankCache, EraserStack
+from ..adapters.gate import BankCache
+from ..adapters.stack import EraserStack
 from . import ldm
 from .text import HostTextEncoder, conditioning_hidden, subprompts
 

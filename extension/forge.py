@@ -32,7 +32,8 @@ from ..adapters.files import kohya_tensors
 from ..adapters.errors import IncompatibleModelError
 from ..adapters.gate import GateReport
 from ..adapters.lowrank import ModuleDelta
-from ..adapters.stack import BankCache, EraserStack
+from ..adapters.gate import BankCache
+from ..adapters.stack import EraserStack
 from . import host as _host
 from . import ldm
 from .a1111 import image_coefficients

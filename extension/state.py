@@ -16,7 +16,8 @@ import torch
 
 from ..adapters.errors import EraserFileError
 from ..adapters.gate import GateReport, GateSettings
-from ..adapters.stack import BankCache, EraserStack
+from ..adapters.gate import BankCache
+from ..adapters.stack import EraserStack
 from . import host as _host
 from .library import Library
 from .mechanisms import reachable_kind

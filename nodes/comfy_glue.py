@@ -27,7 +27,8 @@ from ..adapters.files import kohya_tensors
 from ..adapters.gate import EncodedText, GateReport, special_token_filter, to_window
 from ..adapters.lowrank import ModuleDelta
 from ..adapters.naming import UNetLayout, guess_family
-from ..adapters.stack import BankCache, EraserStack
+from ..adapters.gate import BankCache
+from ..adapters.stack import EraserStack
 
 log = logging.getLogger("conceptgate")
 KEY = "conceptgate"

@@ -42,7 +42,8 @@ from ..adapters.abo.guidance import (
 )
 from ..adapters.errors import EraserFileError
 from ..adapters.gate import EncodedText, GateReport, to_window
-from ..adapters.stack import BankCache, EraserStack
+from ..adapters.gate import BankCache
+from ..adapters.stack import EraserStack
 from . import comfy_glue
 from .nodes_conceptgate import ERASER, FOLDER, STACK
 

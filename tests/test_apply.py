@@ -142,3 +142,24 @@ def test_clip_skip_changes_the_embedding(encoder):
     skip = DiffusersTextEncoder(encoder.tokenizer, encoder.text_encoder, clip_skip=1)
     a, b = encoder(["a red square"]), skip(["a red square"])
     assert a.tokens == b.tokens and not torch.allclose(a.hidden, b.hidden)
+
+
+def test_a_failed_attach_leaves_no_hook():
+    """If a module cannot be resolved half-way through attaching, the hooks already added are removed."""
+    from conceptgate.adapters import EraserStack, RowGatedDeltas, layout_from_diffusers_config
+    from conceptgate.adapters.synthetic import random_eraser
+    from tiny_models import tiny_unet
+
+    unet = tiny_unet()
+    e = random_eraser(layout_from_diffusers_config(unet.config), which="attn2_kv", name="e")
+    names = list(e.modules)
+
+    def resolve(name):
+        if name == names[-1]:
+            raise KeyError(name)
+        return unet.get_submodule(name)
+
+    hooks = RowGatedDeltas(EraserStack().with_eraser(e), resolve)
+    with pytest.raises(KeyError):
+        hooks.attach()
+    assert not any(m._forward_hooks for m in unet.modules()) and not hooks.attached

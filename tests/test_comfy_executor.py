@@ -106,3 +106,21 @@ def test_bad_file_fails_with_its_name(executor, eraser_dir):
     g["load"]["inputs"]["eraser_name"] = "broken.safetensors"
     with pytest.raises(AssertionError, match="broken.safetensors.*truncated"):
         executor.run(g)
+
+
+@pytest.mark.parametrize("mode", ["per-row", "batch"])
+def test_default_context_gate_in_the_executor(executor, eraser_dir, mode):
+    """The default rule through ComfyUI's executor: the eraser (calibrated on first use on this CLIP) acts
+    on its prompt and leaves an unrelated one bit-identical; with the stock CLIPTextEncode, which records no
+    tokens, it fails closed (acts) and says why."""
+    base, _ = run(executor, graph(erase=False))
+    erased, outputs = run(executor, graph(mode=mode, gate="context"))
+    report = outputs["apply"]["text"][0]
+    assert (erased - base).abs().max() > 1e-2 and "tri: gate 1.000" in report and "context" in report
+    unrelated_base, _ = run(executor, graph(prompt="a green square", erase=False))
+    unrelated, outputs = run(executor, graph(prompt="a green square", mode=mode, gate="context"))
+    assert "tri: gate 0.000" in outputs["apply"]["text"][0]
+    assert torch.equal(unrelated, unrelated_base)
+    blind, outputs = run(executor, graph(prompt="a green square", mode=mode, gate="context", encoder="CLIPTextEncode"))
+    assert "acting as if the concept were present" in outputs["apply"]["text"][0]
+    assert (blind - unrelated_base).abs().max() > 1e-2

@@ -217,3 +217,16 @@ def test_bench_gate_measures_every_rule(tmp_path, monkeypatch):
     text = (tmp_path / "B.md").read_text()
     assert "Gate rules" in text and "| triangle | context |" in text
     assert json.loads((tmp_path / "b.json").read_text())["gate"]["concepts"]["triangle"]["rules"]["context"]
+
+
+def test_fitting_works_inside_inference_mode():
+    """Hosts (ComfyUI) run nodes under no_grad / inference_mode; calibration still fits."""
+    g = torch.Generator().manual_seed(0)
+    pos = torch.nn.functional.normalize(torch.ones(4) + 0.2 * torch.randn(50, 4, generator=g), dim=1)
+    neg = torch.nn.functional.normalize(torch.randn(200, 4, generator=g), dim=1)
+    with torch.inference_mode():
+        w, b = fit_probe(pos, neg)
+        cal = fit_calibration(pos @ w + b, neg @ w + b)
+    with torch.no_grad():
+        w2, _ = fit_probe(pos, neg)
+    assert torch.allclose(w, w2) and cal.temperature > 0

@@ -189,10 +189,7 @@ class ABOTrainer(CheckpointedTrainer):
                  device: str | torch.device = "cpu", clip_skip: int | None = None):
         from diffusers.optimization import get_cosine_schedule_with_warmup
 
-        self.config = config
-        self.setup_frozen_models(unet, text_encoder, tokenizer, scheduler_config, device, clip_skip)
-        self.layout = layout_from_diffusers_config(unet.config)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.setup_frozen_models(config, unet, text_encoder, tokenizer, scheduler_config, device, clip_skip)
         self.adapter = Membranes(self.unet, module_names(self.unet, config.modules), config.rank,
                                  config.scale_alpha, self.generator).to(self.device)
         self.adapter.attach(self.unet)
@@ -345,12 +342,11 @@ class ABOTrainer(CheckpointedTrainer):
                       base_fingerprint=self.base_fingerprint(), text_fingerprint=self.text_fingerprint())
 
     # ---------------------------------------------------------------- loop (CheckpointedTrainer.train)
+    postfix_fields = (("loss", "loss", ".4g"), ("guid", "guidance", ".4g"), ("unc", "uncond", ".3g"))
+
     @property
     def progress_desc(self) -> str:
         return f"abo {self.config.concept!r}->{self.config.alternative!r}"
-
-    def postfix(self, rec: dict) -> dict:
-        return {"loss": f"{rec['loss']:.4g}", "guid": f"{rec['guidance']:.4g}", "unc": f"{rec['uncond']:.3g}"}
 
     def before_loop(self, log) -> None:
         if self.pool is None:

@@ -56,7 +56,8 @@ import torch
 from ..eraser import Eraser
 from ..errors import EraserFileError
 from ..gate import EncodedText, entry_gates
-from ..stack import BankCache, EraserStack, StackEntry
+from ..gate import BankCache
+from ..stack import EraserStack, StackEntry
 
 METHOD = "abo"
 KIND = "guidance"

@@ -31,7 +31,7 @@ from ..hooks import HookSet
 from ..diffusers_host import DiffusersTextEncoder, GatedPipeline
 from ..errors import UnsupportedEraser
 from ..gate import entry_gates
-from ..stack import BankCache
+from ..gate import BankCache
 from .guidance import AboPlan, Term, abo_entries, encode_texts, guidance_terms, terms_from_gates
 
 
@@ -48,9 +48,9 @@ class AboUNetHooks(HookSet):
         self.extra_rows = 0
 
     # --------------------------------------------------------------- lifecycle
-    def _register(self) -> list:
-        return [self.unet.register_forward_pre_hook(self._pre, with_kwargs=True),
-                self.unet.register_forward_hook(self._post, with_kwargs=True)]
+    def _register(self):
+        yield self.unet.register_forward_pre_hook(self._pre, with_kwargs=True)
+        yield self.unet.register_forward_hook(self._post, with_kwargs=True)
 
     def active(self, terms: list[list[Term]], text_hidden: dict[str, torch.Tensor], with_uncond: bool):
         """Context: the next UNet calls carry ``terms`` (one list per prompt, in the pipeline's prompt

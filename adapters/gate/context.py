@@ -61,10 +61,21 @@ class FeatureSpace:
         return y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def _fitting(fn):
+    """Fits run with autograd on, also when a host calls them inside ``no_grad`` / ``inference_mode``
+    (ComfyUI executes nodes that way)."""
+    def run(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
+@_fitting
 def fit_probe(positives: torch.Tensor, negatives: torch.Tensor, l2: float = 1e-3, steps: int = 200
               ) -> tuple[torch.Tensor, float]:
     """``(w [D], b)`` of ``logit = <w, z> + b`` on whitened unit states: class-balanced logistic regression."""
-    x = torch.cat([positives, negatives]).double()
+    x = torch.cat([positives, negatives]).double().clone()  # a normal tensor, also from inference-mode inputs
     y = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))]).double()
     weight = torch.where(y > 0, 0.5 / len(positives), 0.5 / len(negatives))
     p = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
@@ -94,13 +105,14 @@ class Calibration:
         return torch.sigmoid((s - self.threshold) / self.temperature)
 
 
+@_fitting
 def fit_calibration(pos: torch.Tensor, neg: torch.Tensor, max_fpr: float | None = None, l2: float = 1e-3,
                     min_temperature: float = 0.01, steps: int = 500) -> Calibration:
     """1-D logistic regression ``sigmoid(a s + c)`` on positive and negative prompt scores (class-balanced;
     ``l2`` keeps ``a`` finite when the classes separate, so the boundary lands in the gap). With
     ``max_fpr`` the threshold is raised to ``quantile(neg, 1 - max_fpr) + temperature``, a margin for
     negatives not seen here."""
-    s = torch.cat([pos, neg]).double()
+    s = torch.cat([pos, neg]).double().clone()
     y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
     weight = torch.where(y > 0, 0.5 / len(pos), 0.5 / len(neg))
     m, sd = s.mean(), s.std().clamp_min(1e-6)

@@ -52,7 +52,6 @@ import torch
 import torch.nn.functional as F
 
 from ..eraser import Eraser
-from ..naming import layout_from_diffusers_config
 from ..training import CheckpointedTrainer, TrainResult  # noqa: F401  (TrainResult: re-exported)
 from .membranes import Membranes, fill_template, latent_anchor_loss, sample_anchors, spm_module_names
 
@@ -133,10 +132,7 @@ class LatentAnchoringTrainer(CheckpointedTrainer):
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler_config: dict, config: SPMConfig,
                  device: str | torch.device = "cpu", clip_skip: int | None = None):
-        self.config = config
-        self.setup_frozen_models(unet, text_encoder, tokenizer, scheduler_config, device, clip_skip)
-        self.layout = layout_from_diffusers_config(unet.config)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.setup_frozen_models(config, unet, text_encoder, tokenizer, scheduler_config, device, clip_skip)
         self.membranes = Membranes(self.unet, spm_module_names(self.unet), config.rank, config.alpha,
                                    self.generator).to(self.device)
         self.membranes.attach(self.unet)
@@ -241,12 +237,11 @@ class LatentAnchoringTrainer(CheckpointedTrainer):
                                         base_fingerprint=self.base_fingerprint(), text_fingerprint=self.text_fingerprint())
 
     # ---------------------------------------------------------------- loop (CheckpointedTrainer.train)
+    postfix_fields = (("loss", "loss", ".4g"), ("erase", "erase", ".4g"), ("la", "anchor", ".3g"))
+
     @property
     def progress_desc(self) -> str:
         return f"spm {self.config.concept!r}"
-
-    def postfix(self, rec: dict) -> dict:
-        return {"loss": f"{rec['loss']:.4g}", "erase": f"{rec['erase']:.4g}", "la": f"{rec['anchor']:.3g}"}
 
 
 def load_diffusers_parts(path: str, device="cpu"):
