@@ -121,16 +121,24 @@ class GatedPipeline:
         if GatedPipeline._in_use.get(self.pipe.unet) is self:
             del GatedPipeline._in_use[self.pipe.unet]
 
-    def coefficients(self, prompts: Sequence[str]) -> tuple[torch.Tensor, GateReport]:
-        return self.stack.gates(self.encoder(prompts), banks=self.banks)
+    def coefficients(self, prompts: Sequence[str], prompt_embeds: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, GateReport]:
+        """Gates of ``prompts``; with ``prompt_embeds`` (the states the UNet will get, e.g. edited by an
+        embedding-level tool) the gate reads those states at the prompts' token positions."""
+        enc = self.encoder(prompts)
+        if prompt_embeds is not None:
+            enc = EncodedText(prompt_embeds.float(), enc.tokens, enc.ids, enc.mask)
+        return self.stack.gates(enc, banks=self.banks)
 
-    def __call__(self, prompt, guidance_scale: float = 7.5, **kwargs):
+    def __call__(self, prompt, guidance_scale: float = 7.5, prompt_embeds: torch.Tensor | None = None, **kwargs):
+        """The pipeline call with the stack gated per prompt. ``prompt_embeds``, if given, replace the
+        encoding of ``prompt`` (which still says where its tokens are) and are what the gate reads."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        coeffs, report = self.coefficients(prompts)
+        coeffs, report = self.coefficients(prompts, prompt_embeds)
         self.last_report, self.last_coefficients = report, coeffs
         rows = cfg_rows(self.stack, coeffs, with_uncond=guidance_scale > 1.0)
-        call = dict(prompt=prompts)
-        if self.encoder.clip_skip:
+        call = dict(prompt=prompts) if prompt_embeds is None else dict(prompt_embeds=prompt_embeds)
+        if prompt_embeds is None and self.encoder.clip_skip:
             # encode with our encoder: diffusers' own clip_skip path reads text_encoder.text_model, which
             # transformers 5 no longer has; the embeddings are the ones the gates were computed from
             negative = kwargs.pop("negative_prompt", None) or ""

@@ -47,9 +47,11 @@ def add_cli(subparsers):
     a.add_argument("--seeds", type=int, default=8)
     a.add_argument("--json", default=None)
     a.set_defaults(func=run_rece_attack)
+    from ..bench.attack import add_cli as add_attack_cli
     from ..bench.gate import add_cli as add_gate_cli
 
     add_gate_cli(sub)
+    add_attack_cli(sub)
     from ..bench.quality import add_quality_cli
 
     add_quality_cli(sub)

@@ -260,3 +260,19 @@ def test_quality_bench_handler_matches_pipeline(pipe):
         ref = guided(prompt=prompts, num_inference_steps=STEPS, guidance_scale=5.0, latents=latents(seeds),
                      output_type="pt", height=64, width=64).images.float().clamp(0, 1)
     assert torch.allclose(images, ref, atol=1e-5)
+
+
+def test_default_gate_needs_no_hand_threshold(pipe):
+    """With the default rule (context, calibrated on first use) All-but-One guidance fires on its concept,
+    a listed synonym included, and leaves unrelated prompts bit-identical to plain CFG, with no extra rows."""
+    from conceptgate.adapters.abo.guidance import guidance_terms
+
+    stack = EraserStack().with_eraser(abo_eraser(["triangle", "trigon"], "square"))   # no gate settings: the default
+    assert stack.entries[0].gate.rule == "context"
+    prompts = ["a red triangle in striped style", "a blue trigon", "a blue circle in plain style", "a green star"]
+    with AboGuidedPipeline(pipe, stack) as guided:
+        terms = guidance_terms(guided.stack, guided.encoder(prompts), guided.banks)
+        assert [bool(t) for t in terms] == [True, True, False, False]
+        out = run(guided, prompts[2:])
+        assert guided.unet_hooks.extra_rows == 0
+    assert torch.equal(out, run(pipe, prompts[2:]))

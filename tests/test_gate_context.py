@@ -230,3 +230,40 @@ def test_fitting_works_inside_inference_mode():
     with torch.no_grad():
         w2, _ = fit_probe(pos, neg)
     assert torch.allclose(w, w2) and cal.temperature > 0
+
+
+def test_gated_pipeline_reads_the_prompt_embeddings_it_is_given(encoder):
+    """prompt_embeds equal to the prompts' own encoding give the same gates and images as the prompts; an
+    edited encoding (a concept vector added, the Ring-A-Bell attack) is what the gate reads."""
+    from conceptgate import toyworld as tw
+    from conceptgate.adapters.diffusers_host import GatedPipeline
+    from conceptgate.bench.gate import ring_a_bell_vector
+
+    pipe = tw.load_pipeline()
+    stack = EraserStack().with_eraser(load_eraser_fixture())
+    prompts = ["a red triangle", "a photo of a dog"]
+    kw = dict(num_inference_steps=2, guidance_scale=5.0, output_type="pt", height=64, width=64)
+    with GatedPipeline(pipe, stack) as gated:
+        by_text = gated(prompts, generator=torch.Generator().manual_seed(0), **kw).images
+        gates_text = gated.last_coefficients.clone()
+        embeds = encoder(prompts).hidden
+        by_embeds = gated(prompts, prompt_embeds=embeds, generator=torch.Generator().manual_seed(0), **kw).images
+        assert torch.equal(gated.last_coefficients, gates_text) and gates_text[:, 0].tolist() == [1.0, 0.0]
+        attacked = embeds + 3.0 * ring_a_bell_vector(encoder, "triangle")
+        gated(prompts, prompt_embeds=attacked, generator=torch.Generator().manual_seed(0), **kw)
+        assert gated.last_coefficients[1, 0] == 1.0   # the dog prompt now carries the concept: the gate fires
+    assert torch.allclose(by_text, by_embeds, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bench_attack_runs_and_reports(tmp_path, monkeypatch):
+    from conceptgate.bench.attack import ATTACKS, bench_attack
+
+    monkeypatch.setenv("CONCEPTGATE_BENCHMARKS", str(tmp_path / "B.md"))
+    r = bench_attack(n=1, seeds=1, steps=4, json_path=str(tmp_path / "b.json"), log=lambda *a: None)
+    assert {"uce-triangle", "rece-striped", "spm triangle", "spm striped"} <= set(r["erasers"])
+    for row in r["erasers"].values():
+        assert set(row["attacks"]) == set(ATTACKS)
+        for a in row["attacks"].values():
+            assert all(0.0 <= a[k] <= 1.0 for k in ("base", "default_gate", "always_on", "gate_fired"))
+    assert "Attacks on gated erasers" in (tmp_path / "B.md").read_text()

@@ -175,12 +175,12 @@ class AboGuidedPipeline(GatedPipeline):
         self.unet_hooks.detach()
         super().__exit__(*exc)
 
-    def coefficients(self, prompts):
+    def coefficients(self, prompts, prompt_embeds=None):
         # the prompts were just encoded for the guidance terms: encode once per call
         cached = getattr(self, "_encoded", None)
-        if cached is not None and cached[0] == tuple(prompts):
+        if prompt_embeds is None and cached is not None and cached[0] == tuple(prompts):
             return self.stack.gates(cached[1], banks=self.banks)
-        return super().coefficients(prompts)
+        return super().coefficients(prompts, prompt_embeds)
 
     def __call__(self, prompt, guidance_scale: float = 7.5, **kwargs):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -21,9 +21,6 @@ from .settings import GateSettings
 from .text import EncodedText, TextEncoderLike, content_mask
 
 
-OFF_BELOW = 0.01
-
-
 @dataclass
 class GateResult:
     """One eraser's gates for P prompts: ``values`` [P] in [0, 1] (before strength), per-concept
@@ -147,8 +144,9 @@ def entry_gates(prompt: EncodedText, eraser, settings: GateSettings | None, bank
     score = per_concept.max(1).values
     gate = det.calibration(score)
     named = det.name_match(prompt.tokens) if tokens_known else torch.zeros(n)
-    # a gate under OFF_BELOW is off: unrelated prompts stay bit-identical to the unerased model (and cost nothing)
-    values = torch.maximum(gate.masked_fill(gate < OFF_BELOW, 0.0), named)
+    # the detector decides: on (1) or off (0). A half-strength edit lets the concept through (measured with
+    # `bench attack`), and an exact 0 keeps unrelated prompts bit-identical to the unerased model.
+    values = torch.maximum((gate >= 0.5).float(), named)
     if settings.threshold is not None:
         values = torch.tensor([settings.calibrate(float(g)) for g in values])
     details = []

@@ -11,7 +11,7 @@ Notation: ``h_i`` the hidden state at content position ``i`` (the states the sam
 
     phi(h)   = normalise((h - mu) @ P),      P = (S + alpha tr(S)/D I)^(-1/2)     (ZCA, shrinkage alpha)
     s_c(p)   = max over content positions i of  <w_c, phi(h_i)> + b_c              (a linear probe)
-    g(p)     = max( sigmoid((max_c s_c(p) - t) / T),  1[every token of a listed name is in p] )
+    g(p)     = 1[ sigmoid((max_c s_c(p) - t) / T) >= 0.5  or  every token of a listed name is in p ]
 
 Centring removes the direction every token state shares (it makes raw cosines ~0.8 for anything);
 whitening lets token identity dominate position and neighbouring words. The probe ``w_c, b_c`` is
