@@ -18,8 +18,9 @@ def cmd_demo(args) -> int:
 def add_cli(subparsers):
     from ..bench.demo import OUT_DIR
 
-    p = subparsers.add_parser("demo", help="erase an object (UCE) and a style (RECE) on the toy model; grid + metrics "
-                                           "into ./conceptgate-demo/")
+    p = subparsers.add_parser("demo", help="every mechanism on the embedded toy model (UCE, RECE, the shipped SPM "
+                                           "membranes, All-but-One adapter and Geom tokens, and the whole stack): "
+                                           "grid + metrics into ./conceptgate-demo/")
     p.add_argument("--out", default=OUT_DIR, help="output folder (default: ./conceptgate-demo)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25, the toy model's default)")
     p.add_argument("--seed", type=int, default=1000)

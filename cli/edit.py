@@ -97,7 +97,11 @@ def add_cli(sub) -> None:
     esub = p.add_subparsers(dest="edit_command", metavar="uce|rece|import")
     esub.required = True
     for method in ("uce", "rece"):
-        q = esub.add_parser(method, help=f"compute a {method.upper()} edit and save it as an eraser file")
+        what = ("UCE (Gandikota et al.): one closed-form edit of the cross-attention key/value weights"
+                if method == "uce" else
+                "RECE (Gong et al., ECCV 2024): a UCE edit, then --epochs rounds against derived adversarial embeddings")
+        q = esub.add_parser(method, help=f"compute a {method.upper()} edit and save it as an eraser file",
+                            description=what + ". The file holds exact low-rank factors of the edit.")
         q.add_argument("--model", required=True, help="diffusers model folder (unet/, text_encoder/, tokenizer/) or 'toy'")
         q.add_argument("--concept", action="append", required=True, help="concept to erase (repeatable: one joint solve)")
         q.add_argument("--guide", default=None, help="target prompt (default: the type's: ' ' or 'art')")
