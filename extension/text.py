@@ -90,29 +90,33 @@ class HostTextEncoder:
     def token_rows(self, texts: Sequence[str]) -> tuple[list[set[int]], list[int] | None]:
         """(content token ids per text, content tokens in the first 75-token window per text or None
         when the host has no tokenizer)."""
+        tokens, counts, _ = self._token_rows(texts)
+        return tokens, counts
+
+    def _token_rows(self, texts: Sequence[str]):
         if self._tokenize is None:
-            return [set() for _ in texts], None
+            return [set() for _ in texts], None, None
         ids = self._tokenize([plain_words(t) for t in texts])
-        return [self._content(row) for row in ids], [min(len(row), 75) for row in ids]
+        return [self._content(row) for row in ids], [min(len(row), 75) for row in ids], ids
 
     def tokens(self, texts: Sequence[str]) -> list[set[int]]:
         return self.token_rows(texts)[0]
 
     def __call__(self, texts: Sequence[str]) -> EncodedText:
         hidden = to_window(self.hidden(texts))
-        tokens, counts = self.token_rows(texts)
+        tokens, counts, rows = self._token_rows(texts)
         if counts is None:
             return EncodedText(hidden, tokens)
-        return EncodedText(hidden, tokens, self._window_ids(texts, hidden.shape[1]), positions_mask(counts, hidden.shape[1]))
+        return EncodedText(hidden, tokens, self._window_ids(rows, hidden.shape[1]), positions_mask(counts, hidden.shape[1]))
 
-    def _window_ids(self, texts: Sequence[str], length: int) -> torch.Tensor | None:
+    def _window_ids(self, rows, length: int) -> torch.Tensor | None:
         """The first window's ids as the webui lays them out (start, 75 content tokens, end, padding)."""
         if len(self._specials) < 2:
             return None
         start, end = self._specials[0], self._specials[1]
         pad = self._specials[2] if len(self._specials) > 2 else end
-        ids = torch.full((len(texts), length), pad, dtype=torch.long)
-        for b, row in enumerate(self._tokenize([plain_words(t) for t in texts])):
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        for b, row in enumerate(rows):
             row = [start] + list(row)[: length - 2] + [end]
             ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
         return ids

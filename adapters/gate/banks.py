@@ -87,7 +87,7 @@ class BankCache:
             det, note = stored, "stored calibration"
         else:
             if self._calibrator is None:
-                self._calibrator = shared_calibrator(encoder, **self.calibrator_options)
+                self._calibrator = shared_calibrator(encoder, now=self._check, **self.calibrator_options)
             synonyms = [n for n in (stored.names if stored is not None else []) if n not in eraser.concepts]
             det = self._calibrator.calibrate(eraser.concepts, synonyms)
             note = ("calibrated on this text encoder (the file's calibration belongs to another one)"

@@ -181,10 +181,10 @@ class Calibrator:
 _SHARED: list[tuple[torch.Tensor, tuple, "Calibrator"]] = []
 
 
-def shared_calibrator(encoder: TextEncoderLike, **options) -> Calibrator:
+def shared_calibrator(encoder: TextEncoderLike, now: torch.Tensor | None = None, **options) -> Calibrator:
     """One :class:`Calibrator` per text encoder and options in this process (hosts create a gate cache
-    per sampling call; the neutral pools are encoded once)."""
-    now = check_states(encoder)
+    per sampling call; the neutral pools are encoded once). ``now``: the encoder's check states, if known."""
+    now = check_states(encoder) if now is None else now
     key = tuple(sorted((k, repr(v)) for k, v in options.items()))
     for reference, k, calibrator in _SHARED:
         if k == key and same_encoder(reference, encoder, now=now):
