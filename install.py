@@ -6,7 +6,7 @@ webui's environment; anywhere else this script checks and reports, and changes n
 import importlib.util
 
 # What the host-agnostic core and the host glue import. torch comes with every host.
-REQUIRED = {"safetensors": "safetensors", "einops": "einops"}
+REQUIRED = {"safetensors": "safetensors", "tqdm": "tqdm"}
 OPTIONAL = {"diffusers": "diffusers"}  # only for the embedded toy model and the diffusers API
 
 

@@ -4,7 +4,8 @@ A trainer subclasses :class:`CheckpointedTrainer` and provides ``config`` (with 
 ``save_every``, ``trajectory_key()``), ``iteration``, ``losses``, ``optimizer``, ``lr_schedule``,
 ``generator``, ``step() -> dict``, ``trained_module()`` (what is trained, saved under ``trained_key``),
 optionally ``extra_state()`` / ``load_extra_state(state)``, ``eraser(name)`` and ``hyperparameters()``; it gets
-checkpoints (``<stem>_<i>steps.safetensors`` + the resumable ``state.pt``), exact resume, a progress bar,
+checkpoints (``<stem>_<i>steps.safetensors`` + the resumable ``state.pt``), exact resume, a progress bar
+(:mod:`.progress`: stderr, ETA, off without a terminal),
 a stop after N iterations of this call and a wall-clock deadline.
 """
 
@@ -137,7 +138,7 @@ class CheckpointedTrainer:
         after that many iterations (the state is saved; for tests and time budgets). ``deadline`` (a
         ``time.time()`` value) also ends it early, but then still writes ``out`` with the iterations
         actually run recorded in its metadata (``iterations_run``; a resume continues)."""
-        from tqdm.auto import tqdm
+        from .progress import bar as progress_bar
 
         cfg = self.config
         stem = os.path.splitext(os.path.basename(out))[0]
@@ -149,8 +150,7 @@ class CheckpointedTrainer:
         t0 = time.perf_counter()
         self.before_loop(log)
         done_here = 0
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress, desc=self.progress_desc,
-                   dynamic_ncols=True)
+        bar = progress_bar(cfg.iterations, self.progress_desc, initial=self.iteration, show=progress)
         try:
             while self.iteration < cfg.iterations:
                 if stop_after is not None and done_here >= stop_after:

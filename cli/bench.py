@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
-from ..bench.report import ROOT
+from .common import add_lazy
+
+
+def _default_json() -> str:
+    from ..bench.report import ROOT
+
+    return os.path.join(ROOT, "benchmarks.json")
 
 
 def run_speed(args) -> int:
-    json_path = args.json or os.path.join(ROOT, "benchmarks.json")
+    json_path = args.json or _default_json()
     if args.what in ("spm", "all"):
         from ..bench.speed import bench_spm
 
@@ -26,39 +33,64 @@ def run_rece_attack(args) -> int:
     from ..bench.rece_attack import bench_rece_attack
 
     _, body = bench_rece_attack(concept=args.concept, epochs=args.epochs, seeds=args.seeds,
-                                json_path=args.json or os.path.join(ROOT, "benchmarks.json"))
+                                json_path=args.json or _default_json())
     print(body)
     return 0
 
 
-def add_cli(subparsers):
-    p = subparsers.add_parser("bench", help="run benchmarks and write BENCHMARKS.md")
-    sub = p.add_subparsers(dest="bench_cmd", required=True)
-    s = sub.add_parser("speed", help="speed on full-size architectures with random weights (CPU or GPU)")
+def _add_speed(sub):
+    s = sub.add_parser("speed", help=HELP["speed"])
     s.add_argument("what", nargs="?", default="all", choices=["spm", "uce", "all"])
     s.add_argument("--steps", type=int, default=20, help="sampling steps (spm)")
     s.add_argument("--latent", type=int, default=32, help="latent side (spm); 32 = 256x256 pixels")
     s.add_argument("--repeats", type=int, default=2)
     s.add_argument("--json", default=None, help="also write the numbers here (default: benchmarks.json)")
     s.set_defaults(func=run_speed)
-    a = sub.add_parser("rece-attack", help="do RECE's adversarial embeddings regenerate the concept (toy world)?")
+    return s
+
+
+def _add_rece_attack(sub):
+    a = sub.add_parser("rece-attack", help=HELP["rece-attack"])
     a.add_argument("--concept", default="triangle", help="a toy-world object")
     a.add_argument("--epochs", type=int, default=3)
     a.add_argument("--seeds", type=int, default=8)
     a.add_argument("--json", default=None)
     a.set_defaults(func=run_rece_attack)
-    from ..bench.attack import add_cli as add_attack_cli
-    from ..bench.gate import add_cli as add_gate_cli
+    return a
 
-    add_gate_cli(sub)
-    add_attack_cli(sub)
-    from ..bench.quality import add_quality_cli
 
-    add_quality_cli(sub)
-    from ..bench.abo import add_abo_cli
+def _from_module(module: str, function: str):
+    """The benchmark module's own ``add_...cli(sub)`` (the module imports torch: only when named)."""
+    def build(sub):
+        return getattr(importlib.import_module(f"..bench.{module}", __package__), function)(sub)
+    return build
 
-    add_abo_cli(sub)
-    from ..bench.geom import add_cli as add_geom_cli
 
-    add_geom_cli(sub)
+# name: one-line help (the listing of 'bench --help'), and what builds the sub-command's parser
+HELP = {
+    "speed": "speed on full-size architectures with random weights (CPU or GPU)",
+    "rece-attack": "do RECE's adversarial embeddings regenerate the concept (toy world)?",
+    "gate": "fire rates of every gate rule on the toy world (keyword ... unrelated, length sweep, Ring-A-Bell "
+            "vectors) into BENCHMARKS.md",
+    "attack": "attack prompts against every toy eraser: base, default gate, always-on",
+    "quality": "erasure quality on the toy world (UA/IRA/CRA, gates, judges) -> BENCHMARKS.md",
+    "abo": "All-but-One guidance on the toy world: replacement, UA/IRA/CRA, layout, speed",
+    "geom": "Geom-Erasing in the toy world: watermark rate, accuracy, Fréchet, cost",
+}
+BUILDERS = {
+    "speed": _add_speed,
+    "rece-attack": _add_rece_attack,
+    "gate": _from_module("gate", "add_cli"),
+    "attack": _from_module("attack", "add_cli"),
+    "quality": _from_module("quality", "add_quality_cli"),
+    "abo": _from_module("abo", "add_abo_cli"),
+    "geom": _from_module("geom", "add_cli"),
+}
+
+
+def add_cli(subparsers, path=None):
+    p = subparsers.add_parser("bench", help="run benchmarks and write BENCHMARKS.md")
+    sub = p.add_subparsers(dest="bench_cmd", required=True)
+    for name, build in BUILDERS.items():
+        add_lazy(sub, name, HELP[name], build, path, "bench")
     return p

@@ -10,7 +10,10 @@ import time
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    """A time-stamped line on stdout, drawn above any open progress bar."""
+    from ..adapters.progress import write
+
+    write(f"[{time.strftime('%H:%M:%S')}] {msg}")
 
 
 def friendly(fn):
@@ -61,6 +64,30 @@ def command_group(subparsers, name: str, help: str, metavar: str):
         parser = subparsers.add_parser(name, help=help)
         parser.add_subparsers(dest=f"{name}_command", metavar=metavar, required=True)
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _unbuilt(args) -> int:  # main() parses again with every parser built before it would get here
+    raise RuntimeError("internal: a sub-command parser was not built")
+
+
+_unbuilt.unbuilt = True
+
+
+def wanted(path, *names: str) -> bool:
+    """Whether the command line (its non-option words, ``path``; ``None``: build everything) names the
+    sub-command ``names`` (e.g. ``"bench", "quality"``)."""
+    return path is None or list(path[:len(names)]) == list(names)
+
+
+def add_lazy(sub, name: str, help: str, build, path, *parents: str):
+    """Sub-command ``name`` of ``sub`` (below ``parents``): ``build(sub)`` adds it with its options only when
+    the command line names it, since building it imports a heavy module (torch). Otherwise it is only listed,
+    with ``help``, and :func:`conceptgate.cli.main` builds everything and parses again should it be chosen."""
+    if wanted(path, *parents, name):
+        return build(sub)
+    p = sub.add_parser(name, help=help)
+    p.set_defaults(func=_unbuilt)
+    return p
 
 
 def add_model_option(p, what: str = "diffusers model folder") -> None:

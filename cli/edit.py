@@ -28,6 +28,7 @@ def _dtype(name: str):
 
 @friendly
 def cmd_edit(args) -> int:
+    from ..adapters.progress import bar
     from ..adapters.rece import DiffusersEditHost, EditSpec, compute_edit, save_edit
 
     preserve = list(args.preserve or [])
@@ -41,7 +42,16 @@ def cmd_edit(args) -> int:
     log(f"loading UNet and text encoder from {path}")
     host = DiffusersEditHost.from_folder(path, clip_skip=args.clip_skip)
     log(f"loaded in {time.perf_counter() - t0:.2f} s ({host.base_family or 'custom'} UNet)")
-    outcome = compute_edit(host, spec, name=args.name, store_dtype=_dtype(args.dtype), log=log)
+    shown = bar(None, f"{args.method} edit", unit="solve")
+
+    def progress(done: int, total: int) -> None:  # after the UCE solve and after every RECE epoch
+        shown.total = total
+        shown.update(done - shown.n)
+
+    try:
+        outcome = compute_edit(host, spec, name=args.name, store_dtype=_dtype(args.dtype), log=log, progress=progress)
+    finally:
+        shown.close()
     save_edit(outcome, args.out)
     if not args.no_calibrate:
         calibrate_saved(args.out, host.gate_encoder(), args.model)
@@ -91,27 +101,42 @@ def _add_import_options(p, positional: bool = True):
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="stored tensor dtype")
 
 
-def add_cli(sub) -> None:
+EDIT_HELP = {
+    "uce": "UCE: erase concepts with one closed-form edit of the cross-attention key/value weights (seconds)",
+    "rece": "RECE: a UCE edit, then rounds against the adversarial embeddings that regenerate the concept",
+}
+EDIT_DESCRIPTION = {
+    "uce": "UCE (Gandikota et al., WACV 2024): one closed-form solve maps each concept's text vectors onto the "
+           "guide's in every cross-attention to_k / to_v matrix, with the --preserve concepts held in place. The file "
+           "holds the edit as exact low-rank factors, gated per prompt like every eraser.",
+    "rece": "RECE (Gong et al., ECCV 2024): starts from the UCE edit, then for --epochs rounds derives the text "
+            "embedding that still regenerates the concept in the edited model (closed form, regularised by "
+            "--lam-reg) and erases it too. The file holds the summed edit as exact low-rank factors, gated per "
+            "prompt like every eraser.",
+}
+
+
+def add_cli(sub, path=None) -> None:
     p = sub.add_parser("edit", help="UCE / RECE closed-form erasure of a diffusers model, or import of published "
                                     "UCE / RECE weights")
     esub = p.add_subparsers(dest="edit_command", metavar="uce|rece|import")
     esub.required = True
     for method in ("uce", "rece"):
-        what = ("UCE (Gandikota et al.): one closed-form edit of the cross-attention key/value weights"
-                if method == "uce" else
-                "RECE (Gong et al., ECCV 2024): a UCE edit, then --epochs rounds against derived adversarial embeddings")
-        q = esub.add_parser(method, help=f"compute a {method.upper()} edit and save it as an eraser file",
-                            description=what + ". The file holds exact low-rank factors of the edit.")
+        rece = method == "rece"
+        q = esub.add_parser(method, help=EDIT_HELP[method], description=EDIT_DESCRIPTION[method])
         q.add_argument("--model", required=True, help="diffusers model folder (unet/, text_encoder/, tokenizer/) or 'toy'")
         q.add_argument("--concept", action="append", required=True, help="concept to erase (repeatable: one joint solve)")
-        q.add_argument("--guide", default=None, help="target prompt (default: the type's: ' ' or 'art')")
+        q.add_argument("--guide", default=None, help="what the concept is mapped to (default: the type's: ' ' or 'art')")
         q.add_argument("--preserve", action="append", default=None, help="concept to preserve (repeatable)")
         q.add_argument("--preserve-file", default=None, help="file with one preserve prompt per line")
         q.add_argument("--type", default="object", choices=("object", "object_hard", "style", "nudity", "unsafe"),
-                       help="erasure type: sets RECE's lam_reg/epochs and the default guide")
-        q.add_argument("--epochs", type=int, default=None, help="RECE epochs (default: the type's)")
+                       help="erasure type: sets RECE's lam_reg and epochs and the default guide" if rece else
+                            "erasure type: sets the default guide")
+        if rece:
+            q.add_argument("--epochs", type=int, default=None, help="RECE epochs (default: the type's)")
+            q.add_argument("--lam-reg", type=float, default=None,
+                           help="regulariser of the adversarial embedding (default: the type's)")
         q.add_argument("--lam", type=float, default=0.5, help="UCE ridge lambda (0.5)")
-        q.add_argument("--lam-reg", type=float, default=None, help="RECE embedding regulariser (default: the type's)")
         q.add_argument("--erase-scale", type=float, default=1.0, help="erase weight a_e (1.0)")
         q.add_argument("--preserve-scale", type=float, default=None, help="preserve weight a_p (default max(0.1, 1/n))")
         q.add_argument("--convention", default="aligned_tail", choices=("aligned_tail", "last_token"),
@@ -122,7 +147,7 @@ def add_cli(sub) -> None:
         q.add_argument("--out", required=True, help="output .safetensors")
         q.add_argument("--no-calibrate", action="store_true",
                        help="do not fit the context gate at the end (it is then fitted on first use)")
-        q.set_defaults(func=cmd_edit, method=method)
+        q.set_defaults(func=cmd_edit, method=method, **({} if rece else {"epochs": None, "lam_reg": None}))
     q = esub.add_parser("import", help="convert published UCE/RECE weights against their base model")
     _add_import_options(q)
     q.set_defaults(func=cmd_import)

@@ -6,12 +6,55 @@ import json
 import sys
 
 
+def _candidates() -> dict:
+    """The models an eraser's shapes are compared with: SD1.x, SD2.x, SDXL and the embedded toy model."""
+    import os
+
+    from ..adapters.fingerprint import TEXT_WIDTHS
+    from ..adapters.naming import layout_from_diffusers_config, reference_layout
+    from ..toyworld import WEIGHTS_DIR
+    from ..toyworld.models import ARCH
+
+    out = {f: (reference_layout(f), TEXT_WIDTHS.get(f)) for f in ("sd1", "sd2", "sdxl")}
+    config = os.path.join(WEIGHTS_DIR, "unet", "config.json")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            out["toy"] = (layout_from_diffusers_config(json.load(f)), ARCH["text_hidden"])
+    return out
+
+
+def inferred_family(path) -> str | None:
+    """For a file that records no base family: the families its module set (or vector width) fits, said so."""
+    from ..adapters.errors import EraserFileError
+    from ..adapters.files import load_eraser
+    from ..adapters.fingerprint import infer_base_family
+
+    try:
+        e = load_eraser(path)
+    except EraserFileError:
+        try:
+            e = load_eraser(path, concepts=["?"])   # a file without a concept list still has shapes
+        except EraserFileError:
+            return None
+    candidates = _candidates()
+    fits, what = infer_base_family(e, candidates)
+    if not what:
+        return "any (a guidance rule holds no weights)" if e.kind == "guidance" else None
+    if not fits:
+        return f"unknown (its {what} fits none of {', '.join(candidates)})"
+    return f"{' or '.join(fits)} (inferred from the {what}; the file records none)"
+
+
 def cmd_inspect(args) -> int:
     from ..adapters.files import describe
 
     status = 0
     for path in args.files:
         info, problems = describe(path)
+        if info.get("base_family") == "unknown":
+            guess = inferred_family(path)
+            if guess:
+                info["base_family"] = guess
         if args.json:
             print(json.dumps({**info, "problems": problems}, indent=2))
         else:
@@ -61,7 +104,7 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def add_cli(sub) -> None:
+def add_cli(sub, path=None) -> None:
     p = sub.add_parser("inspect", help="print what an eraser file holds and every validation problem")
     p.add_argument("files", nargs="+", help=".safetensors eraser files")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -13,6 +13,9 @@ import time
 
 from .common import friendly, log, resolve_model_path
 
+# conceptgate.adapters.gate.RULES, spelt out so that --help needs no torch (tests/test_cli_help.py compares them)
+RULES = ("context", "ft", "cos", "tokens", "always")
+
 
 def _text_encoder(model: str):
     """The diffusers text encoder of ``model`` ("toy" or a folder), as the pipelines encode prompts."""
@@ -91,22 +94,36 @@ def cmd_gate(args) -> int:
 def cmd_calibrate(args) -> int:
     import torch
 
-    from ..adapters.files import load_eraser, save_eraser
     from ..adapters.gate.calibrate import Calibrator
+    from ..adapters.progress import bar
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     t0 = time.perf_counter()
     encoder = _text_encoder(args.model)
-    calibrator = Calibrator(encoder, pool_size=args.pool, max_fpr=args.max_fpr, seed=args.seed, **_domain(args.model))
-    log(f"feature space from {2 * args.pool} neutral prompts in {time.perf_counter() - t0:.1f} s")
+    shown = bar(1 + len(args.erasers), "calibrate", unit="step")  # the neutral pools, then one probe per eraser
+    try:
+        calibrator = Calibrator(encoder, pool_size=args.pool, max_fpr=args.max_fpr, seed=args.seed,
+                                **_domain(args.model))
+        shown.update(1)
+        log(f"feature space from {2 * args.pool} neutral prompts in {time.perf_counter() - t0:.1f} s")
+        return _calibrate_each(args, calibrator, shown)
+    finally:
+        shown.close()
+
+
+def _calibrate_each(args, calibrator, shown) -> int:
+    from ..adapters.files import load_eraser, save_eraser
+    from ..adapters.progress import write
+
     status = 0
     for path in args.erasers:
         eraser = load_eraser(path)
         eraser.gate = calibrator.calibrate(eraser.concepts, args.synonym or ())
+        shown.update(1)
         out = args.out if args.out and len(args.erasers) == 1 else path
         save_eraser(eraser, out, hyperparameters=_hyperparameters(eraser))
         r = eraser.gate.rates
-        print(f"wrote {out}: context gate for {', '.join(eraser.gate.names)}: threshold "
+        write(f"wrote {out}: context gate for {', '.join(eraser.gate.names)}: threshold "
               f"{eraser.gate.calibration.threshold:.3f}, temperature {eraser.gate.calibration.temperature:.3f}; "
               f"fires on {100 * r['negatives_fired']:.2f}% of {r['negatives']} neutral prompts; its probe half alone "
               f"on {100 * r['probe_positives_fired']:.1f}% of {r['positives']} concept prompts (names always fire) "
@@ -123,13 +140,20 @@ def calibrate_saved(path: str, encoder, model: str, synonyms=()) -> None:
     was made with and store it in the file (``--no-calibrate`` skips it; the gate then calibrates on first use)."""
     from ..adapters.files import load_eraser, save_eraser
     from ..adapters.gate.calibrate import Calibrator
+    from ..adapters.progress import bar
 
     eraser = load_eraser(path)
+    shown = bar(2, "calibrate gate", unit="stage")  # the neutral pools, then the probe
     try:
-        eraser.gate = Calibrator(encoder, **_domain(model)).calibrate(eraser.concepts, synonyms)
+        calibrator = Calibrator(encoder, **_domain(model))
+        shown.update(1)
+        eraser.gate = calibrator.calibrate(eraser.concepts, synonyms)
+        shown.update(1)
     except ValueError as e:  # e.g. an encoder that reports no token positions: the gate calibrates on first use
         log(f"context gate not calibrated: {e}")
         return
+    finally:
+        shown.close()
     save_eraser(eraser, path, hyperparameters=_hyperparameters(eraser))
     r = eraser.gate.rates
     log(f"context gate calibrated for {', '.join(eraser.gate.names)}: fires on {100 * r['negatives_fired']:.2f}% of "
@@ -144,9 +168,7 @@ def _hyperparameters(eraser) -> dict:
         return {}
 
 
-def add_cli(sub) -> None:
-    from ..adapters.gate import RULES
-
+def add_cli(sub, path=None) -> None:
     p = sub.add_parser("gate", help="show each eraser's gate on prompts and which part of the rule fired")
     p.add_argument("items", nargs="+", metavar="ERASER... PROMPT", help="eraser files, then the prompts")
     p.add_argument("--prompt", dest="prompts", action="append", default=None, metavar="PROMPT",

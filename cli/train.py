@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import time
 
-from .common import (add_model_option, add_run_options, command_group, friendly, log, read_lines, resolve_model_path,
-                     setup_torch)
+from .common import (add_lazy, add_model_option, add_run_options, command_group, friendly, log, read_lines,
+                     resolve_model_path, setup_torch)
 from .gate import calibrate_saved
 
 
@@ -138,11 +138,14 @@ def cmd_train_abo(args) -> int:
     return 0
 
 
-def _add_abo(tsub) -> None:
-    from ..adapters.abo.adapter import CONTEXTS, MODULE_SETS, POOL_SOURCES
+ABO_HELP = ("train an All-but-One adapter (erase a concept toward an alternative; objective reconstructed from the "
+            "AAAI 2024 abstract)")
 
-    p = tsub.add_parser("abo", help="train an All-but-One adapter (erase a concept toward an alternative; "
-                                    "objective reconstructed from the AAAI 2024 abstract)",
+
+def _add_abo(tsub):
+    from ..adapters.abo.adapter import CONTEXTS, MODULE_SETS, POOL_SOURCES  # torch: only when 'train abo' is named
+
+    p = tsub.add_parser("abo", help=ABO_HELP,
                         description="Low-rank adapter trained on ||g_theta(x_t,c_e) - g_0(x_t,c_a)||^2 + "
                                     "lambda ||eps_theta(x_t,'') - eps_0(x_t,'')||^2, g(x,c) = eps(x,c) - eps(x,''). "
                                     "A reconstruction: the paper's equations are not public (adapters/abo/adapter.py).")
@@ -172,6 +175,7 @@ def _add_abo(tsub) -> None:
     p.add_argument("--clip-skip", type=int, default=None)
     add_run_options(p, save_every=100, name_default="'concept -> alternative'")
     p.set_defaults(func=cmd_train_abo)
+    return p
 
 
 # ------------------------------------------------------------------------------------------ geom
@@ -302,8 +306,8 @@ def _add_geom(tsub) -> None:
     p.set_defaults(func=cmd_train_geom)
 
 
-def add_cli(subparsers) -> None:
+def add_cli(subparsers, path=None) -> None:
     tsub = _train_group(subparsers)
     _add_spm(tsub)
-    _add_abo(tsub)
+    add_lazy(tsub, "abo", ABO_HELP, _add_abo, path, "train")
     _add_geom(tsub)

@@ -53,3 +53,31 @@ def test_pack_never_imports_its_own_folders_by_bare_name():
                     if re.search(r"^\s*(import|from)\s+(adapters|nodes|extension|toyworld)\b", src, re.M):
                         offenders.append(os.path.join(dirpath, f))
     assert not offenders
+
+
+def test_the_wheel_leaves_the_development_scripts_out():
+    """Package data ships the toy world's erasers, not the scripts that trained and measured them; every
+    package the wheel lists is imported by the code (no script-only package); no unused dependency."""
+    import fnmatch
+    import tomllib
+
+    cfg = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
+    packages = cfg["tool"]["setuptools"]["packages"]
+    data = cfg["tool"]["setuptools"]["package-data"]
+    shipped = []
+    for pkg, patterns in data.items():
+        folder = os.path.join(ROOT, *pkg.split(".")[1:])
+        for dirpath, _, files in os.walk(folder):
+            for f in files:
+                rel = os.path.relpath(os.path.join(dirpath, f), folder).replace(os.sep, "/")
+                if any(fnmatch.fnmatch(rel, p) and rel.count("/") == p.count("/") for p in patterns):
+                    shipped.append(f"{pkg}/{rel}")
+    dev = [s for s in shipped if s.endswith((".py", ".sh"))]
+    assert not dev, dev
+    assert any(s.endswith("erasers/spm_triangle.safetensors") for s in shipped)
+    assert "conceptgate.toyworld.erasers" not in packages
+    for pkg in packages:  # a listed package ships its .py files: only packages that are not development tools
+        assert not os.path.exists(os.path.join(ROOT, *pkg.split(".")[1:], "bench_spm.py"))
+    deps = " ".join(cfg["project"]["dependencies"]) + open(os.path.join(ROOT, "requirements.txt")).read()
+    assert "einops" not in deps and "einops" not in open(os.path.join(ROOT, "install.py")).read()
+    assert "tqdm" in deps

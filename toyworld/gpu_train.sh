@@ -23,6 +23,8 @@ OUT="$(cd "$OUT" && pwd)"
 ln -sfn "$ROOT" /tmp/cg_pkg/conceptgate
 export PYTHONPATH="/tmp/cg_pkg:$SITE:${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# progress bars in the log too (redrawn every 30 s without a terminal)
+export CONCEPTGATE_PROGRESS="${CONCEPTGATE_PROGRESS:-1}"
 echo "[$(date +%H:%M:%S)] gpu_train.sh: root $ROOT, out $OUT"
 
 source "$ROOT/toyworld/gpu_env.sh"

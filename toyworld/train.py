@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -57,7 +56,9 @@ STAGES = ["clip", "vae", "judge", "unet"]
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    from ..adapters.progress import write
+
+    write(f"[{time.strftime('%H:%M:%S')}] {msg}")
 
 
 # ------------------------------------------------------------------------------------ data pools
@@ -144,11 +145,11 @@ def _lr(step, total, base, warmup):
 
 
 def _pbar(total, initial, desc):
-    from tqdm.auto import tqdm
+    """The common progress bar (stderr, ETA; off without a terminal unless CONCEPTGATE_PROGRESS=1, which
+    ``gpu_train.sh`` sets so that its log shows progress every 30 s)."""
+    from ..adapters.progress import bar
 
-    tty = sys.stdout.isatty()
-    return tqdm(total=total, initial=initial, desc=desc, mininterval=2.0 if tty else 20.0, file=sys.stdout,
-                dynamic_ncols=tty, ascii=not tty)
+    return bar(total, desc, initial=initial)
 
 
 def _run_loop(name, cfg, ck, resume, models, opt, step_fn, total, lr_base, warmup, state_extra=None):

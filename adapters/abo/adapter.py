@@ -220,6 +220,8 @@ class ABOTrainer(CheckpointedTrainer):
     def build_pool(self, log: Callable[[str], None] | None = None, batch: int = 32):
         """Clean latents from the *original* model (adapter off): ``pool_size`` from ``c_e`` prompts and,
         with ``pool_from="both"``, as many from the matching ``c_a`` prompts (DDIM, CFG ``pool_cfg``)."""
+        from ..progress import bar as progress_bar
+
         cfg = self.config
         g = torch.Generator().manual_seed(cfg.seed + 7919)  # independent of the training stream
         n = cfg.pool_size
@@ -230,6 +232,7 @@ class ABOTrainer(CheckpointedTrainer):
         shape = (self.unet.config.in_channels, self.latent_size, self.latent_size)
         noise = torch.randn(len(sources) * n, *shape, generator=g)
         lat, which = [], []
+        shown = progress_bar(len(sources) * n, "abo pool", unit="latent", leave=False)
         with self.adapter.on(0.0):
             for si, (emb, ids) in enumerate(sources):
                 for i in range(0, n, batch):
@@ -237,8 +240,10 @@ class ABOTrainer(CheckpointedTrainer):
                     x = self._sample(noise[si * n + i: si * n + i + len(j)], emb[j.to(self.device)])
                     lat.append(x.cpu())
                     which.append(j)
+                    shown.update(len(j))
                 if log:
                     log(f"pool: {n} latents from the {'erase' if si == 0 else 'alternative'} prompts")
+        shown.close()
         self.pool, self.pool_pairs = torch.cat(lat), torch.cat(which)
 
     def _sample(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -293,19 +293,16 @@ class GeomTrainer:
             p.requires_grad_(False)
         t0 = time.perf_counter()
         start = self.iteration
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        from ..progress import bar as progress_bar
 
-            bar = tqdm(total=c.iterations, initial=self.iteration, desc="geom", dynamic_ncols=True)
+        bar = progress_bar(c.iterations, "geom", initial=self.iteration, show=progress)
         try:
             while self.iteration < c.iterations:
                 loss = self.step(gen)
                 self.iteration += 1
                 self.losses.append((self.iteration, loss))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
                 if self.iteration % c.save_every == 0 or self.iteration == c.iterations:
                     torch.save(self.state(gen), state_path + ".tmp")
                     os.replace(state_path + ".tmp", state_path)
@@ -315,8 +312,7 @@ class GeomTrainer:
                     log(f"iteration {self.iteration}: mean loss {np.mean(recent):.4f} (last {len(recent)}), "
                         f"{(time.perf_counter() - t0) / max(self.iteration - start, 1):.3f} s/it")
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
             for p, r in saved.items():
                 p.requires_grad_(r)
         seconds = time.perf_counter() - t0

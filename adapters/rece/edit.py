@@ -161,7 +161,10 @@ class EditOutcome:
                                                           f" (encode {r['seconds_encode']:.2f}, solve "
                                                           f"{r['seconds_solve']:.2f}, export {r['seconds_export']:.2f})"),
                  f"  size: {r['factor_bytes'] / 1e6:.2f} MB of factors ({r['store_dtype']}) vs "
-                 f"{PUBLISHED_FULL_UNET_BYTES / 1e9:.2f} GB for a published full-UNet RECE checkpoint"]
+                 f"{r['full_delta_bytes'] / 1e6:.2f} MB for the {r['modules']} edited matrices stored dense"
+                 # the published RECE checkpoints are full SD1.5 UNets: a comparison only for that base
+                 + (f", {PUBLISHED_FULL_UNET_BYTES / 1e9:.2f} GB for a published full-UNet RECE checkpoint"
+                    if self.eraser.base_family == "sd1" else "")]
         if r.get("file_bytes"):
             lines.append(f"  file: {r['file']} ({r['file_bytes'] / 1e6:.2f} MB)")
         return "\n".join(lines)
