@@ -14,6 +14,9 @@ Reading is strict, because a manifest may come from someone else (a shared prese
   ``..`` that leaves them and symlinks that point outside are refused before anything is opened;
 * ``sha256`` is required and checked before the file is parsed (``allow_unhashed=True`` lets an
   entry without one through, explicitly);
+* ``best_effort: true`` is the user's opt-out of fail-closed for one entry: if its file is missing,
+  changed or unreadable the entry is skipped and every gate report says so (default: the whole
+  manifest is refused);
 * ``enabled`` is a JSON boolean (the string ``"false"`` is an error), ``strength`` a finite number in
   ``[0, STRENGTH_LIMIT]`` (JSON ``NaN`` / ``Infinity`` and ``1e309`` are refused), ``concepts`` a
   list of strings, ``gate`` an object of known fields, ``combine`` one of the modes.
@@ -22,6 +25,7 @@ Reading is strict, because a manifest may come from someone else (a shared prese
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 import json
 import math
 import os
@@ -37,7 +41,7 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 4_000_000
 MAX_ENTRIES = 256
 MAX_TEXT = 1000  # characters of a name or concept
-ENTRY_FIELDS = ("file", "sha256", "name", "concepts", "enabled", "strength", "gate")
+ENTRY_FIELDS = ("file", "sha256", "name", "concepts", "enabled", "strength", "gate", "best_effort")
 TOP_FIELDS = ("conceptgate_stack", "combine", "entries", "name", "description")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -73,6 +77,7 @@ def write_manifest(stack: EraserStack, path) -> dict:
             "enabled": e.enabled,
             "strength": e.strength,
             "gate": e.gate.to_dict(),
+            **({"best_effort": True} if e.best_effort else {}),
         })
     manifest = {"conceptgate_stack": MANIFEST_VERSION, "combine": stack.combine, "entries": entries}
     with open(path, "w") as f:
@@ -143,6 +148,8 @@ def _check_entry(path, i: int, item) -> None:
             raise ManifestError(path, f"{at}.concepts: at most {MAX_ENTRIES} concepts")
         for j, c in enumerate(concepts):
             _text(path, f"{at}.concepts[{j}]", c)
+    if "best_effort" in item and not isinstance(item["best_effort"], bool):
+        raise ManifestError(path, f"{at}.best_effort: must be true or false (a JSON boolean)")
     if "enabled" in item and not isinstance(item["enabled"], bool):
         raise ManifestError(path, f"{at}.enabled: must be true or false (a JSON boolean), got {str(item['enabled'])[:40]!r}")
     if "strength" in item:
@@ -194,6 +201,21 @@ def _resolve(path, i: int, file: str, base: str, search_dirs) -> str:
                               f"{' or in the eraser folders' if search_dirs else ''}")
 
 
+def _load_entry(path, i: int, item: dict, base: str, search_dirs, allow_unhashed: bool):
+    """(eraser, gate settings or None, strength) of one checked entry; raises :class:`EraserFileError`."""
+    digest = item.get("sha256") or None
+    if digest is None and not allow_unhashed:
+        raise ManifestError(path, f"entries[{i}].sha256: missing; a manifest pins each file by its sha256 "
+                                  "(python -m conceptgate inspect prints it)")
+    file = _resolve(path, i, item["file"], base, search_dirs)
+    if digest is not None and sha256_file(file) != digest.lower():
+        raise EraserFileError(file, f"sha256 differs from the manifest {os.path.basename(path)} (file changed?)")
+    eraser = load_eraser(file, concepts=item.get("concepts") or None)
+    gate = _gate(path, f"entries[{i}].gate", item["gate"]) if item.get("gate") is not None else None
+    strength = check_strength(item.get("strength", 1.0), f"entries[{i}].strength", allow_negative=False)
+    return eraser, gate, strength
+
+
 def read_manifest(path, search_dirs=(), allow_unhashed: bool = False, cls=EraserStack) -> EraserStack:
     """Load the stack a manifest describes; every problem is an :class:`EraserFileError`."""
     path = str(path)
@@ -216,17 +238,16 @@ def read_manifest(path, search_dirs=(), allow_unhashed: bool = False, cls=Eraser
     base = os.path.dirname(os.path.abspath(path))
     stack = cls(combine=data.get("combine", "additive"))
     for i, item in enumerate(data.get("entries", [])):
-        digest = item.get("sha256") or None
-        if digest is None and not allow_unhashed:
-            raise ManifestError(path, f"entries[{i}].sha256: missing; a manifest pins each file by its sha256 "
-                                      "(python -m conceptgate inspect prints it)")
-        file = _resolve(path, i, item["file"], base, search_dirs)
-        if digest is not None and sha256_file(file) != digest.lower():
-            raise EraserFileError(file, f"sha256 differs from the manifest {os.path.basename(path)} (file changed?)")
-        eraser = load_eraser(file, concepts=item.get("concepts") or None)
-        gate = _gate(path, f"entries[{i}].gate", item["gate"]) if item.get("gate") is not None else None
-        strength = check_strength(item.get("strength", 1.0), f"entries[{i}].strength", allow_negative=False)
-        stack = stack.with_eraser(eraser, item.get("enabled", True), strength, gate)
+        try:
+            eraser, gate, strength = _load_entry(path, i, item, base, search_dirs, allow_unhashed)
+        except EraserFileError as e:
+            if not item.get("best_effort", False):
+                raise
+            # the user's explicit opt-out of fail-closed for this entry: skip it, say so in every report
+            stack = replace(stack, skipped=stack.skipped + (f"entries[{i}] ({str(item.get('name') or item['file'])[:80]}): {e}",))
+            continue
+        stack = stack.with_eraser(eraser, item.get("enabled", True), strength, gate,
+                                  best_effort=item.get("best_effort", False))
     return stack
 
 

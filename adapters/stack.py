@@ -32,25 +32,61 @@ class StackEntry:
     enabled: bool = True
     strength: float = 1.0
     gate: GateSettings = field(default_factory=GateSettings)
+    # set by an operator policy (adapters/policy.py): always on, strength never lowered by the user
+    locked: bool = False
+    # the user's opt-out of fail-closed: an entry that cannot be applied is skipped with a note
+    best_effort: bool = False
 
     def __post_init__(self):  # finite and bounded (adapters/limits.py), never NaN / inf
         from .limits import check_strength
         check_strength(self.strength, f"eraser {self.eraser.name!r}")
+        if self.locked and (self.best_effort or not self.enabled):
+            raise ValueError(f"eraser {self.eraser.name!r} is locked by the operator: it cannot be disabled "
+                             "or made best-effort")
 
 
 @dataclass(frozen=True)
 class EraserStack:
     entries: tuple[StackEntry, ...] = ()
     combine: str = "additive"
+    # best-effort entries that were left out because they could not be applied, with the reason
+    skipped: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.combine not in COMBINE_MODES:
             raise ValueError(f"unknown combine mode {self.combine!r} ({', '.join(COMBINE_MODES)})")
 
     # ------------------------------------------------------------- building
-    def with_eraser(self, eraser: Eraser, enabled=True, strength=1.0, gate: GateSettings | None = None) -> "EraserStack":
-        entry = StackEntry(eraser, bool(enabled), float(strength), gate or GateSettings(rule=default_gate_rule(eraser)))
+    def with_eraser(self, eraser: Eraser, enabled=True, strength=1.0, gate: GateSettings | None = None,
+                    locked: bool = False, best_effort: bool = False) -> "EraserStack":
+        entry = StackEntry(eraser, bool(enabled), float(strength), gate or GateSettings(rule=default_gate_rule(eraser)),
+                           bool(locked), bool(best_effort))
         return replace(self, entries=self.entries + (entry,))
+
+    def without(self, index: int, reason: str) -> "EraserStack":
+        """The stack without entry ``index`` (a best-effort entry that cannot be applied), noting why."""
+        entry = self.entries[index]
+        if not entry.best_effort:
+            raise ValueError(f"eraser {entry.eraser.name!r} was asked for and cannot be applied: {reason}")
+        return replace(self, entries=self.entries[:index] + self.entries[index + 1:],
+                       skipped=self.skipped + (f"{entry.eraser.name}: {reason}",))
+
+    def applicable(self, problem, error=None) -> "EraserStack":
+        """Fail closed, per entry: ``problem(entry)`` returns why an entry cannot be applied, or None.
+        A best-effort entry with a problem is dropped with a note; for any other the stack raises
+        ``error(entry, why)`` (default ``ValueError``), so nothing runs without an eraser asked for."""
+        stack = self
+        for i in range(len(self.entries) - 1, -1, -1):
+            entry = self.entries[i]
+            why = problem(entry)
+            if not why:
+                continue
+            if not entry.best_effort:
+                if error is not None:
+                    raise error(entry, why)
+                raise ValueError(f"eraser {entry.eraser.name!r} was asked for and cannot be applied: {why}")
+            stack = stack.without(i, why)
+        return stack
 
     def with_combine(self, combine: str) -> "EraserStack":
         return replace(self, combine=combine)
@@ -88,14 +124,14 @@ class EraserStack:
         banks = banks or BankCache(encoder)
         n = prompt.hidden.shape[0]
         coeffs = torch.zeros(n, len(self.entries))
-        report = GateReport()
+        report = GateReport(notes=[f"skipped (best effort): {s}" for s in self.skipped])
         for i, entry in enumerate(self.entries):
             result = entry_gates(prompt, entry.eraser, entry.gate, banks, tokens_known)
             if entry.enabled:
                 coeffs[:, i] = result.values * entry.strength
             note = banks.notes.get(entry.eraser.name)
             detail = result.details[0] + (f"; {note}" if note and note != "stored calibration" else "")
-            report.add(entry.eraser.name, float(result.values[0]), entry.strength, entry.enabled, detail)
+            report.add(entry.eraser.name, float(result.values[0]), entry.strength, entry.enabled, detail, entry.locked)
         return coeffs, report
 
     # ------------------------------------------------------------- files

@@ -120,16 +120,21 @@ def module_names(model) -> dict[str, str]:
     return {k[: -len(".weight")]: "diffusion_model." + v[: -len(".weight")] for k, v in mapping.items() if k.endswith(".weight")}
 
 
-def check_fits(model, stack: EraserStack) -> None:
+def check_fits(model, stack: EraserStack) -> EraserStack:
+    """``stack`` if every weight eraser fits ``model``; a best-effort entry that does not is left out
+    (noted in the report); any other raises :class:`IncompatibleModelError` naming the file."""
     layout = unet_layout(model)
     names = module_names(model)
-    for _, entry in stack.weight_entries:
-        e = entry.eraser
-        missing = [n for n in e.modules if n not in names]
+
+    def problem(entry):
+        if entry.eraser.kind != "weight":
+            return None
+        missing = [n for n in entry.eraser.modules if n not in names]
         problems = ([f"{len(missing)} module(s) not in this model, e.g. {missing[0]}"] if missing else [])
-        problems += [p for p in e.check_against(layout) if "not in this UNet" not in p]
-        if problems:
-            raise IncompatibleModelError(e.source or e.name, "; ".join(problems))
+        problems += [p for p in entry.eraser.check_against(layout) if "not in this UNet" not in p]
+        return "; ".join(problems)
+
+    return stack.applicable(problem, lambda e, why: IncompatibleModelError(e.eraser.source or e.eraser.name, why))
 
 
 # ------------------------------------------------------------------ weight path
@@ -138,10 +143,18 @@ def comfy_patches(model, modules: dict[str, ModuleDelta]) -> dict:
     return comfy.lora.load_lora(kohya_tensors(modules), key_map, log_missing=True)
 
 
+def _kept(kept: EraserStack, stack: EraserStack, coeffs: torch.Tensor):
+    """Coefficients of the entries ``check_fits`` kept."""
+    if kept is stack:
+        return stack, coeffs
+    ids = {id(e) for e in kept.entries}
+    return kept, coeffs[[i for i, e in enumerate(stack.entries) if id(e) in ids]]
+
+
 def weight_patched(model, stack: EraserStack, coeffs: torch.Tensor):
     """A clone of ``model`` with the stack as weight patches at coefficients ``coeffs`` [E]
     (one LoRA patch per weight; ComfyUI applies it when it loads the model and keeps its backup)."""
-    check_fits(model, stack)
+    stack, coeffs = _kept(check_fits(model, stack), stack, coeffs)
     m = model.clone()
     merged = combined_deltas(stack, coeffs)
     if merged:
@@ -208,7 +221,7 @@ class RowGateRuntime:
 
 def row_gated(model, stack: EraserStack, clip, report_sink=None):
     """A clone of ``model`` whose erasers are gated per conditioning and per batch row."""
-    check_fits(model, stack)
+    stack = check_fits(model, stack)
     m = model.clone()
     runtime = RowGateRuntime(m, stack, ComfyTextEncoder(clip), report_sink)
     for entry in stack.entries:  # encode the concepts / load the detectors now, not in the middle of sampling

@@ -20,7 +20,7 @@ from ..adapters.files import load_eraser
 from ..adapters.gate import DEFAULT_RULE, GateSettings
 from ..adapters.gate import RULES as GATE_RULES
 from ..adapters.stack import COMBINE_MODES, EraserStack
-from . import comfy_glue
+from . import comfy_glue, lock
 
 log = logging.getLogger("conceptgate")
 
@@ -119,12 +119,15 @@ class AddToStack:
             "stack": (STACK, {"tooltip": "A stack to extend; empty starts a new one."}),
             "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                           "Non-official calibration: gates below this become 0 (0 = off, the official rule)."}),
+            "best_effort": ("BOOLEAN", {"default": False, "tooltip": "Off (default): if this eraser cannot be "
+                            "applied (e.g. it does not fit the model), the generation stops with the reason. On: it "
+                            "is skipped and the gate report says so. Erasers locked by the operator always stop."}),
         }}
 
-    def add(self, eraser, enabled, strength, gate, cond_only, stack=None, threshold=0.0):
+    def add(self, eraser, enabled, strength, gate, cond_only, stack=None, threshold=0.0, best_effort=False):
         settings = GateSettings(rule=gate, cond_only=cond_only, threshold=threshold if threshold > 0 else None,
                                 temperature=0.0 if threshold > 0 else None)
-        return ((stack or EraserStack()).with_eraser(eraser, enabled, strength, settings),)
+        return ((stack or EraserStack()).with_eraser(eraser, enabled, strength, settings, best_effort=best_effort),)
 
 
 class ApplyStack:
@@ -155,12 +158,20 @@ class ApplyStack:
 
     def apply(self, model, clip, stack, positive, mode, combine):
         stack = stack.with_combine(combine)
+        policy = lock.current_policy()  # a broken operator policy stops here too, with its reason
+        locked = [e.eraser.name for e in stack.entries if policy is not None and policy.is_locked(e.eraser)]
+        if locked:  # the lock applies these at sampling, whatever this node says: never twice
+            stack = policy.without_locked(stack)
+        stack = comfy_glue.check_fits(model, stack)
         coeffs, report = comfy_glue.gates_for_conditioning(stack, clip, positive)
         if mode == "batch":
             patched = comfy_glue.weight_patched(model, stack, coeffs)
         else:
             patched = comfy_glue.row_gated(model, stack, clip)
         text = report.text() + f"\n(mode {mode}, combine {combine})"
+        if policy is not None:
+            text += "\n[locked by the operator, applied to every image whatever this graph says: " + ", ".join(
+                f"{e.eraser.name} x{e.strength:g}" for e in policy.entries) + "]"
         if any(e.enabled and e.eraser.kind == "guidance" for e in stack.entries):  # never silently ignored
             text += "\n(guidance erasers act only through 'All-but-One Guider' / 'All-but-One Guidance (KSampler)')"
         log.info("ConceptGate gates: %s", text.replace("\n", "; "))

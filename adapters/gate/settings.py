@@ -66,16 +66,18 @@ class GateReport:
     """What fired, for the user: one line per eraser."""
 
     rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. best-effort entries that were skipped
 
-    def add(self, name: str, gate: float, strength: float, enabled: bool, detail: str = ""):
+    def add(self, name: str, gate: float, strength: float, enabled: bool, detail: str = "", locked: bool = False):
         self.rows.append({"eraser": name, "gate": float(gate), "strength": float(strength),
-                          "enabled": bool(enabled), "detail": detail})
+                          "enabled": bool(enabled), "detail": detail, "locked": bool(locked)})
 
     def text(self) -> str:
-        if not self.rows:
+        if not self.rows and not self.notes:
             return "ConceptGate: no erasers"
         lines = []
         for r in self.rows:
             state = "off" if not r["enabled"] else f"gate {r['gate']:.3f} x strength {r['strength']:.2f}"
-            lines.append(f"{r['eraser']}: {state}{(' (' + r['detail'] + ')') if r['detail'] else ''}")
-        return "\n".join(lines)
+            lock = " [locked by the operator]" if r.get("locked") else ""
+            lines.append(f"{r['eraser']}: {state}{lock}{(' (' + r['detail'] + ')') if r['detail'] else ''}")
+        return "\n".join(lines + self.notes)

@@ -8,7 +8,7 @@ back to the test.
 import sys
 import os
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # realpath: also when linked into custom_nodes/
 
 import tiny_models  # noqa: E402
 
