@@ -9,6 +9,15 @@ Two equivalent paths:
   coefficients. No weight is copied or written.
 
 Both honour the stack's combine mode (see :mod:`.stack`).
+
+Precision: the per-row hooks compute the delta in the dtype of the module's input, i.e. the weight's
+dtype on fp16 / bf16 models (float32 where the host computes in float32: ComfyUI's manual cast,
+inputs that autocast left in float32). The factors are kept in float32 and cast once per dtype and
+device. An upcast variant (delta and sum in float32, one rounding) was measured on the tiny test
+UNets and gave no accuracy gain (max error vs float32 ~2e-3 fp16 / ~1.6e-2 bf16 either way): the
+half-precision model's own rounding dominates, and the hook path agrees with a model whose
+``W + delta`` was rounded to the half dtype once (tests/test_half_precision.py). :func:`dense_deltas`
+(weights merged by a host) sums in float32 and rounds once.
 """
 
 from __future__ import annotations
@@ -25,7 +34,11 @@ from .stack import EraserStack
 
 
 def dense_deltas(stack: EraserStack, coeffs: torch.Tensor, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """{module: dense delta} for one row of coefficients ``coeffs`` [E] (strength x gate)."""
+    """{module: dense delta} for one row of coefficients ``coeffs`` [E] (strength x gate), in ``dtype``.
+
+    Summed in float32 and rounded to ``dtype`` once at the end (a half-precision ``dtype`` would
+    otherwise round every entry's delta and every partial sum)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
     coeffs = coeffs.flatten().float()
     out: dict[str, torch.Tensor] = {}
     entries = stack.weight_entries
@@ -49,9 +62,9 @@ def dense_deltas(stack: EraserStack, coeffs: torch.Tensor, dtype=torch.float32) 
         if c == 0.0:
             continue
         for name, d in e.eraser.modules.items():
-            delta = d.full(dtype) * c
+            delta = d.full(work) * c
             out[name] = out[name] + delta if name in out else delta
-    return out
+    return {name: delta.to(dtype) for name, delta in out.items()}
 
 
 class _ModuleTerms:
@@ -146,13 +159,15 @@ class _RowState:
             hit = self._rows[key] = self.coeffs.to(device).repeat_interleave(batch // n, 0)
         return hit
 
-    def weights(self, terms: _ModuleTerms, rows: torch.Tensor) -> torch.Tensor | None:
+    def weights(self, terms: _ModuleTerms, rows: torch.Tensor, dtype=torch.float32) -> torch.Tensor | None:
+        """[B, R] multipliers, formed in float32 and cast to the modules' compute ``dtype`` once per call
+        (not once per hooked module)."""
         if terms.down is None:
             return None
-        key = (terms.signature, rows.shape[0], rows.device)
+        key = (terms.signature, rows.shape[0], rows.device, dtype)
         hit = self._weights.get(key)
         if hit is None:
-            hit = self._weights[key] = terms.rank_weights(rows)
+            hit = self._weights[key] = terms.rank_weights(rows).to(dtype)
         return hit
 
 
@@ -292,12 +307,12 @@ class RowGatedDeltas(HookSet):
                 return None
             x = args[0]
             rows = state.rows(x.shape[0], x.device)
-            w = state.weights(terms, rows)
+            w = state.weights(terms, rows, x.dtype)  # the delta is computed in x's dtype (see the module doc)
             if (not terms.conv and not terms.full and not terms.official and not torch.is_grad_enabled()
                     and output.is_contiguous() and output.dtype == x.dtype):
                 # inference fast path: one small GEMM added into the module's own output, no delta tensor
                 z = F.linear(x, terms.on(x, terms.down))
-                z = z * w.to(x.dtype).view((w.shape[0],) + (1,) * (z.dim() - 2) + (w.shape[1],))
+                z = z * w.view((w.shape[0],) + (1,) * (z.dim() - 2) + (w.shape[1],))
                 output.view(-1, output.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), terms.on(x, terms.up).t())
                 return output
             delta = terms.delta_output(module, x, rows, w)

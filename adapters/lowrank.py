@@ -54,13 +54,17 @@ class ModuleDelta:
         return int((self.up if self.is_low_rank else self.diff).shape[0])
 
     def full(self, dtype=torch.float32) -> torch.Tensor:
-        """The dense delta in the weight's shape (scale included)."""
+        """The dense delta in the weight's shape (scale included), in ``dtype``.
+
+        The product is formed in float32 (or float64 if asked) and rounded to ``dtype`` once: a
+        half-precision ``up @ down`` would round the product and again the scaled result."""
         if not self.is_low_rank:
             return self.diff.to(dtype)
-        up = self.up.to(dtype).flatten(1)
-        down = self.down.to(dtype)
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        up = self.up.to(work).flatten(1)
+        down = self.down.to(work)
         dense = (up @ down.flatten(1)) * self.scale
-        return dense.reshape(up.shape[0], *down.shape[1:])
+        return dense.reshape(up.shape[0], *down.shape[1:]).to(dtype)
 
     def weight_shape(self) -> tuple[int, ...]:
         if not self.is_low_rank:

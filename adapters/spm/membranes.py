@@ -86,6 +86,9 @@ class Membranes(nn.Module):
                 return None
             x = args[0]
             down, up = self.down[key], self.up[key]
+            # computed in the input's dtype (the UNet's fp16 / bf16 when it runs in half precision); the
+            # factors stay float32 parameters, autograd casts their gradients back. Rank-1 products add no
+            # error beyond the half-precision model's own (tests/test_half_precision.py).
             if conv:
                 z = F.conv2d(x, down.to(x.dtype), None, module.stride, module.padding, module.dilation)
                 y = F.conv2d(z, up.to(x.dtype))
