@@ -318,10 +318,16 @@ def rece_edit(weights_orig: Mapping[str, torch.Tensor], concept_emb, target_emb,
     for name in names:
         w = wo[name]
         ucat = torch.cat(ups[name], 1)
-        # the start's own delta is already dense: only the epochs' blocks are multiplied out
-        total = torch.cat(ups[name][n_start_blocks:], 1) @ d_ep
-        if start is not None and name in start:
-            total += start[name].to(device=dev, dtype=_F64)
+        if blocks0:
+            # the start's exact float64 factors are in ucat/dcat: multiply everything out in float64 and
+            # round to the weight's dtype once (the start's dense delta is already rounded to it: adding it
+            # would round fp16 / bf16 edits twice)
+            total = ucat @ dcat
+        else:
+            # a dense start: only the epochs' blocks are multiplied out
+            total = torch.cat(ups[name][n_start_blocks:], 1) @ d_ep
+            if start is not None and name in start:
+                total += start[name].to(device=dev, dtype=_F64)
         deltas[name] = total.to(w.dtype)
         factors[name] = (ucat, dcat)
     if not base_is_orig:

@@ -133,6 +133,20 @@ def _guess_method(path: str, full_unet: bool) -> str:
     return "uce"
 
 
+def _rounding_noise(*tensors: torch.Tensor) -> float:
+    """Expected Frobenius norm of the round-to-nearest error of tensors stored below float32 precision
+    (each element's error is uniform within +-ulp/2, i.e. ulp^2 / 12 in mean square); 0 for float32 / 64."""
+    total = 0.0
+    for t in tensors:
+        if not t.is_floating_point() or torch.finfo(t.dtype).eps <= torch.finfo(torch.float32).eps:
+            continue
+        _, exp = torch.frexp(t.detach().to(torch.float64).abs())
+        ulp = torch.ldexp(torch.full_like(exp, torch.finfo(t.dtype).eps, dtype=torch.float64), exp - 1)
+        ulp = ulp.clamp_min(torch.finfo(t.dtype).tiny * torch.finfo(t.dtype).eps)  # zeros and subnormals
+        total += float((ulp * ulp).sum()) / 12.0
+    return total ** 0.5
+
+
 def import_published(path, base, concepts: Sequence[str] | None = None, *, method: str | None = None,
                      name: str | None = None, rank: int | None = None, tol: float = 1e-3,
                      full: bool = False, store_dtype: torch.dtype = torch.float32,
@@ -179,10 +193,15 @@ def import_published(path, base, concepts: Sequence[str] | None = None, *, metho
             report_mod[k] = {"rank": min(delta.shape), "rel_error": 0.0}
             nbytes += delta.numel() * elem
             continue
-        up, down, info = cf.factor_delta(delta, rank=rank, tol=None if rank is not None else tol, dtype=store_dtype)
+        # an fp16 / bf16 file (or base) carries rounding noise in every element of the delta: truncating to
+        # ``tol`` below that noise floor would keep the noise as rank (a bf16 UCE file came out at rank 26-44
+        # instead of 3), so the truncation tolerance never goes below twice the rounding noise
+        floor = 2.0 * _rounding_noise(edited[k], base_w[k]) / max(float(torch.linalg.norm(delta)), 1e-300)
+        tol_k = max(tol, floor)
+        up, down, info = cf.factor_delta(delta, rank=rank, tol=None if rank is not None else tol_k, dtype=store_dtype)
         modules[k] = ModuleDelta(up=up.contiguous(), down=down.contiguous(), alpha=float(up.shape[1]))
         report_mod[k] = {"rank": info["rank"], "rel_error": info["rel_error"],
-                         "singular_values": info["singular_values"][:8]}
+                         "singular_values": info["singular_values"][:8], "tol": None if rank is not None else tol_k}
         nbytes += (up.numel() + down.numel()) * elem
     if not modules:
         raise EraserFileError(path, "the file's attn2 weights equal the base's: nothing to import (wrong base?)")

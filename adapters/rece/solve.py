@@ -308,9 +308,15 @@ class RECEResult(EditResult):
         if not 0 <= k <= len(self.epoch_factors):
             raise ValueError(f"k must be in 0..{len(self.epoch_factors)}, got {k}")
         out = {}
+        start_factors = getattr(self.start, "factors", None) or {}
         for name, full in self.items():
             acc = torch.zeros(full.shape, dtype=_F64, device=full.device)
-            if self.start is not None and name in self.start:
+            if k and name in start_factors:
+                # the start's exact float64 factors: one rounding to the weight's dtype (its dense delta
+                # is already rounded to it, adding it would round fp16 / bf16 edits twice)
+                up, down = start_factors[name]
+                acc += up.to(device=acc.device, dtype=_F64) @ down.to(device=acc.device, dtype=_F64)
+            elif self.start is not None and name in self.start:
                 acc += self.start[name].to(_F64)
             for ef in self.epoch_factors[:k]:
                 up, down = ef[name]
