@@ -271,17 +271,20 @@ class AboPlan:
     def correction(self, eps_cond: torch.Tensor, eps_uncond: torch.Tensor | None, eps_extra: torch.Tensor | None,
                    rows_per_prompt: int = 1) -> torch.Tensor:
         """``sum_j gamma_j (eps_erase_j - eps_alt_j)`` per conditional row ``[P * rows_per_prompt, ...]``
-        (zeros where no term fires). Multiply by ``w`` and subtract from the CFG output."""
-        out = torch.zeros_like(eps_cond)
+        (zeros where no term fires). Multiply by ``w`` and subtract from the CFG output.
+
+        Formed in float32 whatever the predictions' dtype (fp16 / bf16 UNets): the differences of
+        nearby predictions and their weighted sum are rounded once, by the caller's cast."""
+        out = torch.zeros_like(eps_cond, dtype=torch.promote_types(eps_cond.dtype, torch.float32))
         r = rows_per_prompt
 
         def pick(i, text, j):
             kind, k = self.lookup[(i, text)]
             if kind == "cond":
-                return eps_cond[i * r + j]
+                return eps_cond[i * r + j].to(out.dtype)
             if kind == "uncond":
-                return eps_uncond[i * r + j]
-            return eps_extra[k * r + j]
+                return eps_uncond[i * r + j].to(out.dtype)
+            return eps_extra[k * r + j].to(out.dtype)
 
         for i, row in enumerate(self.terms):
             for t in row:
