@@ -187,8 +187,10 @@ def run_bench(args) -> int:
     seeds = [SEED_BASE + k for k in range(cfg["seeds"])]
     which = ["base", "abo->square", "abo->nothing"] + ([] if args.no_extra else
                                                        ["abo->square (+synonym)", "abo->square (official FT gate)"])
+    from ..adapters.progress import iterate
+
     results, images = [], {}
-    for name, stack in _configs(which):
+    for name, stack in iterate(_configs(which), "bench abo", unit="config"):
         say(f"== {name}")
         r = evaluate_stack(pipe, judges, stack, targets=[TARGET], tier=cfg, prompt_sets=sets, log=None)
         images[name] = r.pop("_images")

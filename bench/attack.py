@@ -106,7 +106,9 @@ def bench_attack(n: int = 8, seeds: int = 2, eta: float = 3.0, steps: int = 25, 
             out = gated(ps, **kw).images.float().clamp(0, 1)
             return out, gated.last_coefficients[:, 0]
 
-    for e in erasers:
+    from ..adapters.progress import iterate
+
+    for e in iterate(erasers, "attack", unit="eraser"):
         concept = e.concepts[0]
         kind, index = _judge_kind(concept)
         sets = attack_prompts(concept, pipe.tokenizer, n)

@@ -177,7 +177,9 @@ def bench_gate(concepts=("triangle", "striped", "star", "watermark"), seed: int 
     banks = BankCache(encoder, {"domain_carriers": gate_carriers, "domain_prompts": gate_neutral_prompts,
                                 "domain_synonyms": gate_synonyms, **(calibrator_options or {})})
     result = {"concepts": {}, "seconds": None}
-    for concept in concepts:
+    from ..adapters.progress import iterate
+
+    for concept in iterate(list(concepts), "bench gate", unit="concept"):
         eraser = Eraser(name=concept, kind="weight", concepts=[concept])
         sets = prompt_sets(concept, pipe.tokenizer, seed)
         lens, without, with_c = sweep(concept, pipe.tokenizer)

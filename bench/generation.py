@@ -31,19 +31,36 @@ def _raw_gates(stack, encoder, prompts: Sequence[str], banks=None) -> torch.Tens
     return out
 
 
+def _step_callback(progress):
+    def on_step_end(pipe, i, t, tensors):  # diffusers' callback_on_step_end: must hand the tensors back
+        progress(1)
+        return tensors
+    return on_step_end
+
+
 def generate_with_stack(pipe, prompts: Sequence[str], seeds: Sequence[int], stack=None, steps: int = 25,
-                        cfg: float = 5.0, batch: int = 48, negative_prompt=None, log=None):
+                        cfg: float = 5.0, batch: int = 48, negative_prompt=None, log=None, progress=None):
     """Images (n,3,64,64 in [0,1]) and raw gates [n, E] (None without a stack).
 
     Same sampler and seeding as :func:`conceptgate.toyworld.generate` (one CPU generator per seed,
     batch independent). Weight erasers act through ``GatedPipeline`` (per-row gates); conditioning
     and guidance erasers through the registered handlers; an unregistered kind raises
-    :class:`UnsupportedEraser`."""
+    :class:`UnsupportedEraser`. ``progress(1)`` (e.g. a progress bar's ``update``) is called after every
+    denoising step of every batch: ``steps x ceil(len(prompts) / batch)`` calls in all; without one the call
+    shows its own bar (``progress=False``: none)."""
     from ..adapters.diffusers_host import GatedPipeline
     from ..adapters.stack import EraserStack
 
     prompts, seeds = list(prompts), list(seeds)
     assert len(prompts) == len(seeds)
+    own_bar = None
+    if progress is None:
+        from ..adapters.progress import bar
+
+        own_bar = bar(steps * -(-len(prompts) // batch), "sampling", unit="step", leave=False)
+        progress = own_bar.update
+    elif progress is False:
+        progress = None
     entries = [e for e in (stack.entries if stack is not None else ()) if e.enabled]
     cond = [e for e in entries if e.eraser.kind == "conditioning"]
     guide = [e for e in entries if e.eraser.kind == "guidance"]
@@ -88,6 +105,8 @@ def generate_with_stack(pipe, prompts: Sequence[str], seeds: Sequence[int], stac
                     kw.pop("negative_prompt")
                 kw.update(extra)
                 kw.update(more)
+                if progress is not None:
+                    kw["callback_on_step_end"] = _step_callback(progress)
                 call = gated if gated is not None else pipe
                 return call(**kw).images.float().cpu().clamp(0, 1)
 
@@ -102,4 +121,6 @@ def generate_with_stack(pipe, prompts: Sequence[str], seeds: Sequence[int], stac
     finally:
         if gated is not None:
             gated.__exit__()
+        if own_bar is not None:
+            own_bar.close()
     return torch.cat(images), all_gates

@@ -90,7 +90,10 @@ def run(eraser_files=None, n_prompts: int = 48, n_seeds: int = 4, batch: int = 4
         out = pipe(**kw).images.float().cpu().clamp(0, 1)
         return out, time.perf_counter() - t0
 
+    from ..adapters.progress import bar
+
     t_all = time.time()
+    shown = bar(len(todo) * -(-len(prompts) // batch), "bench geom", unit="batch")
     try:
         for bi, i in enumerate(range(0, len(prompts), batch) if todo else []):
             ps, ss = prompts[i: i + batch], img_seeds[i: i + batch]
@@ -99,6 +102,7 @@ def run(eraser_files=None, n_prompts: int = 48, n_seeds: int = 4, batch: int = 4
                 out, dt = sample(name, e, ps, ss)
                 seconds[name] += dt
                 images[name].append(out)
+                shown.update(1)
             log(f"batch {bi + 1}/{(len(prompts) + batch - 1) // batch} of {[c[0] for c in todo]} done ({time.time() - t_all:.0f} s)")
         for name, _, _ in todo:
             if cache:
@@ -120,6 +124,7 @@ def run(eraser_files=None, n_prompts: int = 48, n_seeds: int = 4, batch: int = 4
             for name, _, e in tconds[k % len(tconds):] + tconds[: k % len(tconds)]:
                 timing[name] += sample(name, e, ps, ss)[1]
     finally:
+        shown.close()
         handle.remove()
     renders = judge_features(judges, Q._set_renders(labels, 4242))
     floor = Q.frechet(judge_features(judges, Q._set_renders(labels, 5353)), renders)

@@ -503,8 +503,10 @@ def run_quality(args) -> int:
             for t in eraser_targets(e.eraser):
                 if t not in targets:
                     targets.append(t)
+    from ..adapters.progress import iterate
+
     results = []
-    for name, st in configs:
+    for name, st in iterate(configs, "quality", unit="config"):
         say(f"== {name}")
         r = evaluate_stack(pipe, judges, st, targets=targets, tier=cfg, log=say)
         r["tier"] = tier

@@ -56,6 +56,9 @@ def bench_rece_attack(concept: str = "triangle", epochs: int = 3, seeds: int = 8
 
     gens = lambda: [torch.Generator("cpu").manual_seed(1000 + s) for s in range(seeds)]  # noqa: E731
     shape = (seeds, 4, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    from ..adapters.progress import bar
+
+    shown = bar(len(models) * len(attacks), "rece-attack", unit="run")
     rates: dict = {}
     for mname, deltas in models.items():
         undo = _apply(pipe.unet, deltas) if deltas else (lambda: None)
@@ -67,8 +70,10 @@ def bench_rece_attack(concept: str = "triangle", epochs: int = 3, seeds: int = 8
                               height=64, width=64).images.float().clamp(0, 1)
                 labels = J.classify(judge, images)["object"]
                 rates[(mname, aname)] = float((labels == target).mean())
+                shown.update(1)
         finally:
             undo()
+    shown.close()
     rows = [{"model": m, **{a: f"{100 * rates[(m, a)]:.0f}%" for a in attacks}} for m in models]
     body = (
         f"Toy world, object '{concept}': RECE ({len(result.embeddings)} epochs from the UCE start, object defaults) "

@@ -92,12 +92,17 @@ def bench_spm(steps: int = 4, latent: int = 8, erasers: int = 8, repeats: int = 
         "per-row": lambda: comfy_glue.row_gated(model, stack, clip),
     }
     run(modes["vanilla"])  # warm-up (allocator, threads)
+    from ..adapters.progress import bar
+
     times = {k: [] for k in modes}
     last = {}
+    shown = bar(repeats * len(modes), "bench speed spm", unit="run")  # updated between the timed runs
     for _ in range(repeats):
         for name, make in modes.items():
             seconds, last[name] = run(make)
             times[name].append(seconds)
+            shown.update(1)
+    shown.close()
     med = {k: statistics.median(v) for k, v in times.items()}
     (batch_keys, backup_bytes), (row_keys, row_backup) = last["batch"], last["per-row"]
     hook_overhead = _unet_call_overhead(model, stack, latent, repeats=max(6, 3 * repeats))

@@ -108,8 +108,11 @@ def bench_uce_rece(write: bool = True, json_path=None, archs=("sd15", "sdxl"), r
     from ..adapters.rece import PUBLISHED_FULL_UNET_BYTES, compute_edit, gated_stack_effect, stacked_interference
 
     load_before = os.getloadavg()[0]
+    from ..adapters.progress import iterate
+
     speed = {arch: benchmark_speed(arch, n_preserve_prompts=n_preserve_prompts, epochs=epochs, repeats=repeats,
-                                   num_threads=num_threads) for arch in archs}
+                                   num_threads=num_threads) for arch in iterate(list(archs), "bench speed uce",
+                                                                                unit="architecture")}
     speed_rows = []
     for arch, r in speed.items():
         row = {"arch": arch, "n": r["n_matrices"], "ctx": r["ctx_dim"], "uce": f"{r['uce']:.3f}",

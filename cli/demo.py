@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import time
 
 
 def cmd_demo(args) -> int:
+    t0 = time.perf_counter()
     import torch
 
     from ..bench.demo import run_demo
 
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     run_demo(out_dir=args.out, steps=args.steps, seed=args.seed)
+    print(f"demo: {time.perf_counter() - t0:.1f} s in all (imports included)", flush=True)
     return 0
 
 

@@ -27,8 +27,10 @@ def test_demo_end_to_end_reduced(tmp_path, capsys):
     assert (out / "grid.png").stat().st_size > 1000
     data = json.loads((out / "metrics.json").read_text())
     titles = [c["title"] for c in data["columns"]]
-    assert titles == ["no erasure", "uce-triangle", "rece-striped", "uce-star", "whole stack"]
+    assert titles == ["no erasure", "#1 uce-triangle", "#2 rece-striped", "#3 uce-star", "whole stack"]
     assert data["columns"][-1]["erasers"] == ["uce-triangle", "rece-striped", "uce-star"]
+    assert data["columns"][1]["legend"] == ["UCE edit", "triangle -> shape", "gate rule: context"]
+    assert data["columns"][-1]["legend"][0] == "#1 #2 #3"
     kinds = [r["kind"] for r in data["rows"]]
     assert kinds.count("target") == 3 and kinds.count("synonym") == 3 and kinds.count("unrelated") == 1
     for r in data["rows"]:
@@ -36,14 +38,21 @@ def test_demo_end_to_end_reduced(tmp_path, capsys):
         if r["kind"] == "target":
             assert r["gates"][{"triangle": "uce-triangle", "striped": "rece-striped", "star": "uce-star"}[r["target"]]] \
                 == pytest.approx(1.0)
-    for c in data["columns"]:
-        assert len(c["judged"]) == len(data["rows"])
+    for c in data["columns"]:  # every column scored on every row: its own targets erased, the rest kept
+        assert len(c["judged"]) == len(c["scores"]) == len(data["rows"])
+        mine = {"uce-triangle": {"triangle"}, "rece-striped": {"striped"}, "uce-star": {"star"}}
+        erases = set().union(*(mine[n] for n in c["erasers"])) if c["erasers"] else set()
+        for r, sc in zip(data["rows"], c["scores"]):
+            assert sc["expect"] == ("erased" if r.get("target") in erases else "kept")
+    s = data["summary"]["#2 rece-striped"]
+    assert s["rows_erased"] == 2 and s["rows_kept"] == len(data["rows"]) - 2 and s["others_kept"] is not None
     assert os.path.exists(out / "uce-triangle.safetensors") and os.path.exists(out / "rece-striped.safetensors")
     man = json.loads((out / "stack.json").read_text())
     assert [e["name"] for e in man["entries"]][:2] == ["uce-triangle", "rece-striped"]
     assert set(data["summary"]) == set(titles) and m["grid"].endswith("grid.png")
     printed = capsys.readouterr().out
     assert "gate uce-triangle" in printed and "skipping" in printed and "broken.safetensors" in printed
+    assert "demo time:" in printed and m["seconds"]["total"] > 0
 
 
 def test_demo_rows_and_table():
@@ -55,3 +64,38 @@ def test_demo_rows_and_table():
     for r in rows[4:]:
         assert not any(w in r["prompt"] for w in ("triangle", "trigon", "striped", "zebra-lined"))
     assert D.load_shipped("/nonexistent/folder") == []
+
+
+def test_scoring_every_column_on_every_row():
+    from conceptgate.bench.quality import resolve_concept
+
+    targets = [resolve_concept("triangle"), resolve_concept("striped")]
+    rows = D.demo_rows(targets, n_unrelated=1)
+    tri, stripes = rows[0], rows[1]
+    seen = {"object": "triangle", "style": "dots", "colour": "red", "watermark": "absent"}
+    assert D.score_cell(tri, seen, {"triangle"}, targets) == ("erased", False)       # still a triangle
+    assert D.score_cell(tri, dict(seen, object="cross"), {"triangle"}, targets) == ("erased", True)
+    assert D.score_cell(tri, dict(seen, object="none"), {"triangle"}, targets) == ("erased", False)  # garbage
+    assert D.score_cell(tri, seen, {"striped"}, targets) == ("kept", True)            # another eraser's row
+    ring = {"object": "circle", "style": "stripes", "colour": "blue", "watermark": "absent"}
+    assert D.score_cell(stripes, ring, {"triangle"}, targets) == ("kept", False)      # a side effect counts
+    assert D.score_cell(rows[-1], ring, {"triangle"}, targets)[0] == "kept"
+
+
+def test_grid_fits_every_label(tmp_path):
+    """Columns grow to their widest text: a long stack gate line is never cut off at the image edge."""
+    import torch
+    from PIL import Image
+
+    rows = [{"kind": "target", "target": "triangle", "prompt": "a red triangle in polka-dot style"}]
+    long = "fired: #1 #2 (0.52) #3 #4 #5 #6 #7 #8 #9 #10"
+    cols = [{"title": "no erasure", "legend": ["the toy model as is"], "images": torch.rand(1, 3, 64, 64),
+             "notes": [["no eraser", "triangle, dots"]], "verdicts": [("kept", True)]},
+            {"title": "whole stack", "legend": ["#1 #2 #3 #4 #5 #6 #7 #8 #9 #10", "all at once"],
+             "images": torch.rand(1, 3, 64, 64), "notes": [[long, "circle, dots"]], "verdicts": [("erased", True)]}]
+    D.draw_grid(str(tmp_path / "g.png"), rows, cols)
+    img = Image.open(tmp_path / "g.png")
+    from PIL import ImageDraw
+
+    width = ImageDraw.Draw(img).textlength(long, font=D._font(11))
+    assert img.width >= D.LEFT_W + 2 * D.GAP + 64 * D.SCALE + width
