@@ -127,8 +127,11 @@ def write_folder(folder: str, data: GeomData, category: str) -> None:
 @torch.no_grad()
 def generate_data(pipe, prompts: list[str], detector, config: GeomConfig, log=None) -> GeomData:
     """Model removal: generate one image per prompt (seed = index) and label it with the detector."""
+    from ..progress import bar
+
     res = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     imgs = []
+    shown = bar(len(prompts), "geom data", unit="image")
     for i in range(0, len(prompts), config.gen_batch):
         ps = prompts[i: i + config.gen_batch]
         gens = [torch.Generator("cpu").manual_seed(config.seed * 100003 + i + j) for j in range(len(ps))]
@@ -137,8 +140,10 @@ def generate_data(pipe, prompts: list[str], detector, config: GeomConfig, log=No
         out = pipe(prompt=ps, num_inference_steps=config.gen_steps, guidance_scale=config.gen_cfg, latents=lat,
                    output_type="pt", height=res, width=res)
         imgs.append(out.images.float().cpu().clamp(0, 1))
+        shown.update(len(ps))
         if log:
             log(f"generated {min(i + config.gen_batch, len(prompts))}/{len(prompts)} training images")
+    shown.close()
     x = torch.cat(imgs)
     dets = detector(x)
     files = [f"gen_{i:05d}.png" for i in range(len(x))]
