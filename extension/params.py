@@ -46,6 +46,7 @@ KEY_PRESET = "ConceptGate preset"
 KEY_COMBINE = "ConceptGate combine"
 KEY_GATE = "ConceptGate gate rule"
 KEY_COND_ONLY = "ConceptGate cond only"
+KEY_LOCKED = "ConceptGate locked"  # names of the entries the operator's policy locked
 INFOTEXT_KEYS = (KEY, KEY_HASHES, KEY_PRESET, KEY_COMBINE, KEY_GATE, KEY_COND_ONLY)
 
 # A1111's extra-network syntax (modules/extra_networks.py): <(\w+):([^>]+)>, items split on ':'.
@@ -178,6 +179,7 @@ class UsedEraser:
     strength: float
     gate: float | None  # None: disabled
     sha256: str | None
+    locked: bool = False  # by the operator's policy
 
 
 def infotext_params(used: list[UsedEraser], args: ScriptArgs) -> dict[str, str]:
@@ -188,6 +190,9 @@ def infotext_params(used: list[UsedEraser], args: ScriptArgs) -> dict[str, str]:
     hashes = [f"{escape_name(u.name)}: {u.sha256[:12]}" for u in used if u.sha256]
     if hashes:
         out[KEY_HASHES] = ", ".join(hashes)
+    locked = [escape_name(u.name) for u in used if u.locked]
+    if locked:
+        out[KEY_LOCKED] = ", ".join(locked)
     if args.enabled and args.preset != NO_PRESET:
         out[KEY_PRESET] = args.preset
     if args.combine != "additive":

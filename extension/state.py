@@ -20,6 +20,7 @@ from ..adapters.gate import BankCache
 from ..adapters.stack import EraserStack
 from . import host as _host
 from .library import Library
+from .lock import current_policy
 from .mechanisms import reachable_kind
 from .params import NO_PRESET, ScriptArgs, UsedEraser, infotext_params, shown
 
@@ -101,6 +102,7 @@ class GenerationState:
         self.args = args
         self.library = library
         self.host = host or _host.HOST
+        self.policy = current_policy(library)  # PolicyError: the generation stops (fail closed)
         self.base = self._base_stack()
         self._stacks: dict[tuple, EraserStack] = {}
         self.stack: EraserStack | None = None
@@ -116,14 +118,14 @@ class GenerationState:
 
     def _base_stack(self) -> EraserStack:
         stack = EraserStack(combine=self.args.combine)
-        if not self.args.enabled:
-            return stack
-        if self.args.preset and self.args.preset != NO_PRESET:
-            for e in self.library.load_preset(self.args.preset).entries:
-                stack = _merge(stack, e.eraser, e.strength, e.gate, e.enabled)
-        for name, strength in self.args.erasers:
-            stack = _merge(stack, self.library.load(name), strength, self._settings())
-        return stack
+        if self.args.enabled:
+            if self.args.preset and self.args.preset != NO_PRESET:
+                for e in self.library.load_preset(self.args.preset).entries:
+                    stack = _merge(stack, e.eraser, e.strength, e.gate, e.enabled)
+            for name, strength in self.args.erasers:
+                stack = _merge(stack, self.library.load(name), strength, self._settings())
+        # the operator's locked erasers, whatever the accordion says (unticked included)
+        return self.policy.enforce(stack) if self.policy is not None else stack
 
     def stack_for(self, tags) -> EraserStack:
         key = tuple(tags or ())
@@ -131,6 +133,8 @@ class GenerationState:
             stack = self.base
             for name, strength in key:
                 stack = _merge(stack, self.library.load(name), strength, self._settings())
+            if self.policy is not None:  # tags may add erasers or raise a locked one, never lower it
+                stack = self.policy.enforce(stack)
             for e in stack.entries:
                 why = reachable_kind(e.eraser.kind)
                 if why is not None:
@@ -218,7 +222,7 @@ class GenerationState:
         out = []
         for i, e in enumerate(self.stack.entries):
             gate = rows[i]["gate"] if i < len(rows) else None
-            out.append(UsedEraser(e.eraser.name, e.strength, gate if e.enabled else None, e.eraser.sha256))
+            out.append(UsedEraser(e.eraser.name, e.strength, gate if e.enabled else None, e.eraser.sha256, e.locked))
         return out
 
     def write_infotext(self, p):
@@ -248,5 +252,7 @@ def check_finite_coefficients(stack: EraserStack, coeffs: torch.Tensor, where: s
 def _merge(stack: EraserStack, eraser, strength: float, gate: GateSettings, enabled: bool = True) -> EraserStack:
     for i, e in enumerate(stack.entries):
         if _key(e.eraser) == _key(eraser):
+            if e.locked:  # the operator's entry: a user may raise it, never lower or disable it
+                return stack.with_entry(i, strength=max(e.strength, float(strength) if enabled else 0.0))
             return stack.with_entry(i, strength=float(strength), enabled=bool(enabled))
     return stack.with_eraser(eraser, enabled, strength, replace(gate))

@@ -26,7 +26,8 @@ def build(script, is_img2img):
 
     lib = callbacks.library()
     usable, unavailable = lib.listing()
-    rows = usable[:MAX_ROWS]
+    locked, policy_note = _locked_rows(lib, usable)
+    rows = [n for n in usable if n not in locked][:MAX_ROWS]
     toggles, sliders = [], []
     with gr.Accordion(TITLE, open=False, elem_id=script.elem_id("conceptgate")):
         enabled = gr.Checkbox(False, label="Use the erasers and preset selected here (<erase:name:strength> in the prompt always works)",
@@ -35,7 +36,16 @@ def build(script, is_img2img):
             preset = gr.Dropdown([NO_PRESET] + list(lib.presets()), value=NO_PRESET, label="Stack preset",
                                  elem_id=script.elem_id("conceptgate_preset"))
             refresh = gr.Button("Refresh presets", elem_id=script.elem_id("conceptgate_refresh"))
-        if not rows:
+        if policy_note:
+            gr.Markdown(policy_note)
+        for name, strength in locked.items():  # shown greyed: the operator's entries cannot be changed here
+            with gr.Row():
+                label = clean_name(name, MAX_NAME)
+                gr.Checkbox(True, label=f"{label} (locked by the operator)", interactive=False,
+                            elem_id=script.elem_id(f"conceptgate_locked_{_id(name)}"))
+                gr.Slider(0.0, 2.0, value=strength, step=0.05, label=f"{label} strength (locked)", interactive=False,
+                          elem_id=script.elem_id(f"conceptgate_locked_strength_{_id(name)}"))
+        if not rows and not locked:
             gr.Markdown(f"No erasers in {markdown_text(lib.folder, 1000)}.")
         for name in rows:
             with gr.Row():
@@ -89,6 +99,28 @@ def build(script, is_img2img):
     ]
     script.paste_field_names = [KEY, KEY_HASHES, KEY_PRESET, KEY_COMBINE, KEY_GATE, KEY_COND_ONLY]
     return [enabled, erasers, preset, combine, gate, cond_only]
+
+
+def _locked_rows(lib, usable) -> tuple[dict[str, float], str]:
+    """Library names of the operator's locked erasers (with their strengths), and a note for the accordion."""
+    import os
+
+    from .lock import current_policy
+
+    try:
+        policy = current_policy(lib)
+    except Exception as e:  # shown, and every generation stops with the same message
+        return {}, f"**Operator policy unusable: every generation stops.** {markdown_text(str(e), 400)}"
+    if policy is None:
+        return {}, ""
+    locked = {}
+    for name in usable:
+        path = os.path.realpath(lib.path_of(name))
+        for e in policy.entries:
+            if e.eraser.source and os.path.realpath(e.eraser.source) == path:
+                locked[name] = e.strength
+    names = ", ".join(f"{markdown_text(e.eraser.name)} x{e.strength:g}" for e in policy.entries)
+    return locked, f"Locked by the server's operator (always on, whatever is selected here or in the prompt): {names}"
 
 
 def _id(name: str) -> str:
