@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import statistics
@@ -328,9 +329,6 @@ def bench_unet(name, cfg, device, args, clock) -> dict:
     if name.startswith("sd15"):
         out["attention"] = _attention_backends(u16, stack, inputs, mixed)
     out["seconds"] = time.perf_counter() - t_start
-    del u16
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 
@@ -498,6 +496,9 @@ def main(argv=None) -> dict:
             label = m + ("-tiny" if args.tiny else "")
             print(f"[{time.perf_counter() - t0:6.1f}s] {label} ...", flush=True)
             result["unets"].append(bench_unet(label, configs[m], device, args, clock))
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the UNet's copies are gone with bench_unet's frame
             print(json.dumps(result["unets"][-1], indent=1), flush=True)
     if "toy" in models:
         print(f"[{time.perf_counter() - t0:6.1f}s] toy models ...", flush=True)

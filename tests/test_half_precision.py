@@ -22,7 +22,6 @@ from CUDA's, so these are correctness checks, not GPU figures (scripts/gpu_half_
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -321,19 +320,19 @@ def _comfy_stack(erasers, strengths):
     return stack
 
 
-def _comfy_runs(world, model):
+def _comfy_runs(cw, model):
     from comfy_sampling import encode, sample
     from conceptgate.nodes import comfy_glue
 
-    clip = world["clip"]
+    clip = cw["clip"]
     pos, neg = encode(clip, "a red triangle"), encode(clip, "")
-    stack = _comfy_stack(world["erasers"], (0.9, 0.6))
+    stack = _comfy_stack(cw["erasers"], (0.9, 0.6))
     coeffs = torch.tensor([0.9, 0.6])
     return {"base": sample(model, pos, neg),
             "weights": sample(comfy_glue.weight_patched(model, stack, coeffs), pos, neg),
             "rows": sample(comfy_glue.row_gated(model, stack, clip), pos, neg),
             "weights at gate 0": sample(comfy_glue.weight_patched(model, stack, torch.zeros(2)), pos, neg),
-            "rows at strength 0": sample(comfy_glue.row_gated(model, _comfy_stack(world["erasers"], (0.0, 0.0)), clip),
+            "rows at strength 0": sample(comfy_glue.row_gated(model, _comfy_stack(cw["erasers"], (0.0, 0.0)), clip),
                                          pos, neg)}
 
 
