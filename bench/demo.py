@@ -321,6 +321,8 @@ def run_demo(out_dir: str = OUT_DIR, steps: int = 25, cfg: float = 5.0, seed: in
             col["images"] = imgs
             col["seconds"] = time.time() - t2
             columns.append(col)
+            if shown.disable:  # no terminal: one line per column instead of the bar
+                log(f"column {len(columns)}/{len(plan) + (len(erasers) > 1)} {title}: {col['seconds']:.1f} s")
         if len(runnable) > 1:
             t2 = time.time()
             shown.set_postfix_str("whole stack", refresh=False)
@@ -329,6 +331,8 @@ def run_demo(out_dir: str = OUT_DIR, steps: int = 25, cfg: float = 5.0, seed: in
             members = [names[next(j for j, e in enumerate(erasers) if e is x.eraser)] for x in runnable.entries]
             columns.append({"title": "whole stack", "erasers": members, "images": imgs, "seconds": time.time() - t2,
                             "legend": [f"{' '.join('#' + str(number[n]) for n in members)}", "all at once"]})
+            if shown.disable:
+                log(f"column {len(columns)}/{len(columns)} whole stack: {columns[-1]['seconds']:.1f} s")
         elif len(erasers) > 1:
             shown.total -= per_column
     finally:
