@@ -19,6 +19,7 @@ import torch
 
 from .hooks import RowGatedDeltas
 from .errors import IncompatibleModelError
+from .fingerprint import EDIT_METHODS, edit_base_mismatch
 from .gate import EncodedText, GateReport, special_token_filter
 from .naming import layout_from_diffusers_config
 from .gate import BankCache
@@ -55,19 +56,37 @@ class DiffusersTextEncoder:
         return EncodedText(hidden.float(), [self._content(row.tolist()) for row in ids], ids, ~torch.isin(ids, self._special))
 
 
-def check_stack_fits(stack: EraserStack, unet) -> None:
-    """Raise :class:`IncompatibleModelError` (naming the file) if an eraser does not fit ``unet``."""
+def check_stack_fits(stack: EraserStack, unet, allow_other_base: bool = False) -> EraserStack:
+    """``stack`` if every weight eraser fits ``unet`` (layout, and a closed-form edit's base fingerprint);
+    a best-effort entry that does not is left out with a note; any other raises
+    :class:`IncompatibleModelError` naming the file."""
     layout = layout_from_diffusers_config(unet.config)
-    for _, entry in stack.weight_entries:
+    attn_weights = None
+
+    def problem(entry):
+        nonlocal attn_weights
+        if entry.eraser.kind != "weight":
+            return None
         problems = entry.eraser.check_against(layout)
-        if problems:
-            raise IncompatibleModelError(entry.eraser.source or entry.eraser.name, "; ".join(problems))
+        if not problems and entry.eraser.method in EDIT_METHODS:
+            if attn_weights is None:
+                attn_weights = cross_attention_weights(unet)
+            why = edit_base_mismatch(entry.eraser, attn_weights, allow_other_base)
+            problems = [why] if why else []
+        return "; ".join(problems)
+
+    return stack.applicable(problem, lambda e, why: IncompatibleModelError(e.eraser.source or e.eraser.name, why))
 
 
-def attach(unet, stack: EraserStack) -> RowGatedDeltas:
+def cross_attention_weights(unet) -> dict:
+    """``{module name: W}`` of every attn2 ``to_k`` / ``to_v`` (what closed-form edits fingerprint)."""
+    return {name: m.weight.detach() for name, m in unet.named_modules()
+            if "attn2" in name and name.endswith((".to_k", ".to_v")) and hasattr(m, "weight")}
+
+
+def attach(unet, stack: EraserStack, allow_other_base: bool = False) -> RowGatedDeltas:
     """Validate, then hook ``stack``'s weight erasers onto ``unet`` (call ``.detach()`` to remove)."""
-    check_stack_fits(stack, unet)
-    return RowGatedDeltas(stack, unet.get_submodule).attach()
+    return RowGatedDeltas(check_stack_fits(stack, unet, allow_other_base), unet.get_submodule).attach()
 
 
 def cfg_rows(stack: EraserStack, coeffs: torch.Tensor, with_uncond: bool) -> torch.Tensor:
@@ -89,9 +108,10 @@ class GatedPipeline:
     """Wraps a diffusers Stable Diffusion pipeline: computes each prompt's gates with the pipeline's
     own text encoder and applies the stack per row during the call."""
 
-    def __init__(self, pipe, stack: EraserStack, clip_skip: int | None = None):
+    def __init__(self, pipe, stack: EraserStack, clip_skip: int | None = None, allow_other_base: bool = False):
         self.pipe = pipe
-        self.stack = stack
+        # checked now, so gates and hooks agree on the entries (a best-effort entry that cannot apply is out)
+        self.stack = check_stack_fits(stack, pipe.unet, allow_other_base)
         self.encoder = DiffusersTextEncoder(pipe.tokenizer, pipe.text_encoder, clip_skip)
         self.banks = BankCache(self.encoder)
         self.hooks: RowGatedDeltas | None = None
@@ -110,7 +130,7 @@ class GatedPipeline:
         if owner is not None and owner is not self:
             raise RuntimeError("this UNet already carries the erasers of another GatedPipeline; leave that one "
                                "first (two stacks on one UNet would both act)")
-        self.hooks = attach(unet, self.stack)
+        self.hooks = RowGatedDeltas(self.stack, unet.get_submodule).attach()
         GatedPipeline._in_use[unet] = self
         return self
 

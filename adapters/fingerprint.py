@@ -65,3 +65,39 @@ def infer_base_family(eraser, candidates: Mapping[str, tuple] | None = None) -> 
         return [f for f, (_, width) in candidates.items() if width == w], "vector width"
     return [], ""
 
+
+
+# closed-form edits (UCE / RECE) record the fingerprint of every attn2 to_k / to_v weight they were solved on
+EDIT_METHODS = ("uce", "rece")
+
+
+def edit_base_mismatch(eraser, weights: Mapping[str, torch.Tensor] | None, allow_other_base: bool = False) -> str | None:
+    """Why a closed-form edit should not be applied to a model whose attn2 ``to_k`` / ``to_v`` weights are
+    ``weights`` ({canonical module name: W}), or None.
+
+    A UCE / RECE edit is the exact solution only for the weights it was solved on; on other weights it
+    is an approximation of unknown quality, so it is refused unless ``allow_other_base``. Trained
+    erasers (SPM membranes, the All-but-One adapter) are meant to transfer to fine-tunes and are not
+    checked. The fingerprint depends on the weights' dtype: a model held in another precision than the
+    edit's (fp16 / bf16 against fp32) cannot be compared and is not refused (see :func:`edit_base_note`).
+    """
+    recorded = getattr(eraser, "base_fingerprint", None)
+    if allow_other_base or not recorded or getattr(eraser, "method", None) not in EDIT_METHODS or not weights:
+        return None
+    if any(w.dtype != torch.float32 for w in weights.values()):
+        return None
+    here = weights_fingerprint(weights)
+    if here == recorded:
+        return None
+    return (f"this {eraser.method.upper()} edit was solved on other weights (base fingerprint {recorded}, this model "
+            f"{here}); a closed-form edit is exact only on its own base. Run the edit on this model, or allow "
+            "other bases explicitly (ComfyUI: 'allow_other_base' on Apply Eraser Stack; diffusers: "
+            "GatedPipeline(..., allow_other_base=True))")
+
+
+def edit_base_note(eraser, weights: Mapping[str, torch.Tensor] | None) -> str | None:
+    """A note for the report when the check could not be made (weights in another precision)."""
+    if getattr(eraser, "method", None) in EDIT_METHODS and getattr(eraser, "base_fingerprint", None) and weights \
+            and any(w.dtype != torch.float32 for w in weights.values()):
+        return "base fingerprint not checked (model weights are not float32)"
+    return None

@@ -72,7 +72,7 @@ class A1111Runtime:
         self.sd_model = sd_model
         self.dm = sd_model.model.diffusion_model
         self.layout, names = ldm.module_map(self.dm)
-        ldm.check_fits(self.stack, self.layout, names)
+        ldm.check_fits(self.stack, self.layout, names, self.dm)
         self.encoder = HostTextEncoder(sd_model)
         self.banks = BankCache(self.encoder)
         self.hooks = RowGatedDeltas(self.stack, lambda n: self.dm.get_submodule(names[n]))

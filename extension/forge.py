@@ -74,7 +74,7 @@ def patch_unet(unet, stack: EraserStack, coeffs: torch.Tensor, host: str) -> tup
     """A clone of ``unet`` with the stack's weight erasers at coefficients ``coeffs`` [E];
     returns (clone, the filenames used)."""
     layout, names = ldm.module_map(unet.model.diffusion_model)
-    ldm.check_fits(stack, layout, names)
+    ldm.check_fits(stack, layout, names, unet.model.diffusion_model)
     m = unet.clone()
     coeffs = coeffs.flatten()
     used = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..adapters.errors import IncompatibleModelError
+from ..adapters.fingerprint import EDIT_METHODS, edit_base_mismatch
 from ..adapters.naming import UNetLayout, guess_family
 from ..adapters.stack import EraserStack
 
@@ -89,12 +90,31 @@ def module_map(dm: nn.Module) -> tuple[UNetLayout, dict[str, str]]:
     return layout, mapping
 
 
-def check_fits(stack: EraserStack, layout: UNetLayout, mapping: dict[str, str]) -> None:
-    """Raise :class:`IncompatibleModelError` naming the file when a weight eraser does not fit."""
+def check_fits(stack: EraserStack, layout: UNetLayout, mapping: dict[str, str], diffusion_model=None) -> None:
+    """Raise :class:`IncompatibleModelError` naming the file when a weight eraser does not fit (layout, and
+    a closed-form edit's base fingerprint when ``diffusion_model`` is given and held in float32; the
+    webui setting ``conceptgate_allow_other_base`` lifts that check)."""
+    attn = None
     for _, entry in stack.weight_entries:
         e = entry.eraser
         missing = [n for n in e.modules if n not in mapping]
         problems = [f"{len(missing)} module(s) not in this model, e.g. {missing[0]}"] if missing else []
         problems += [p for p in e.check_against(layout) if "not in this UNet" not in p]
+        if not problems and diffusion_model is not None and e.method in EDIT_METHODS:
+            if attn is None:
+                attn = {n: diffusion_model.get_submodule(ldm).weight.detach() for n, ldm in mapping.items()
+                        if "attn2" in n and n.endswith((".to_k", ".to_v"))}
+            why = edit_base_mismatch(e, attn, _allow_other_base())
+            problems += [why.replace("ComfyUI: 'allow_other_base' on Apply Eraser Stack",
+                                     "webui: setting 'conceptgate_allow_other_base'")] if why else []
         if problems:
             raise IncompatibleModelError(e.source or e.name, "; ".join(problems))
+
+
+def _allow_other_base() -> bool:
+    try:
+        from modules import shared
+
+        return bool(getattr(shared.opts, "conceptgate_allow_other_base", False))
+    except (ImportError, AttributeError):
+        return False

@@ -24,6 +24,7 @@ import comfy.utils
 from ..adapters.hooks import RowGatedDeltas, combined_deltas
 from ..adapters.errors import IncompatibleModelError
 from ..adapters.files import kohya_tensors
+from ..adapters.fingerprint import EDIT_METHODS, edit_base_mismatch
 from ..adapters.gate import EncodedText, GateReport, special_token_filter, to_window
 from ..adapters.lowrank import ModuleDelta
 from ..adapters.naming import UNetLayout, guess_family
@@ -120,11 +121,39 @@ def module_names(model) -> dict[str, str]:
     return {k[: -len(".weight")]: "diffusion_model." + v[: -len(".weight")] for k, v in mapping.items() if k.endswith(".weight")}
 
 
-def check_fits(model, stack: EraserStack) -> EraserStack:
-    """``stack`` if every weight eraser fits ``model``; a best-effort entry that does not is left out
-    (noted in the report); any other raises :class:`IncompatibleModelError` naming the file."""
+def effective_attention_weights(model, names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The attn2 ``to_k`` / ``to_v`` weights the sampler will use, in float32 under canonical names: the
+    base weight (ComfyUI's backup while another clone is patched in) plus this patcher's own patches
+    (LoRAs, merges), through ComfyUI's ``get_key_patches`` and ``comfy.lora.calculate_weight``. What a
+    closed-form edit is solved on, and what its base fingerprint is checked against."""
+    names = names if names is not None else module_names(model)
+    kp = model.get_key_patches("diffusion_model.")
+    out = {}
+    for canonical, path in names.items():
+        if "attn2" in canonical and canonical.endswith((".to_k", ".to_v")) and path + ".weight" in kp:
+            entry = kp[path + ".weight"]
+            weight, convert = entry[0]
+            w = convert(weight.to(torch.float32, copy=True), inplace=True)
+            if len(entry) > 1:
+                w = comfy.lora.calculate_weight(entry[1:], w, path + ".weight")
+            out[canonical] = w
+    return out
+
+
+def _stored_in_float32(model, names: dict[str, str]) -> bool:
+    for canonical, path in names.items():
+        if "attn2" in canonical and canonical.endswith(".to_k"):
+            return model.model.get_submodule(path).weight.dtype == torch.float32
+    return True
+
+
+def check_fits(model, stack: EraserStack, allow_other_base: bool = False) -> EraserStack:
+    """``stack`` if every weight eraser fits ``model`` (layout, and a closed-form edit's base fingerprint);
+    a best-effort entry that does not is left out (noted in the report); any other raises
+    :class:`IncompatibleModelError` naming the file."""
     layout = unet_layout(model)
     names = module_names(model)
+    attn = {}
 
     def problem(entry):
         if entry.eraser.kind != "weight":
@@ -132,6 +161,11 @@ def check_fits(model, stack: EraserStack) -> EraserStack:
         missing = [n for n in entry.eraser.modules if n not in names]
         problems = ([f"{len(missing)} module(s) not in this model, e.g. {missing[0]}"] if missing else [])
         problems += [p for p in entry.eraser.check_against(layout) if "not in this UNet" not in p]
+        if not problems and entry.eraser.method in EDIT_METHODS:
+            if not attn and _stored_in_float32(model, names):  # fp16/bf16 models cannot be compared
+                attn.update(effective_attention_weights(model, names))
+            why = edit_base_mismatch(entry.eraser, attn or None, allow_other_base)
+            problems += [why] if why else []
         return "; ".join(problems)
 
     return stack.applicable(problem, lambda e, why: IncompatibleModelError(e.eraser.source or e.eraser.name, why))
@@ -151,10 +185,10 @@ def _kept(kept: EraserStack, stack: EraserStack, coeffs: torch.Tensor):
     return kept, coeffs[[i for i, e in enumerate(stack.entries) if id(e) in ids]]
 
 
-def weight_patched(model, stack: EraserStack, coeffs: torch.Tensor):
+def weight_patched(model, stack: EraserStack, coeffs: torch.Tensor, allow_other_base: bool = False):
     """A clone of ``model`` with the stack as weight patches at coefficients ``coeffs`` [E]
     (one LoRA patch per weight; ComfyUI applies it when it loads the model and keeps its backup)."""
-    stack, coeffs = _kept(check_fits(model, stack), stack, coeffs)
+    stack, coeffs = _kept(check_fits(model, stack, allow_other_base), stack, coeffs)
     m = model.clone()
     merged = combined_deltas(stack, coeffs)
     if merged:
@@ -219,9 +253,9 @@ class RowGateRuntime:
             return executor(*args, **kwargs)
 
 
-def row_gated(model, stack: EraserStack, clip, report_sink=None):
+def row_gated(model, stack: EraserStack, clip, report_sink=None, allow_other_base: bool = False):
     """A clone of ``model`` whose erasers are gated per conditioning and per batch row."""
-    stack = check_fits(model, stack)
+    stack = check_fits(model, stack, allow_other_base)
     m = model.clone()
     runtime = RowGateRuntime(m, stack, ComfyTextEncoder(clip), report_sink)
     for entry in stack.entries:  # encode the concepts / load the detectors now, not in the middle of sampling

@@ -154,26 +154,34 @@ class ApplyStack:
                      "once like a LoRA (fastest)."}),
             "combine": (list(COMBINE_MODES), {"default": "additive", "tooltip": "additive: each eraser at its own gate. "
                         "official: the SPM reference arithmetic (factors summed: gate squared, cross terms)."}),
+        }, "optional": {
+            "allow_other_base": ("BOOLEAN", {"default": False, "tooltip": "A UCE/RECE edit file is the exact solution "
+                                 "only for the model it was solved on, and is refused on another (base fingerprint). "
+                                 "On: apply it anyway, as an approximation. Trained erasers (SPM, All-but-One) are "
+                                 "meant to transfer to fine-tunes and are never refused for this."}),
         }}
 
-    def apply(self, model, clip, stack, positive, mode, combine):
+    def apply(self, model, clip, stack, positive, mode, combine, allow_other_base=False):
         stack = stack.with_combine(combine)
         policy = lock.current_policy()  # a broken operator policy stops here too, with its reason
         locked = [e.eraser.name for e in stack.entries if policy is not None and policy.is_locked(e.eraser)]
         if locked:  # the lock applies these at sampling, whatever this node says: never twice
             stack = policy.without_locked(stack)
-        stack = comfy_glue.check_fits(model, stack)
+        stack = comfy_glue.check_fits(model, stack, allow_other_base)
         coeffs, report = comfy_glue.gates_for_conditioning(stack, clip, positive)
         if mode == "batch":
-            patched = comfy_glue.weight_patched(model, stack, coeffs)
+            patched = comfy_glue.weight_patched(model, stack, coeffs, allow_other_base)
         else:
-            patched = comfy_glue.row_gated(model, stack, clip)
+            patched = comfy_glue.row_gated(model, stack, clip, allow_other_base=allow_other_base)
         text = report.text() + f"\n(mode {mode}, combine {combine})"
         if policy is not None:
             text += "\n[locked by the operator, applied to every image whatever this graph says: " + ", ".join(
                 f"{e.eraser.name} x{e.strength:g}" for e in policy.entries) + "]"
         if any(e.enabled and e.eraser.kind == "guidance" for e in stack.entries):  # never silently ignored
             text += "\n(guidance erasers act only through 'All-but-One Guider' / 'All-but-One Guidance (KSampler)')"
+        if any(e.enabled and e.eraser.kind == "conditioning" for e in stack.entries):
+            text += ("\n(Geom-Erasing erasers act only through 'Geom-Erasing Negative (ConceptGate)' on the negative "
+                     "prompt: connect this stack there too)")
         log.info("ConceptGate gates: %s", text.replace("\n", "; "))
         return {"ui": {"text": [text]}, "result": (patched, text)}
 

@@ -53,16 +53,7 @@ class ComfyEditHost(EditHost):
     def cross_attention_weights(self) -> dict:
         """Base weight (ComfyUI's backup while another clone is patched in) + this patcher's own
         patches (LoRAs, merges), through ComfyUI's ``get_key_patches`` and ``comfy.lora.calculate_weight``."""
-        kp = self.model.get_key_patches("diffusion_model.")
-        out = {}
-        for name, key in self.keys.items():
-            entry = kp[key]
-            weight, convert = entry[0]
-            w = convert(weight.to(torch.float32, copy=True), inplace=True)
-            if len(entry) > 1:
-                w = comfy.lora.calculate_weight(entry[1:], w, key)
-            out[name] = w
-        return out
+        return comfy_glue.effective_attention_weights(self.model)
 
     @staticmethod
     def token_ids(tokens: dict) -> torch.Tensor:

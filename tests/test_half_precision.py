@@ -17,7 +17,7 @@ Gate 0 (and strength 0) must stay bit-identical (``torch.equal``) to no eraser *
 
 The measured errors are collected in ``MEASURED``; ``CG_HALF_REPORT=path`` writes them as JSON (the
 figures in BENCHMARKS.md, "half precision", come from such a run). CPU kernels accumulate fp16 differently
-from CUDA's, so these are correctness checks, not GPU figures (scripts/gpu_half_precision.py measures those).
+from CUDA's, so these are correctness checks, not GPU figures (tools/gpu_half_precision.py measures those).
 """
 
 from __future__ import annotations
@@ -681,9 +681,9 @@ def test_toy_model_end_to_end_in_half_precision(toy_fp32, dtype):
 # ------------------------------------------------------------------ the GPU script
 @pytest.mark.slow
 def test_gpu_script_runs_on_the_cpu(tmp_path):
-    """scripts/gpu_half_precision.py is meant for a CUDA machine; ``--device cpu --tiny`` runs every section."""
+    """tools/gpu_half_precision.py is meant for a CUDA machine; ``--device cpu --tiny`` runs every section."""
     out = tmp_path / "half.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "gpu_half_precision.py"), "--device", "cpu",
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "gpu_half_precision.py"), "--device", "cpu",
                            "--tiny", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())

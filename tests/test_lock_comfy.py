@@ -74,8 +74,23 @@ def stock_graph(prompt="a red triangle", key="out"):
     return graph(prompt=prompt, erase=False, encoder="CLIPTextEncode", key=key)
 
 
+def _weights_fingerprint():
+    import sys
+
+    import nodes
+    from conceptgate.adapters.fingerprint import weights_fingerprint
+
+    pack = sys.modules[nodes.NODE_CLASS_MAPPINGS["CGTest_TinyCheckpoint"].__module__]
+    return weights_fingerprint(pack.tiny_checkpoint(0)[0].model.diffusion_model.state_dict())
+
+
 @pytest.fixture(scope="module")
-def references(executor, lock_dir):
+def base_weights(executor):
+    return _weights_fingerprint()
+
+
+@pytest.fixture(scope="module")
+def references(executor, lock_dir, base_weights):
     old = os.environ.get("CONCEPTGATE_POLICY")
     os.environ["CONCEPTGATE_POLICY"] = ""
     try:
@@ -273,3 +288,8 @@ def test_best_effort_entry_that_does_not_fit_is_skipped_and_said(executor, lock_
     g["stack2"]["inputs"]["best_effort"] = True
     out, outputs = run(executor, g)
     assert "skipped (best effort): triangle" in outputs["apply"]["text"][0]
+
+
+def test_the_users_model_is_unchanged_after_every_run_and_fault(executor, references, base_weights):
+    """Runs last in this file: every graph and fault above left the loaded model's weights as they were."""
+    assert _weights_fingerprint() == base_weights

@@ -1,11 +1,11 @@
 """Half precision on a GPU (issue 19): ConceptGate's fp16 paths on CUDA, measured in one command.
 
-    python scripts/gpu_half_precision.py --out runs/gpu_half_precision.json        # a CUDA machine, a few minutes
-    python scripts/gpu_half_precision.py --device cpu --tiny --out /tmp/half.json  # the same sections, tiny, on a CPU
+    python tools/gpu_half_precision.py --out runs/gpu_half_precision.json        # a CUDA machine, a few minutes
+    python tools/gpu_half_precision.py --device cpu --tiny --out /tmp/half.json  # the same sections, tiny, on a CPU
 
 On a bare GPU machine without diffusers, make it importable first (as the toy world's GPU scripts do):
 ``PY=python3 ROOT=$PWD SITE=/tmp/site PYTHONPATH=/tmp/site bash -c 'source toyworld/gpu_env.sh && python3
-scripts/gpu_half_precision.py --out runs/gpu_half_precision.json'`` (needs ``.whl/diffusers-*.whl``).
+tools/gpu_half_precision.py --out runs/gpu_half_precision.json'`` (needs ``.whl/diffusers-*.whl``).
 
 What it measures, on random-weight UNets of SD1.5 size (512x512, batch 2) and SDXL size (1024x1024, batch 2)
 carrying a stack of 8 random rank-1 SPM-shaped erasers (every transformer Linear/Conv2d), and on the toy models:
