@@ -88,6 +88,9 @@ class LoadEraser:
         eraser = cached_load(resolve_eraser_path(eraser_name), override)
         info = (f"{eraser.name}: {eraser.method} ({eraser.kind}), concepts {', '.join(eraser.concepts)}, "
                 f"{len(eraser.modules)} modules, rank {eraser.rank}, base {eraser.base_family or 'unknown'}")
+        policy = lock.current_policy()
+        if policy is not None and policy.is_locked(eraser):
+            info += " [locked by the operator: applied to every image on this server, whatever this graph says]"
         return (eraser, info)
 
 
