@@ -41,7 +41,7 @@ from ..adapters.abo.guidance import (
     Term, abo_eraser, abo_entries, alternative_of, denoised_from_eps, eps_from_denoised, guidance_terms, save_abo,
 )
 from ..adapters.errors import EraserFileError
-from ..adapters.gate import EncodedText, GateReport, to_window
+from ..adapters.gate import GateReport
 from ..adapters.gate import BankCache
 from ..adapters.stack import EraserStack
 from . import comfy_glue
@@ -228,6 +228,10 @@ class AboRuntime:
 
 def patched_model(model, stack: EraserStack, clip):
     """A clone of ``model`` running the stack's ABO guidance under the stock samplers."""
+    wrappers = model.model_options.get("transformer_options", {}).get("wrappers", {})
+    if KEY in wrappers.get(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, {}):
+        raise EraserFileError("<stack>", "All-but-One guidance is already attached to this MODEL (Apply Eraser Stack "
+                                         "attaches a stack's guidance erasers itself); attach it once")
     runtime = AboRuntime(stack, clip)
     m = model.clone()
 

@@ -139,9 +139,13 @@ class ApplyStack:
     CATEGORY = "ConceptGate"
     FUNCTION = "apply"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model", "gate_report")
-    OUTPUT_TOOLTIPS = ("MODEL with the erasers attached.", "The gate each eraser took for the positive prompt.")
+    RETURN_TYPES = ("MODEL", "STRING", "CONDITIONING")
+    RETURN_NAMES = ("model", "gate_report", "negative")
+    OUTPUT_TOOLTIPS = ("MODEL with the weight and All-but-One guidance erasers attached (for any sampler that uses "
+                       "the model's CFG: KSampler, SamplerCustomAdvanced with CFGGuider).",
+                       "The gate each eraser took for the positive prompt.",
+                       "Your negative prompt with the Geom-Erasing tokens of the erasers that fired appended: connect "
+                       "it to the sampler's negative (without a negative input: the empty prompt's).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -158,13 +162,17 @@ class ApplyStack:
             "combine": (list(COMBINE_MODES), {"default": "additive", "tooltip": "additive: each eraser at its own gate. "
                         "official: the SPM reference arithmetic (factors summed: gate squared, cross terms)."}),
         }, "optional": {
+            "negative": ("CONDITIONING", {"tooltip": "Your negative prompt. Geom-Erasing erasers in the stack append "
+                         "their tokens to it (output 'negative'); other kinds leave it as it is."}),
             "allow_other_base": ("BOOLEAN", {"default": False, "tooltip": "A UCE/RECE edit file is the exact solution "
                                  "only for the model it was solved on, and is refused on another (base fingerprint). "
                                  "On: apply it anyway, as an approximation. Trained erasers (SPM, All-but-One) are "
                                  "meant to transfer to fine-tunes and are never refused for this."}),
         }}
 
-    def apply(self, model, clip, stack, positive, mode, combine, allow_other_base=False):
+    def apply(self, model, clip, stack, positive, mode, combine, allow_other_base=False, negative=None):
+        """Every enabled eraser of every kind, gated on ``positive``: weight deltas (per row or batch),
+        All-but-One guidance rows in the model's CFG batch, Geom-Erasing tokens on the negative."""
         stack = stack.with_combine(combine)
         policy = lock.current_policy()  # a broken operator policy stops here too, with its reason
         locked = [e.eraser.name for e in stack.entries if policy is not None and policy.is_locked(e.eraser)]
@@ -176,17 +184,42 @@ class ApplyStack:
             patched = comfy_glue.weight_patched(model, stack, coeffs, allow_other_base)
         else:
             patched = comfy_glue.row_gated(model, stack, clip, allow_other_base=allow_other_base)
-        text = report.text() + f"\n(mode {mode}, combine {combine})"
+        notes = [f"(mode {mode}, combine {combine})"]
+        if any(e.enabled and e.eraser.kind == "guidance" for e in stack.entries):
+            from .nodes_abo import patched_model
+
+            patched, _ = patched_model(patched, stack, clip)
+            notes.append("(All-but-One guidance attached: its rows join the sampler's CFG batch, gated per prompt)")
+        negative, geom_notes = geom_negative(clip, stack, coeffs, negative)
+        notes += geom_notes
+        text = "\n".join([report.text()] + notes)
         if policy is not None:
             text += "\n[locked by the operator, applied to every image whatever this graph says: " + ", ".join(
                 f"{e.eraser.name} x{e.strength:g}" for e in policy.entries) + "]"
-        if any(e.enabled and e.eraser.kind == "guidance" for e in stack.entries):  # never silently ignored
-            text += "\n(guidance erasers act only through 'All-but-One Guider' / 'All-but-One Guidance (KSampler)')"
-        if any(e.enabled and e.eraser.kind == "conditioning" for e in stack.entries):
-            text += ("\n(Geom-Erasing erasers act only through 'Geom-Erasing Negative (ConceptGate)' on the negative "
-                     "prompt: connect this stack there too)")
         log.info("ConceptGate gates: %s", text.replace("\n", "; "))
-        return {"ui": {"text": [text]}, "result": (patched, text)}
+        return {"ui": {"text": [text]}, "result": (patched, text, negative)}
+
+
+GEOM_KEY = "conceptgate_geom"  # on negative conditionings: sha256 of the Geom erasers already appended
+
+
+def geom_negative(clip, stack: EraserStack, coeffs, negative=None) -> tuple[list, list[str]]:
+    """``negative`` with the learned tokens of every enabled Geom-Erasing entry whose coefficient (gate x
+    strength, from the positive) is >= 0.5 appended (on or off, as in the diffusers handler), with the
+    Geom node's defaults; and report lines. Without ``negative``: the empty prompt's conditioning."""
+    from .nodes_geom import append_tokens
+
+    entries = [(i, e) for i, e in enumerate(stack.entries) if e.enabled and e.eraser.kind == "conditioning"]
+    if negative is None:
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    notes = []
+    for i, e in entries:
+        if float(coeffs[i]) >= 0.5:
+            negative, info = append_tokens(clip, negative, e.eraser)
+            notes.append(f"(Geom-Erasing: {info} appended to the negative)")
+        else:
+            notes.append(f"(Geom-Erasing: {e.eraser.name} not appended, gate {float(coeffs[i]):.3f})")
+    return negative, notes
 
 
 class TextEncode:

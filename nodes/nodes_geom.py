@@ -131,15 +131,36 @@ class GeomNegative:
         for e in erasers:
             if e.kind != "conditioning" or e.method != G.METHOD:
                 raise EraserFileError(e.source or e.name, f"not a Geom-Erasing eraser ({e.method}, {e.kind})")
-            G.validate(e)
-            cond, plan = encode_tokens(clip, e, token_set, top_k, overflow)
-            out = cond if out is None else concat(out, cond)
-            grid = int(e.settings["grid"])
-            info.append(f"{e.name}: {'learned concept token' if 'concept' in e.tensors else repr(e.settings['concept_name'])} + "
-                        f"{len(plan.bins)} location token(s) {' '.join(G.token_name(b, grid) for b in plan.bins[:8])}"
-                        f"{' ...' if len(plan.bins) > 8 else ''}"
-                        + (f"; dropped {len(plan.dropped)} (75-token window)" if plan.dropped else ""))
+            if out is not None and _already(out, e):  # e.g. Apply Eraser Stack appended it already
+                info.append(f"{e.name}: already in this negative, not appended twice")
+                continue
+            out, line = append_tokens(clip, out, e, token_set, top_k, overflow)
+            info.append(line)
         return (out, "\n".join(info))
+
+
+def _already(negative, eraser) -> bool:
+    from .nodes_conceptgate import GEOM_KEY
+
+    return bool(eraser.sha256) and all(eraser.sha256 in opts.get(GEOM_KEY, ()) for _, opts in negative)
+
+
+def append_tokens(clip, negative, eraser, token_set="observed", top_k=8, overflow="drop"):
+    """``negative`` (or nothing) with ``eraser``'s tokens appended, and a line saying which; the appended
+    eraser is recorded on the conditioning so no node appends it twice."""
+    from .nodes_conceptgate import GEOM_KEY
+
+    G.validate(eraser)
+    cond, plan = encode_tokens(clip, eraser, token_set, top_k, overflow)
+    out = cond if negative is None else concat(negative, cond)
+    for _, opts in out:
+        opts[GEOM_KEY] = tuple(opts.get(GEOM_KEY, ())) + ((eraser.sha256,) if eraser.sha256 else ())
+    grid = int(eraser.settings["grid"])
+    line = (f"{eraser.name}: {'learned concept token' if 'concept' in eraser.tensors else repr(eraser.settings['concept_name'])} + "
+            f"{len(plan.bins)} location token(s) {' '.join(G.token_name(b, grid) for b in plan.bins[:8])}"
+            f"{' ...' if len(plan.bins) > 8 else ''}"
+            + (f"; dropped {len(plan.dropped)} (75-token window)" if plan.dropped else ""))
+    return out, line
 
 
 NODE_CLASS_MAPPINGS = {"ConceptGateGeomNegative": GeomNegative}
