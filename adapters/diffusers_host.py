@@ -106,7 +106,15 @@ def cfg_rows(stack: EraserStack, coeffs: torch.Tensor, with_uncond: bool) -> tor
 
 class GatedPipeline:
     """Wraps a diffusers Stable Diffusion pipeline: computes each prompt's gates with the pipeline's
-    own text encoder and applies the stack per row during the call."""
+    own text encoder and applies every enabled eraser of the stack, whatever its kind, per row:
+
+    * weight erasers (SPM, UCE/RECE, the All-but-One adapter): per-row forward hooks;
+    * conditioning erasers (Geom-Erasing): the registry's handler builds ``negative_prompt_embeds``,
+      the learned tokens appended to the rows whose gate fires;
+    * guidance erasers (All-but-One): the registry's guidance session adds their rows to the
+      pipeline's CFG batch (one UNet call per step) and corrects the conditional prediction.
+
+    ``last_report`` / ``last_coefficients`` describe the last call."""
 
     def __init__(self, pipe, stack: EraserStack, clip_skip: int | None = None, allow_other_base: bool = False):
         self.pipe = pipe
@@ -117,6 +125,14 @@ class GatedPipeline:
         self.hooks: RowGatedDeltas | None = None
         self.last_report: GateReport | None = None
         self.last_coefficients: torch.Tensor | None = None
+        from .registry import conditioning_handler, guidance_session  # a missing handler raises here, not mid-call
+
+        self.sessions = {}
+        for e in self.stack.entries:
+            if e.enabled and e.eraser.kind == "guidance" and e.eraser.method not in self.sessions:
+                self.sessions[e.eraser.method] = guidance_session(e.eraser)(self)
+            if e.enabled and e.eraser.kind == "conditioning":
+                conditioning_handler(e.eraser)
 
     # UNet -> the GatedPipeline whose hooks are on it: one stack's hooks per UNet at a time
     _in_use: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -132,45 +148,86 @@ class GatedPipeline:
                                "first (two stacks on one UNet would both act)")
         self.hooks = RowGatedDeltas(self.stack, unet.get_submodule).attach()
         GatedPipeline._in_use[unet] = self
+        try:
+            for session in self.sessions.values():
+                session.attach()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):
+        for session in self.sessions.values():
+            session.detach()
         if self.hooks is not None:
             self.hooks.detach()
             self.hooks = None
         if GatedPipeline._in_use.get(self.pipe.unet) is self:
             del GatedPipeline._in_use[self.pipe.unet]
 
-    def coefficients(self, prompts: Sequence[str], prompt_embeds: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, GateReport]:
+    def coefficients(self, prompts: Sequence[str], prompt_embeds: torch.Tensor | None = None,
+                     encoded: EncodedText | None = None) -> tuple[torch.Tensor, GateReport]:
         """Gates of ``prompts``; with ``prompt_embeds`` (the states the UNet will get, e.g. edited by an
         embedding-level tool) the gate reads those states at the prompts' token positions."""
-        enc = self.encoder(prompts)
+        enc = encoded if encoded is not None else self.encoder(prompts)
         if prompt_embeds is not None:
             enc = EncodedText(prompt_embeds.float(), enc.tokens, enc.ids, enc.mask)
         return self.stack.gates(enc, banks=self.banks)
 
+    def _conditioning_kwargs(self, prompts, coeffs, kwargs) -> dict:
+        """Extra pipeline arguments of the enabled conditioning erasers (the registry's handlers)."""
+        from .registry import conditioning_handler
+
+        groups: dict[str, list[int]] = {}
+        for i, e in enumerate(self.stack.entries):
+            if e.enabled and e.eraser.kind == "conditioning":
+                groups.setdefault(e.eraser.method, []).append(i)
+        if not groups:
+            return {}
+        if kwargs.get("negative_prompt_embeds") is not None:
+            raise ValueError("GatedPipeline: conditioning erasers build negative_prompt_embeds themselves; pass "
+                             "negative_prompt (text) instead")
+        negative = kwargs.pop("negative_prompt", None) or ""
+        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        extra = {}
+        for method, idx in groups.items():
+            entries = [self.stack.entries[i] for i in idx]
+            extra.update(conditioning_handler(entries[0].eraser)(self.pipe, entries, prompts, coeffs[:, idx],
+                                                                  negative=negative))
+        return extra
+
     def __call__(self, prompt, guidance_scale: float = 7.5, prompt_embeds: torch.Tensor | None = None, **kwargs):
         """The pipeline call with the stack gated per prompt. ``prompt_embeds``, if given, replace the
         encoding of ``prompt`` (which still says where its tokens are) and are what the gate reads."""
+        from contextlib import ExitStack
+
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        coeffs, report = self.coefficients(prompts, prompt_embeds)
+        encoded = self.encoder(prompts)
+        coeffs, report = self.coefficients(prompts, prompt_embeds, encoded)
         self.last_report, self.last_coefficients = report, coeffs
         rows = cfg_rows(self.stack, coeffs, with_uncond=guidance_scale > 1.0)
         call = dict(prompt=prompts) if prompt_embeds is None else dict(prompt_embeds=prompt_embeds)
+        extra = self._conditioning_kwargs(prompts, coeffs, kwargs)
         if prompt_embeds is None and self.encoder.clip_skip:
             # encode with our encoder: diffusers' own clip_skip path reads text_encoder.text_model, which
             # transformers 5 no longer has; the embeddings are the ones the gates were computed from
             negative = kwargs.pop("negative_prompt", None) or ""
             negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
             dtype = self.pipe.unet.dtype
-            call = dict(prompt_embeds=self.encoder(prompts).hidden.to(dtype),
+            call = dict(prompt_embeds=encoded.hidden.to(dtype),
                         negative_prompt_embeds=self.encoder(negative).hidden.to(dtype))
+        if extra.get("negative_prompt_embeds") is not None and "prompt" in call:
+            # diffusers takes negative embeddings only together with prompt embeddings
+            call = dict(prompt_embeds=encoded.hidden.to(self.pipe.unet.dtype))
+        call.update(extra)
         owns_hooks = self.hooks is None
         if owns_hooks:
             self.__enter__()
         try:
-            with self.hooks.coefficients(rows):
+            with ExitStack() as active:
+                active.enter_context(self.hooks.coefficients(rows))
+                for session in self.sessions.values():
+                    active.enter_context(session.active(prompts, encoded, guidance_scale))
                 return self.pipe(guidance_scale=guidance_scale, **call, **kwargs)
         finally:
             if owns_hooks:

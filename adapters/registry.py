@@ -6,10 +6,12 @@ look a handler up by ``(kind, method)`` instead of importing a mechanism: data f
 
 * **checks** ``fn(eraser, path) -> None``: raise :class:`~.errors.EraserFileError` (naming the file)
   when a loaded eraser of that kind and method is not usable. :func:`~.files.load_eraser` runs them.
-* **conditioning handlers** ``fn(pipe, entries, prompts, gates) -> dict``: extra diffusers pipeline
-  keyword arguments for conditioning erasers (e.g. ``negative_prompt_embeds`` with Geom-Erasing's
-  learned tokens appended where the gate fires), ``gates`` being each row's coefficient
-  (gate x strength) per entry.
+* **conditioning handlers** ``fn(pipe, entries, prompts, gates, negative=None) -> dict``: extra
+  diffusers pipeline keyword arguments for conditioning erasers (e.g. ``negative_prompt_embeds`` with
+  Geom-Erasing's learned tokens appended to each row's negative prompt where the gate fires), ``gates``
+  being each row's coefficient (gate x strength) per entry, ``negative`` the rows' negative prompts.
+* **guidance sessions** ``fn(gated_pipeline) -> session``: how the one diffusers wrapper runs guidance
+  erasers around its pipeline call (All-but-One's extra CFG rows).
 * **guidance handlers** ``fn(pipe, entries, prompts, seeds, gates, steps, cfg, sample) -> images``:
   replace the sampling call for guidance erasers; ``sample(**extra_pipe_kwargs)`` runs the default
   sampler (weight erasers hooked, conditioning keyword arguments applied) if the handler only wraps it.
@@ -41,6 +43,10 @@ CHECKS: dict[tuple[str, str], Callable] = {}
 CONDITIONING_HANDLERS: dict[str, Callable] = {}
 #: ``method -> fn(pipe, entries, prompts, seeds, gates, steps, cfg, sample) -> images``
 GUIDANCE_HANDLERS: dict[str, Callable] = {}
+#: ``method -> fn(gated_pipeline) -> session``: how :class:`~.diffusers_host.GatedPipeline` runs guidance
+#: erasers (a session has ``attach()``, ``detach()`` and ``active(prompts, encoded, guidance_scale)``, a
+#: context manager around one pipeline call)
+GUIDANCE_SESSIONS: dict[str, Callable] = {}
 
 
 def register_mechanism(mechanism: Mechanism) -> None:
@@ -60,6 +66,11 @@ def register_conditioning(method: str, fn: Callable) -> None:
 def register_guidance(method: str, fn: Callable) -> None:
     """Plug in a guidance eraser's diffusers sampler for ``method``."""
     GUIDANCE_HANDLERS[method] = fn
+
+
+def register_guidance_session(method: str, fn: Callable) -> None:
+    """Plug in how :class:`~.diffusers_host.GatedPipeline` runs guidance erasers of ``method``."""
+    GUIDANCE_SESSIONS[method] = fn
 
 
 def check_eraser(eraser, path=None) -> None:
@@ -82,6 +93,10 @@ def conditioning_handler(eraser) -> Callable:
 
 def guidance_handler(eraser) -> Callable:
     return _handler(GUIDANCE_HANDLERS, "guidance", eraser)
+
+
+def guidance_session(eraser) -> Callable:
+    return _handler(GUIDANCE_SESSIONS, "guidance_session", eraser)
 
 
 #: ``name -> fn(concept, alternative) -> [(prompt with the concept, same prompt with the alternative)]``:

@@ -228,8 +228,7 @@ class AboRuntime:
 
 def patched_model(model, stack: EraserStack, clip):
     """A clone of ``model`` running the stack's ABO guidance under the stock samplers."""
-    wrappers = model.model_options.get("transformer_options", {}).get("wrappers", {})
-    if KEY in wrappers.get(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, {}):
+    if KEY in getattr(model, "wrappers", {}).get(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, {}):
         raise EraserFileError("<stack>", "All-but-One guidance is already attached to this MODEL (Apply Eraser Stack "
                                          "attaches a stack's guidance erasers itself); attach it once")
     runtime = AboRuntime(stack, clip)

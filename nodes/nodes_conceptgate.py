@@ -30,13 +30,25 @@ STACK = "CONCEPTGATE_STACK"
 MODES = ("per-row", "batch")
 
 
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toyworld", "erasers")
+
+
 def register_model_folder():
-    """Add ``models/conceptgate`` (idiom of IPAdapter/ADE: keep user-configured paths)."""
+    """Add ``models/conceptgate`` (idiom of IPAdapter/ADE: keep user-configured paths), then the toy
+    world's shipped erasers and embeddings (read from the package, last: a user's file of the same name
+    wins), so the example workflows run without copying anything."""
     default = os.path.join(folder_paths.models_dir, FOLDER)
     paths, exts = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
     if default not in paths:
         paths = [default] + list(paths)
+    if os.path.isdir(SHIPPED) and SHIPPED not in paths:
+        paths = list(paths) + [SHIPPED]
     folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors", ".json"} | set(exts))
+    embeddings = os.path.join(SHIPPED, "embeddings")
+    if os.path.isdir(embeddings) and "embeddings" in folder_paths.folder_names_and_paths:
+        emb_paths, emb_exts = folder_paths.folder_names_and_paths["embeddings"]
+        if embeddings not in emb_paths:
+            folder_paths.folder_names_and_paths["embeddings"] = (list(emb_paths) + [embeddings], emb_exts)
 
 
 register_model_folder()
@@ -92,6 +104,36 @@ class LoadEraser:
         if policy is not None and policy.is_locked(eraser):
             info += " [locked by the operator: applied to every image on this server, whatever this graph says]"
         return (eraser, info)
+
+
+def manifest_files() -> list[str]:
+    return [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(".json")]
+
+
+class LoadStack:
+    DESCRIPTION = ("Loads an eraser stack manifest (.json: eraser files pinned by sha256, with their toggles, "
+                   "strengths and gate settings; written by 'python -m conceptgate' or shared). Every kind of "
+                   "eraser; the same manifest loads as a webui preset and with EraserStack.from_manifest.")
+    CATEGORY = "ConceptGate"
+    FUNCTION = "load"
+    RETURN_TYPES = (STACK, "STRING")
+    RETURN_NAMES = ("stack", "info")
+    OUTPUT_TOOLTIPS = ("The stack, for Apply Eraser Stack (or Add to Eraser Stack to extend it).", "Its entries.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "manifest": (manifest_files(), {"tooltip": "A .json stack manifest from models/conceptgate. Its files are "
+                         "looked up next to it and in the eraser folders; a changed file (sha256) is refused."}),
+        }}
+
+    def load(self, manifest):
+        path = folder_paths.get_full_path_or_raise(FOLDER, manifest)
+        stack = EraserStack.from_manifest(path, search_dirs=folder_paths.get_folder_paths(FOLDER))
+        lines = [f"{e.eraser.name}: {e.eraser.method} ({e.eraser.kind}), {'on' if e.enabled else 'off'}, strength "
+                 f"{e.strength:g}, gate {e.gate.rule}" for e in stack.entries]
+        lines += [f"skipped (best effort): {s}" for s in stack.skipped]
+        return (stack, "\n".join(lines))
 
 
 class AddToStack:
@@ -248,12 +290,14 @@ class TextEncode:
 
 NODE_CLASS_MAPPINGS = {
     "ConceptGateLoadEraser": LoadEraser,
+    "ConceptGateLoadStack": LoadStack,
     "ConceptGateAddToStack": AddToStack,
     "ConceptGateApplyStack": ApplyStack,
     "ConceptGateTextEncode": TextEncode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ConceptGateLoadEraser": "Load Eraser (ConceptGate)",
+    "ConceptGateLoadStack": "Load Eraser Stack (manifest)",
     "ConceptGateAddToStack": "Add to Eraser Stack",
     "ConceptGateApplyStack": "Apply Eraser Stack",
     "ConceptGateTextEncode": "CLIP Text Encode (ConceptGate)",

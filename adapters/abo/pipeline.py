@@ -151,54 +151,47 @@ class AboUNetHooks(HookSet):
         return output
 
 
-class AboGuidedPipeline(GatedPipeline):
-    """A :class:`GatedPipeline` that also runs the stack's All-but-One guidance erasers.
+class AboSession:
+    """How :class:`~..diffusers_host.GatedPipeline` runs a stack's All-but-One guidance erasers (the
+    registry's guidance session for method ``abo``): the UNet hooks above, the extra rows carrying the
+    weight erasers' coefficients of the prompt they belong to. ``last_terms`` holds the firing terms of
+    the last call; ``unet_hooks.calls`` / ``unet_hooks.extra_rows`` count UNet calls and extra rows."""
 
-    Gates are computed per prompt with the pipeline's own text encoder (each entry's gate settings
-    and strength); weight erasers of the same stack act per row as in :class:`GatedPipeline`.
-    ``last_terms`` holds the firing terms of the last call, ``unet_hooks.calls`` /
-    ``unet_hooks.extra_rows`` the UNet calls and extra rows it made."""
-
-    def __init__(self, pipe, stack, clip_skip: int | None = None):
-        super().__init__(pipe, stack, clip_skip)
-        self.unet_hooks = AboUNetHooks(pipe.unet)
+    def __init__(self, gated: GatedPipeline):
+        self.gated = gated
+        self.unet_hooks = AboUNetHooks(gated.pipe.unet)
         self._texts: dict = {}
         self.last_terms: list[list[Term]] | None = None
 
-    def __enter__(self):
-        super().__enter__()
-        self.unet_hooks.row_hooks = self.hooks
+    def attach(self):
+        self.unet_hooks.row_hooks = self.gated.hooks
         self.unet_hooks.attach()
-        return self
 
-    def __exit__(self, *exc):
+    def detach(self):
         self.unet_hooks.detach()
-        super().__exit__(*exc)
 
-    def coefficients(self, prompts, prompt_embeds=None):
-        # the prompts were just encoded for the guidance terms: encode once per call
-        cached = getattr(self, "_encoded", None)
-        if prompt_embeds is None and cached is not None and cached[0] == tuple(prompts):
-            return self.stack.gates(cached[1], banks=self.banks)
-        return super().coefficients(prompts, prompt_embeds)
-
-    def __call__(self, prompt, guidance_scale: float = 7.5, **kwargs):
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        encoded = self.encoder(prompts)
-        self._encoded = (tuple(prompts), encoded)
-        terms = guidance_terms(self.stack, encoded, self.banks)
+    def active(self, prompts, encoded, guidance_scale: float):
+        terms = guidance_terms(self.gated.stack, encoded, self.gated.banks)
         self.last_terms = terms
-        texts = encode_texts(self.encoder, terms, self._texts)
-        owns = self.hooks is None
-        if owns:
-            self.__enter__()
-        try:
-            with self.unet_hooks.active(terms, texts, with_uncond=guidance_scale > 1.0):
-                return super().__call__(prompts, guidance_scale=guidance_scale, **kwargs)
-        finally:
-            self._encoded = None
-            if owns:
-                self.__exit__()
+        texts = encode_texts(self.gated.encoder, terms, self._texts)
+        return self.unet_hooks.active(terms, texts, with_uncond=guidance_scale > 1.0)
+
+
+class AboGuidedPipeline(GatedPipeline):
+    """:class:`GatedPipeline` (which runs every kind of eraser, All-but-One guidance included), with the
+    guidance session's counters at hand: ``last_terms``, ``unet_hooks``. Kept for existing code."""
+
+    def __init__(self, pipe, stack, clip_skip: int | None = None):
+        super().__init__(pipe, stack, clip_skip)
+        self.sessions.setdefault("abo", AboSession(self))
+
+    @property
+    def unet_hooks(self) -> AboUNetHooks:
+        return self.sessions["abo"].unet_hooks
+
+    @property
+    def last_terms(self):
+        return self.sessions["abo"].last_terms
 
 
 def abo_generate(pipe, prompts: Sequence[str], stack, guidance_scale: float = 7.5, negative_prompt=None,
@@ -241,4 +234,4 @@ def _row_gated_hooks_present(unet) -> bool:
                for m in unet.modules() for h in m._forward_hooks.values())
 
 
-__all__ = ["AboGuidedPipeline", "AboUNetHooks", "abo_entries", "abo_generate", "diffusers_handler"]
+__all__ = ["AboGuidedPipeline", "AboSession", "AboUNetHooks", "abo_entries", "abo_generate", "diffusers_handler"]

@@ -108,12 +108,17 @@ def encode_negative(eraser: Eraser, tokenizer, text_encoder, user_negatives: Seq
 # ------------------------------------------------------------------------------ diffusers
 
 
-def diffusers_handler(pipe, entries, prompts, gates) -> dict:
+def diffusers_handler(pipe, entries, prompts, gates, negative=None) -> dict:
     """The registry's conditioning handler for diffusers pipelines (method ``geom``): per-row negative prompt
-    embeddings, the learned tokens appended where the entry's coefficient (gate x strength) is >= 0.5
-    (a conditioning change is on or off per row), the plain empty negative elsewhere. One geom eraser
-    per stack in this path (a second one would replace the first one's embeddings)."""
+    embeddings, the learned tokens appended to the row's negative prompt (``negative``, default empty)
+    where the entry's coefficient (gate x strength) is >= 0.5 (a conditioning change is on or off per row),
+    the plain negative elsewhere. One geom eraser per stack in this path (a second one would replace the
+    first one's embeddings)."""
+    if len(entries) > 1:
+        raise ValueError("Geom-Erasing: one token set per stack on the diffusers path "
+                         f"({', '.join(e.eraser.name for e in entries)} given)")
     e = validate(entries[0].eraser)
     on = (torch.as_tensor(gates).reshape(len(prompts), -1)[:, 0] >= 0.5).tolist()
-    neg = encode_negative(e, pipe.tokenizer, pipe.text_encoder, [""] * len(prompts), on=on)
+    texts = list(negative) if negative is not None else [""] * len(prompts)
+    neg = encode_negative(e, pipe.tokenizer, pipe.text_encoder, texts, on=on)
     return {"negative_prompt_embeds": neg.to(pipe.unet.dtype)}
