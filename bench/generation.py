@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from ..adapters.errors import UnsupportedEraser
+from ..adapters.errors import UnsupportedEraser  # noqa: F401  (re-exported for the bench)
 from ..adapters.registry import conditioning_handler, guidance_handler
 
 
@@ -43,11 +43,12 @@ def generate_with_stack(pipe, prompts: Sequence[str], seeds: Sequence[int], stac
     """Images (n,3,64,64 in [0,1]) and raw gates [n, E] (None without a stack).
 
     Same sampler and seeding as :func:`conceptgate.toyworld.generate` (one CPU generator per seed,
-    batch independent). Weight erasers act through ``GatedPipeline`` (per-row gates); conditioning
-    and guidance erasers through the registered handlers; an unregistered kind raises
-    :class:`UnsupportedEraser`. ``progress(1)`` (e.g. a progress bar's ``update``) is called after every
-    denoising step of every batch: ``steps x ceil(len(prompts) / batch)`` calls in all; without one the call
-    shows its own bar (``progress=False``: none)."""
+    batch independent). Every kind of eraser acts through the one wrapper users get,
+    :class:`~conceptgate.adapters.diffusers_host.GatedPipeline` (weight hooks per row, conditioning and
+    guidance through the handlers their mechanisms registered); an unregistered kind raises
+    :class:`UnsupportedEraser` before any image is made. ``progress(1)`` (e.g. a progress bar's
+    ``update``) is called after every denoising step of every batch: ``steps x ceil(len(prompts) / batch)``
+    calls in all; without one the call shows its own bar (``progress=False``: none)."""
     from ..adapters.diffusers_host import GatedPipeline
     from ..adapters.stack import EraserStack
 
@@ -62,23 +63,12 @@ def generate_with_stack(pipe, prompts: Sequence[str], seeds: Sequence[int], stac
     elif progress is False:
         progress = None
     entries = [e for e in (stack.entries if stack is not None else ()) if e.enabled]
-    cond = [e for e in entries if e.eraser.kind == "conditioning"]
-    guide = [e for e in entries if e.eraser.kind == "guidance"]
-    for e in cond:
-        conditioning_handler(e.eraser)  # raises UnsupportedEraser before any image is made
-    for e in guide:
-        guidance_handler(e.eraser)
-    if len({e.eraser.method for e in guide}) > 1:
-        raise UnsupportedEraser("more than one guidance method in one stack")
-    wstack = EraserStack(tuple(e for e in entries if e.eraser.kind == "weight"), stack.combine) if entries else None
-    gated = GatedPipeline(pipe, wstack) if wstack is not None and len(wstack) else None
-    encoder = None
-    if entries:
-        from ..adapters.diffusers_host import DiffusersTextEncoder
-        from ..adapters.gate import BankCache
-
-        encoder = gated.encoder if gated is not None else DiffusersTextEncoder(pipe.tokenizer, pipe.text_encoder)
-        banks = gated.banks if gated is not None else BankCache(encoder)
+    for e in entries:  # raises UnsupportedEraser before any image is made
+        if e.eraser.kind == "conditioning":
+            conditioning_handler(e.eraser)
+        elif e.eraser.kind == "guidance":
+            guidance_handler(e.eraser)
+    gated = GatedPipeline(pipe, EraserStack(tuple(entries), stack.combine)) if entries else None
     all_gates = torch.zeros(len(prompts), len(stack.entries)) if stack is not None else None
     images = []
     if gated is not None:
@@ -89,33 +79,14 @@ def generate_with_stack(pipe, prompts: Sequence[str], seeds: Sequence[int], stac
             neg = negative_prompt if not isinstance(negative_prompt, list) else negative_prompt[i: i + batch]
             if isinstance(neg, str):
                 neg = [neg] * len(ps)
-            g = None
-            if entries:
-                g = _raw_gates(stack, encoder, ps, banks)
-                all_gates[i: i + batch] = g
-            extra = {}
-            for e in cond:
-                idx = [j for j, x in enumerate(stack.entries) if x is e]
-                extra.update(conditioning_handler(e.eraser)(pipe, [e], ps, g[:, idx] * e.strength))
-
-            def sample(_ps=ps, _ss=ss, _neg=neg, **more):
-                kw = dict(prompt=_ps, negative_prompt=_neg, num_inference_steps=steps, guidance_scale=cfg,
-                          latents=_latents(pipe, _ss), output_type="pt", height=64, width=64)
-                if "negative_prompt_embeds" in extra or "negative_prompt_embeds" in more:
-                    kw.pop("negative_prompt")
-                kw.update(extra)
-                kw.update(more)
-                if progress is not None:
-                    kw["callback_on_step_end"] = _step_callback(progress)
-                call = gated if gated is not None else pipe
-                return call(**kw).images.float().cpu().clamp(0, 1)
-
-            if guide:
-                idx = [j for j, x in enumerate(stack.entries) if x in guide]
-                out = guidance_handler(guide[0].eraser)(pipe, guide, ps, ss, g[:, idx], steps, cfg, sample)
-            else:
-                out = sample()
-            images.append(out)
+            if gated is not None:
+                all_gates[i: i + batch] = _raw_gates(stack, gated.encoder, ps, gated.banks)
+            kw = dict(negative_prompt=neg, num_inference_steps=steps, guidance_scale=cfg,
+                      latents=_latents(pipe, ss), output_type="pt", height=64, width=64)
+            if progress is not None:
+                kw["callback_on_step_end"] = _step_callback(progress)
+            out = gated(ps, **kw) if gated is not None else pipe(prompt=ps, **kw)
+            images.append(out.images.float().cpu().clamp(0, 1))
             if log:
                 log(f"  generated {min(i + batch, len(prompts))}/{len(prompts)}")
     finally:

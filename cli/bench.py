@@ -21,6 +21,11 @@ def run_speed(args) -> int:
 
         _, body = bench_spm(steps=args.steps, latent=args.latent, repeats=args.repeats, json_path=json_path)
         print(body)
+    if args.what in ("mixed", "all"):
+        from ..bench.speed_mixed import bench_mixed
+
+        _, body = bench_mixed(steps=args.steps, repeats=max(args.repeats, 3), json_path=json_path)
+        print(body)
     if args.what in ("uce", "all"):
         from ..bench.speed_uce import bench_uce_rece
 
@@ -40,7 +45,9 @@ def run_rece_attack(args) -> int:
 
 def _add_speed(sub):
     s = sub.add_parser("speed", help=HELP["speed"])
-    s.add_argument("what", nargs="?", default="all", choices=["spm", "uce", "all"])
+    s.add_argument("what", nargs="?", default="all", choices=["spm", "uce", "mixed", "all"],
+                   help="spm: membrane stack on full SD1.5; uce: UCE/RECE solves; mixed: one stack of four kinds on the "
+                        "toy model against the sum of its parts")
     s.add_argument("--steps", type=int, default=20, help="sampling steps (spm)")
     s.add_argument("--latent", type=int, default=32, help="latent side (spm); 32 = 256x256 pixels")
     s.add_argument("--repeats", type=int, default=2)

@@ -230,6 +230,7 @@ def test_evaluate_stack_with_generate_fn_and_gates(toy):
 
 def test_unsupported_kinds_and_handlers(toy):
     from conceptgate.adapters.eraser import Eraser
+    from conceptgate.adapters.registry import GUIDANCE_SESSIONS, register_guidance_session
     from conceptgate.adapters.stack import EraserStack
 
     pipe, _ = toy
@@ -239,26 +240,41 @@ def test_unsupported_kinds_and_handlers(toy):
         Q.generate_with_stack(pipe, ["a red circle"], [0], stack, steps=1)
     calls = {}
 
-    def handler(p, entries, prompts, gates):
+    def handler(p, entries, prompts, gates, negative=None):
         calls["cond"] = (list(prompts), gates.shape)
         return {"negative_prompt": ["watermark"] * len(prompts)}
 
     guide = Eraser("abo-star", "guidance", ["star"], method="testabo")
 
-    def guidance(p, entries, prompts, seeds, gates, steps, cfg, sample):
-        calls["guide"] = (len(entries), gates.shape)
-        return sample()
+    class Session:  # the registry's guidance-session contract, as GatedPipeline drives it
+        def __init__(self, gated):
+            calls["session"] = gated.stack is not None
+
+        def attach(self):
+            calls["attached"] = True
+
+        def detach(self):
+            calls["detached"] = True
+
+        def active(self, prompts, encoded, guidance_scale):
+            import contextlib
+
+            calls["guide"] = (list(prompts), tuple(encoded.hidden.shape[:1]), guidance_scale)
+            return contextlib.nullcontext()
 
     Q.register_conditioning("testgeom", handler)
-    Q.register_guidance("testabo", guidance)
+    Q.register_guidance("testabo", lambda *a: None)
+    register_guidance_session("testabo", Session)
     try:
         imgs, gates = Q.generate_with_stack(pipe, ["a red circle", "a blue star"], [0, 1],
                                             stack.with_eraser(guide), steps=1, cfg=2.0)
     finally:
         Q.CONDITIONING_HANDLERS.pop("testgeom")
         Q.GUIDANCE_HANDLERS.pop("testabo")
+        GUIDANCE_SESSIONS.pop("testabo")
     assert imgs.shape == (2, 3, 64, 64) and gates.shape == (2, 2)
-    assert calls["cond"] == (["a red circle", "a blue star"], (2, 1)) and calls["guide"] == (1, (2, 1))
+    assert calls["cond"] == (["a red circle", "a blue star"], (2, 1))
+    assert calls["guide"] == (["a red circle", "a blue star"], (2,), 2.0) and calls["attached"] and calls["detached"]
     assert float(gates[1, 1]) == pytest.approx(1.0)     # "star" named: token overlap 1
 
 
