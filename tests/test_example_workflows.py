@@ -53,3 +53,17 @@ def test_workflow_runs_in_comfyui_out_of_the_box(executor, path, monkeypatch):
     outputs = executor.run(prompt)
     previews = [o for o in outputs.values() if o.get("images")]
     assert previews, f"{os.path.basename(path)}: no image came out ({list(outputs)})"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_workflow_has_a_thumbnail(path):
+    """ComfyUI's template browser shows NAME.jpg next to NAME.json (made by tools/example_thumbnails.py)."""
+    from PIL import Image
+
+    thumb = os.path.splitext(path)[0] + ".jpg"
+    assert os.path.exists(thumb), f"no thumbnail for {os.path.basename(path)}"
+    w, h = Image.open(thumb).size
+    assert w >= 128 and h >= 128
+    for node in json.load(open(path))["nodes"]:  # the notes say nothing needs copying any more
+        if node["type"] == "Note":
+            assert "into ComfyUI/models/conceptgate" not in node["widgets_values"][0]
