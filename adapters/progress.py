@@ -37,10 +37,50 @@ def enabled(requested: bool | None = None) -> bool:
     return _isatty(sys.stderr)
 
 
+# a host's own progress display (ComfyUI's frontend bar), fed by every bar: factory(total) -> obj.update(n)
+_HOST_BARS: list = []
+
+
+def register_host_bar(factory) -> None:
+    """Also show every bar with a known total in the host's own display (``factory(total)`` returns an object
+    with ``update(n)``; ComfyUI's glue registers ``comfy.utils.ProgressBar``, drawn on the running node)."""
+    if factory not in _HOST_BARS:
+        _HOST_BARS.append(factory)
+
+
+class _Tee:
+    """A tqdm bar that also advances the host's bars (every other attribute is the tqdm bar's)."""
+
+    def __init__(self, inner, hosts):
+        self._inner, self._hosts = inner, hosts
+
+    def update(self, n=1):
+        for h in self._hosts:
+            try:
+                h.update(n)
+            except Exception:  # a display must never stop the work (ComfyUI's interrupt is raised elsewhere)
+                pass
+        return self._inner.update(n)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._inner.close()
+        return False
+
+    def __iter__(self):
+        return iter(self._inner)
+
+
 def bar(total: int | float | None = None, desc: str = "", *, unit: str = "it", initial: int = 0,
         show: bool | None = None, leave: bool = True, **kw):
     """A tqdm bar on stderr (disabled -- a no-op object with the same methods -- when :func:`enabled` says
-    so). ``show``: the caller's own switch (``False`` for ``--no-progress``); extra keywords go to tqdm."""
+    so). ``show``: the caller's own switch (``False`` for ``--no-progress``); extra keywords go to tqdm.
+    With a total, hosts' registered displays (:func:`register_host_bar`) advance with it."""
     from tqdm import tqdm
 
     on = enabled(show)
@@ -48,7 +88,17 @@ def bar(total: int | float | None = None, desc: str = "", *, unit: str = "it", i
     opts = dict(total=total, desc=desc, unit=unit, initial=initial, leave=leave, file=sys.stderr, disable=not on,
                 dynamic_ncols=tty, mininterval=0.5 if tty else 30.0, ascii=None if tty else True)
     opts.update(kw)
-    return tqdm(**opts)
+    inner = tqdm(**opts)
+    if total and _HOST_BARS and show is not False:
+        hosts = []
+        for factory in _HOST_BARS:
+            try:
+                hosts.append(factory(int(total)))
+            except Exception:
+                pass
+        if hosts:
+            return _Tee(inner, hosts)
+    return inner
 
 
 def iterate(iterable, desc: str = "", *, total: int | None = None, show: bool | None = None, **kw):
@@ -79,4 +129,4 @@ def write(msg: str, file=None) -> None:
     print(msg, file=file, flush=True)
 
 
-__all__ = ["ENV", "bar", "enabled", "iterate", "write"]
+__all__ = ["ENV", "bar", "enabled", "iterate", "register_host_bar", "write"]

@@ -5,6 +5,16 @@ from . import lock
 lock.install()  # first: the operator lock must be in place even if a node module below fails to import
 
 from . import nodes_abo, nodes_conceptgate, nodes_geom, nodes_toy, nodes_uce  # noqa: E402
+from ..adapters.progress import register_host_bar  # noqa: E402
+
+
+def _comfy_bar(total):  # long work inside a node (calibration on first use, training) shows on that node
+    import comfy.utils
+
+    return comfy.utils.ProgressBar(total)
+
+
+register_host_bar(_comfy_bar)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -116,3 +116,27 @@ def test_trainer_loop_uses_the_common_bar(monkeypatch, tmp_path):
     r = Tiny().train(str(tmp_path / "x.safetensors"))
     assert r.iterations_run == 3 and made and made[0][0][1] == "tiny"
     assert "tiny" in err.getvalue() and "3/3" in err.getvalue()
+
+
+def test_host_bars_advance_with_every_bar(monkeypatch):
+    """A host's display (ComfyUI's ProgressBar, registered by the node pack) advances with the core's bars."""
+    from conceptgate.adapters import progress
+
+    seen = []
+
+    class HostBar:
+        def __init__(self, total):
+            seen.append(("new", total))
+
+        def update(self, n):
+            seen.append(("update", n))
+
+    monkeypatch.setattr(progress, "_HOST_BARS", [])
+    progress.register_host_bar(HostBar)
+    b = progress.bar(3, "work")
+    for _ in range(3):
+        b.update(1)
+    b.close()
+    assert seen == [("new", 3), ("update", 1), ("update", 1), ("update", 1)]
+    assert progress.bar(None, "no total") is not None  # without a total there is nothing to show in the host
+    assert seen[-1] == ("update", 1)

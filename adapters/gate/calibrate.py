@@ -66,7 +66,14 @@ def carriers(rng, n: int, words: Sequence[str], domain: Callable | None = None, 
 
 
 def encode_all(encoder: TextEncoderLike, texts: Sequence[str], batch: int = 64) -> EncodedText:
-    parts = [encoder(list(texts[i:i + batch])) for i in range(0, len(texts), batch)]
+    from ..progress import bar
+
+    shown = bar(len(texts), "gate calibration: encoding", unit="prompt", leave=False)  # minutes on a big CPU model
+    parts = []
+    for i in range(0, len(texts), batch):
+        parts.append(encoder(list(texts[i:i + batch])))
+        shown.update(len(parts[-1].tokens))
+    shown.close()
     ids = [p.ids for p in parts]
     return EncodedText(torch.cat([p.hidden for p in parts]), [t for p in parts for t in p.tokens],
                        torch.cat(ids) if all(i is not None for i in ids) else None,
