@@ -56,6 +56,70 @@ class DiffusersTextEncoder:
         return EncodedText(hidden.float(), [self._content(row.tolist()) for row in ids], ids, ~torch.isin(ids, self._special))
 
 
+class DiffusersSDXLGateEncoder:
+    """What an SDXL UNet is conditioned on, as ``StableDiffusionXLPipeline.encode_prompt`` builds it, for the
+    gate (issue 18): each encoder's ``hidden_states[-2]`` (``[-(clip_skip + 2)]`` with CLIP skip; no final
+    layer norm), CLIP-L's and bigG's concatenated along the width (768 + 1280 = 2048 on SDXL).
+
+    Why these states: the gate must read what the UNet reads (the cross-attention context an SPM membrane,
+    a UCE edit or an ABO row acts on), and they are exactly what ComfyUI's SDXL CLIP puts in a
+    CONDITIONING's ``cross_attn``, so a stack gates the same prompt alike in both hosts and a stored
+    ``context`` calibration is comparable. The pooled embedding (encoder 2's projected EoT state) is one
+    vector per prompt with no token positions, so the token-wise rules cannot read it; it is returned by
+    :meth:`encode` for the pipeline and All-but-One's extra rows. Token ids and content positions come
+    from the first tokenizer (both SDXL tokenizers share CLIP's vocabulary; the second one pads with "!")."""
+
+    def __init__(self, tokenizers, text_encoders, clip_skip: int | None = None):
+        self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
+        self.clip_skip = clip_skip
+        tok = self.tokenizers[0]
+        specials = [s for s in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) if s is not None]
+        self._content = special_token_filter(specials)
+        self._special = torch.tensor(specials, dtype=torch.long)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> tuple[EncodedText, torch.Tensor]:
+        """``(EncodedText of the context, pooled [B, P])``."""
+        parts, ids0, pooled = [], None, None
+        layer = -2 if self.clip_skip is None else -(self.clip_skip + 2)
+        for tok, te in zip(self.tokenizers, self.text_encoders):
+            ids = tok(list(texts), padding="max_length", max_length=te.config.max_position_embeddings,
+                      truncation=True, return_tensors="pt").input_ids
+            out = te(ids.to(next(te.parameters()).device), output_hidden_states=True)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first (diffusers' own test)
+                pooled = out[0]
+            parts.append(out.hidden_states[layer].float())
+            ids0 = ids if ids0 is None else ids0
+        ids0 = ids0.cpu()
+        enc = EncodedText(torch.cat(parts, -1), [self._content(r.tolist()) for r in ids0], ids0,
+                          ~torch.isin(ids0, self._special))
+        return enc, pooled
+
+    def __call__(self, texts: Sequence[str]) -> EncodedText:
+        return self.encode(texts)[0]
+
+    def pooled(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.encode(texts)[1]
+
+
+def is_sdxl_pipeline(pipe) -> bool:
+    """Two text encoders (``StableDiffusionXLPipeline`` and its img2img / inpaint siblings)."""
+    return getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "tokenizer_2", None) is not None
+
+
+def gate_encoder_for(pipe, clip_skip: int | None = None):
+    """The gate's text encoder for a diffusers pipeline: SD1.x/2.x's one encoder, or SDXL's concatenated
+    context (:class:`DiffusersSDXLGateEncoder`). A pipeline with only ``text_encoder_2`` (the SDXL refiner) is
+    refused: its context is bigG alone."""
+    if is_sdxl_pipeline(pipe):
+        if getattr(pipe, "text_encoder", None) is None:
+            raise ValueError("GatedPipeline: an SDXL pipeline without its first text encoder (the refiner) is not "
+                             "supported (its context is bigG alone)")
+        return DiffusersSDXLGateEncoder([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                                        clip_skip)
+    return DiffusersTextEncoder(pipe.tokenizer, pipe.text_encoder, clip_skip)
+
+
 def check_stack_fits(stack: EraserStack, unet, allow_other_base: bool = False) -> EraserStack:
     """``stack`` if every weight eraser fits ``unet`` (layout, and a closed-form edit's base fingerprint);
     a best-effort entry that does not is left out with a note; any other raises
@@ -120,7 +184,8 @@ class GatedPipeline:
         self.pipe = pipe
         # checked now, so gates and hooks agree on the entries (a best-effort entry that cannot apply is out)
         self.stack = check_stack_fits(stack, pipe.unet, allow_other_base)
-        self.encoder = DiffusersTextEncoder(pipe.tokenizer, pipe.text_encoder, clip_skip)
+        self.sdxl = is_sdxl_pipeline(pipe)
+        self.encoder = gate_encoder_for(pipe, clip_skip)  # SDXL: the concatenated context
         self.banks = BankCache(self.encoder)
         self.hooks: RowGatedDeltas | None = None
         self.last_report: GateReport | None = None
@@ -187,14 +252,31 @@ class GatedPipeline:
         if kwargs.get("negative_prompt_embeds") is not None:
             raise ValueError("GatedPipeline: conditioning erasers build negative_prompt_embeds themselves; pass "
                              "negative_prompt (text) instead")
-        negative = kwargs.pop("negative_prompt", None) or ""
-        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        negative = kwargs.pop("negative_prompt", None)
+        # None stays None: SDXL pipelines zero an absent negative (force_zeros_for_empty_prompt), and the
+        # handler's rows whose gate is off must equal that; SD1.x handlers read None as ""
+        if negative is not None:
+            negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
         extra = {}
         for method, idx in groups.items():
             entries = [self.stack.entries[i] for i in idx]
             extra.update(conditioning_handler(entries[0].eraser)(self.pipe, entries, prompts, coeffs[:, idx],
                                                                   negative=negative))
         return extra
+
+    def _sdxl_call(self, prompts, encoded, prompt_embeds, extra, kwargs) -> dict:
+        """SDXL: the pipeline encodes the prompt itself (CLIP skip passed on: its own path reads
+        ``hidden_states``, which works on transformers 5). When a conditioning eraser brings
+        ``negative_prompt_embeds`` (+ ``negative_pooled_prompt_embeds``), diffusers wants the prompt's
+        embeddings and pooled embeddings too: ours, which are the pipeline's own (tested)."""
+        call = {}
+        if self.encoder.clip_skip and "clip_skip" not in kwargs:
+            call["clip_skip"] = self.encoder.clip_skip
+        if extra.get("negative_prompt_embeds") is not None and prompt_embeds is None:
+            enc, pooled = self.encoder.encode(prompts)
+            dtype = self.pipe.unet.dtype
+            call = dict(prompt=None, prompt_embeds=enc.hidden.to(dtype), pooled_prompt_embeds=pooled.to(dtype))
+        return call
 
     def __call__(self, prompt, guidance_scale: float = 7.5, prompt_embeds: torch.Tensor | None = None, **kwargs):
         """The pipeline call with the stack gated per prompt. ``prompt_embeds``, if given, replace the
@@ -208,7 +290,9 @@ class GatedPipeline:
         rows = cfg_rows(self.stack, coeffs, with_uncond=guidance_scale > 1.0)
         call = dict(prompt=prompts) if prompt_embeds is None else dict(prompt_embeds=prompt_embeds)
         extra = self._conditioning_kwargs(prompts, coeffs, kwargs)
-        if prompt_embeds is None and self.encoder.clip_skip:
+        if self.sdxl:
+            call.update(self._sdxl_call(prompts, encoded, prompt_embeds, extra, kwargs))
+        elif prompt_embeds is None and self.encoder.clip_skip:
             # encode with our encoder: diffusers' own clip_skip path reads text_encoder.text_model, which
             # transformers 5 no longer has; the embeddings are the ones the gates were computed from
             negative = kwargs.pop("negative_prompt", None) or ""
@@ -216,7 +300,7 @@ class GatedPipeline:
             dtype = self.pipe.unet.dtype
             call = dict(prompt_embeds=encoded.hidden.to(dtype),
                         negative_prompt_embeds=self.encoder(negative).hidden.to(dtype))
-        if extra.get("negative_prompt_embeds") is not None and "prompt" in call:
+        if not self.sdxl and extra.get("negative_prompt_embeds") is not None and "prompt" in call:
             # diffusers takes negative embeddings only together with prompt embeddings
             call = dict(prompt_embeds=encoded.hidden.to(self.pipe.unet.dtype))
         call.update(extra)

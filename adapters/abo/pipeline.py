@@ -28,7 +28,7 @@ import torch
 
 from .. import hooks
 from ..hooks import HookSet
-from ..diffusers_host import DiffusersTextEncoder, GatedPipeline
+from ..diffusers_host import DiffusersTextEncoder, GatedPipeline, gate_encoder_for  # noqa: F401
 from ..errors import UnsupportedEraser
 from ..gate import entry_gates
 from ..gate import BankCache
@@ -52,11 +52,14 @@ class AboUNetHooks(HookSet):
         yield self.unet.register_forward_pre_hook(self._pre, with_kwargs=True)
         yield self.unet.register_forward_hook(self._post, with_kwargs=True)
 
-    def active(self, terms: list[list[Term]], text_hidden: dict[str, torch.Tensor], with_uncond: bool):
+    def active(self, terms: list[list[Term]], text_hidden: dict[str, torch.Tensor], with_uncond: bool,
+               text_pooled: dict[str, torch.Tensor] | None = None):
         """Context: the next UNet calls carry ``terms`` (one list per prompt, in the pipeline's prompt
-        order); ``with_uncond``: the pipeline batches ``[uncond, cond]`` (CFG > 1)."""
+        order); ``with_uncond``: the pipeline batches ``[uncond, cond]`` (CFG > 1). ``text_pooled``
+        (SDXL): each text's pooled embedding, the ``text_embeds`` of its extra rows."""
         fires = any(terms)
-        state = {"terms": terms, "text": text_hidden, "uncond": with_uncond, "plans": {}} if fires else None
+        state = ({"terms": terms, "text": text_hidden, "uncond": with_uncond, "plans": {}, "pooled": text_pooled}
+                 if fires else None)
         return self.scoped(state)
 
     # --------------------------------------------------------------- hooks
@@ -116,9 +119,8 @@ class AboUNetHooks(HookSet):
             else:
                 kwargs["timestep"] = t
         added = kwargs.get("added_cond_kwargs")
-        if added:  # SDXL: pooled text / time ids of the prompt's row
-            kwargs["added_cond_kwargs"] = {k: torch.cat([v, v[idx]]) if torch.is_tensor(v) and v.shape[:1] == (B,) else v
-                                           for k, v in added.items()}
+        if added:  # SDXL: an extra row gets its prompt row's time ids (same image) and its own text's pooled
+            kwargs["added_cond_kwargs"] = {k: self._extra_added(k, v, idx, B, r, plan, state) for k, v in added.items()}
         prev_rows = None
         if self.row_hooks is not None and self.row_hooks.current() is not None:
             prev_rows = self.row_hooks.state
@@ -128,6 +130,20 @@ class AboUNetHooks(HookSet):
         self.extra_rows += len(idx)
         self._local.pending = (plan, B, P, r, prev_rows)
         return tuple(args), kwargs
+
+    @staticmethod
+    def _extra_added(key, value, idx, B, r, plan, state):
+        """One ``added_cond_kwargs`` entry with the extra rows appended. ``time_ids``: the source prompt's
+        row. ``text_embeds`` (the pooled text embedding): eps(x, c) of an erase / alternative text ``c``
+        means SDXL conditioned on ``c`` in both its inputs, the token context and the pooled vector, so
+        the text's own pooled embedding (when the session gave them; the prompt's otherwise)."""
+        if not (torch.is_tensor(value) and value.shape[:1] == (B,)):
+            return value
+        extra = value[idx]
+        pooled = state.get("pooled")
+        if key == "text_embeds" and pooled is not None:
+            extra = torch.stack([pooled[t] for t in plan.texts]).to(value).repeat_interleave(r, 0)
+        return torch.cat([value, extra])
 
     def _post(self, module, args, kwargs, output):
         pending = getattr(self._local, "pending", None)
@@ -161,6 +177,7 @@ class AboSession:
         self.gated = gated
         self.unet_hooks = AboUNetHooks(gated.pipe.unet)
         self._texts: dict = {}
+        self._pooled: dict = {}
         self.last_terms: list[list[Term]] | None = None
 
     def attach(self):
@@ -174,7 +191,19 @@ class AboSession:
         terms = guidance_terms(self.gated.stack, encoded, self.gated.banks)
         self.last_terms = terms
         texts = encode_texts(self.gated.encoder, terms, self._texts)
-        return self.unet_hooks.active(terms, texts, with_uncond=guidance_scale > 1.0)
+        pooled = encode_pooled(self.gated.encoder, texts, self._pooled)
+        return self.unet_hooks.active(terms, texts, with_uncond=guidance_scale > 1.0, text_pooled=pooled)
+
+
+def encode_pooled(encoder, texts, cache: dict) -> dict | None:
+    """SDXL: ``{text: pooled [P]}`` for ``texts`` with an encoder that has ``pooled`` (the SDXL gate
+    encoder); None for one-encoder models (no pooled conditioning)."""
+    if not hasattr(encoder, "pooled"):
+        return None
+    todo = [t for t in texts if t not in cache]
+    if todo:
+        cache.update(zip(todo, encoder.pooled(todo)))
+    return {t: cache[t] for t in texts}
 
 
 class AboGuidedPipeline(GatedPipeline):
@@ -213,7 +242,7 @@ def diffusers_handler(pipe, entries, prompts, seeds, gates, steps, cfg, sample):
     if _row_gated_hooks_present(pipe.unet):
         raise UnsupportedEraser("All-but-One guidance together with weight erasers in one bench stack: the bench's "
                                 "per-row hooks cannot follow the extra rows (AboGuidedPipeline handles such stacks)")
-    encoder = DiffusersTextEncoder(pipe.tokenizer, pipe.text_encoder)
+    encoder = gate_encoder_for(pipe)  # SDXL: the concatenated context the UNet gets
     enc = encoder(list(prompts))
     banks = BankCache(encoder)
     best = torch.zeros(len(prompts), len(entries), dtype=torch.long)
@@ -223,7 +252,7 @@ def diffusers_handler(pipe, entries, prompts, seeds, gates, steps, cfg, sample):
     texts = encode_texts(encoder, terms)
     unet_hooks = AboUNetHooks(pipe.unet).attach()
     try:
-        with unet_hooks.active(terms, texts, with_uncond=cfg > 1.0):
+        with unet_hooks.active(terms, texts, with_uncond=cfg > 1.0, text_pooled=encode_pooled(encoder, texts, {})):
             return sample()
     finally:
         unet_hooks.detach()

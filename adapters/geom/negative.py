@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 
 from ..eraser import Eraser
-from .tokens import (OVERFLOW, TOKEN_SETS, WINDOW, check_text_encoder, embedding_table, encode_segments,
-                     segment_ids, validate)
+from .tokens import (OVERFLOW, TOKEN_SETS, WINDOW, VectorOverride, check_text_encoder, chunk_rows, embedding_table,
+                     encode_segments, segment_ids, validate)
 
 # --------------------------------------------------------------------------- negative prompts
 
@@ -119,6 +119,66 @@ def diffusers_handler(pipe, entries, prompts, gates, negative=None) -> dict:
                          f"({', '.join(e.eraser.name for e in entries)} given)")
     e = validate(entries[0].eraser)
     on = (torch.as_tensor(gates).reshape(len(prompts), -1)[:, 0] >= 0.5).tolist()
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return sdxl_negative(e, pipe, negative, on)
     texts = list(negative) if negative is not None else [""] * len(prompts)
     neg = encode_negative(e, pipe.tokenizer, pipe.text_encoder, texts, on=on)
     return {"negative_prompt_embeds": neg.to(pipe.unet.dtype)}
+
+# ------------------------------------------------------------------------------ SDXL (issue 18)
+# An SDXL Geom eraser carries one token set per text encoder: ``locations`` / ``concept`` for the first
+# (CLIP-L) and ``locations_g`` / ``concept_g`` for the second (bigG), with ``settings["text_fingerprint_g"]``
+# (the layout SDXL embedding files use: ``clip_l`` / ``clip_g``). Both encoders see the same negative text,
+# each with its own vectors at the same positions (the two tokenizers share CLIP's vocabulary).
+SDXL_SECOND = {"locations": "locations_g", "concept": "concept_g"}
+
+
+def second_encoder_view(eraser: Eraser) -> Eraser:
+    """The eraser as the second (bigG) encoder sees it: its ``*_g`` tensors under the usual names. Raises
+    :class:`IncompatibleModelError` naming the file when it has no token set for a second encoder."""
+    import dataclasses
+
+    from ..errors import IncompatibleModelError
+
+    if SDXL_SECOND["locations"] not in eraser.tensors:
+        raise IncompatibleModelError(eraser.source or eraser.name,
+                                     f"SDXL needs Geom tokens for both text encoders (tensors locations and "
+                                     f"locations_g); this file has one set of {eraser.tensors['locations'].shape[1]}-d "
+                                     f"tokens (made for a one-encoder model such as SD1.x)")
+    tensors = {k: eraser.tensors[v] for k, v in SDXL_SECOND.items() if v in eraser.tensors}
+    return dataclasses.replace(eraser, tensors=tensors, text_fingerprint=eraser.settings.get("text_fingerprint_g"))
+
+
+@torch.no_grad()
+def _encode_xl(tokenizer, text_encoder, rows) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of segments -> (``hidden_states[-2]`` [B, 77, D], pooled [B, P] or None), as SDXL's
+    ``encode_prompt`` encodes a negative prompt (one window)."""
+    ids, mask, values, _ = chunk_rows(tokenizer, rows, max_chunks=1)
+    with VectorOverride(text_encoder) as ov:
+        ov.set(mask, values)
+        out = text_encoder(ids.to(next(text_encoder.parameters()).device), output_hidden_states=True)
+    return out.hidden_states[-2], (out[0] if out[0].ndim == 2 else None)
+
+
+def sdxl_negative(eraser: Eraser, pipe, negative, on) -> dict:
+    """``negative_prompt_embeds`` [B, 77, D1 + D2] and ``negative_pooled_prompt_embeds`` for an SDXL
+    pipeline. Rows whose gate is off get exactly what the pipeline itself would use: the user's negative
+    encoded, or zeros when no negative was given and the pipeline zeroes empty negatives
+    (``force_zeros_for_empty_prompt``), so an eraser whose gate stays closed changes nothing."""
+    second = second_encoder_view(eraser)
+    B = len(on)
+    texts = list(negative) if negative is not None else [""] * B
+    parts, pooled = [], None
+    for view, tok, te in ((eraser, pipe.tokenizer, pipe.text_encoder), (second, pipe.tokenizer_2, pipe.text_encoder_2)):
+        check_text_encoder(view, embedding_table(te).weight)
+        rows = [plan_negative(view, tok, neg).rows(neg) if o else [neg] for neg, o in zip(texts, on)]
+        hidden, p = _encode_xl(tok, te, rows)
+        parts.append(hidden)
+        pooled = p if p is not None else pooled
+    hidden = torch.cat(parts, -1)
+    if negative is None and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        off = ~torch.tensor(on, dtype=torch.bool)
+        hidden[off.to(hidden.device)] = 0
+        pooled[off.to(pooled.device)] = 0
+    dtype = pipe.unet.dtype
+    return {"negative_prompt_embeds": hidden.to(dtype), "negative_pooled_prompt_embeds": pooled.to(dtype)}

@@ -148,7 +148,11 @@ class DiffusersEditHost(EditHost):
         return hidden, ids
 
     def gate_encoder(self):
-        return super().gate_encoder() if self.sdxl else self._encoder     # what GatedPipeline uses
+        if self.sdxl:  # what GatedPipeline uses on SDXL: the same concatenated context, its content positions
+            from ..diffusers_host import DiffusersSDXLGateEncoder
+
+            return DiffusersSDXLGateEncoder(self._encoder.tokenizers, self._encoder.text_encoders, self.clip_skip)
+        return self._encoder     # what GatedPipeline uses
 
     def text_fingerprint(self) -> str:
         extra = f"diffusers|sdxl={self.sdxl}|clip_skip={self.clip_skip}"
