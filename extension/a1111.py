@@ -1,4 +1,5 @@
-"""Weight erasers in AUTOMATIC1111: per-row forward hooks with gates from the CFG batch layout.
+"""AUTOMATIC1111: weight erasers as per-row forward hooks with gates from the CFG batch layout; Geom-Erasing
+tokens (:mod:`.geom`) and All-but-One rows (:mod:`.abo`) from the same per-step gates.
 
 Nothing writes ``.weight`` (the built-in Lora extension backs weights up and merges into them; an
 in-place edit would be captured in its backup). :class:`~conceptgate.adapters.hooks.RowGatedDeltas`
@@ -22,6 +23,11 @@ the rows *in order*. So:
 
 Rows past the table (an edit model's second uncond block, another extension's extra pass) continue
 with the uncond block again, i.e. each image's prompt gate.
+
+All-but-One rows (:mod:`.abo`) are inserted between the cond and the uncond rows in the same callback;
+their table rows carry the coefficients of the image they belong to. Geom-Erasing tokens (:mod:`.geom`)
+lengthen ``text_uncond`` of the images whose gate fires, which A1111 handles as a negative prompt longer
+than the positive one (separate cond / uncond calls, or padded with ``pad_cond_uncond``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from ..adapters.gate import EncodedText, GateReport, positions_mask, to_window
 from ..adapters.gate import BankCache
 from ..adapters.stack import EraserStack
 from . import ldm
+from .abo import A1111Guidance, image_terms
+from .geom import GeomTokens
 from .text import HostTextEncoder, conditioning_hidden, subprompts
 
 log = logging.getLogger("conceptgate")
@@ -56,39 +64,49 @@ class RowTable:
 
 
 class A1111Runtime:
-    """One generation's hooks on ``sd_model.model.diffusion_model``."""
+    """One generation's glue on ``sd_model.model.diffusion_model``: per-row weight hooks, Geom-Erasing tokens
+    on the unconditional rows, All-but-One rows in the CFG batch; gates from every step's conditioning."""
 
     def __init__(self, stack: EraserStack, sd_model):
         self.stack = stack
         self.attach_to(sd_model)
         self.prompt_rows: dict[bool, tuple[list[set[int]], list[int]] | None] = {False: None, True: None}
         self.is_hr = lambda: False
+        self.cfg_scale = lambda: 7.0
         self.table: RowTable | None = None
         self.first_report: GateReport | None = None
         self.image_gates: torch.Tensor | None = None  # [B, E] of the last step (for the UI)
+        self.first_images: dict | None = None  # per image of the first step: coefficients, geom, ABO terms
+        self._rows_of_step = (0, 0)
 
     # ------------------------------------------------------------- model
     def attach_to(self, sd_model):
         self.sd_model = sd_model
         self.dm = sd_model.model.diffusion_model
-        self.layout, names = ldm.module_map(self.dm)
-        ldm.check_fits(self.stack, self.layout, names, self.dm)
         self.encoder = HostTextEncoder(sd_model)
         self.banks = BankCache(self.encoder)
-        self.hooks = RowGatedDeltas(self.stack, lambda n: self.dm.get_submodule(names[n]))
+        self.hooks = None
+        if self.stack.weight_entries:
+            self.layout, names = ldm.module_map(self.dm)
+            ldm.check_fits(self.stack, self.layout, names, self.dm)
+            self.hooks = RowGatedDeltas(self.stack, lambda n: self.dm.get_submodule(names[n]))
+        self.geom = GeomTokens(self.stack, sd_model)  # encoded now, before sampling
+        self.abo = A1111Guidance(self.stack, sd_model)
         self._pre = None
 
     def attach(self) -> "A1111Runtime":
         for entry in self.stack.entries:  # encode the concepts / load the detectors now, not mid-sampling
             self.banks.prepare(entry)
-        self.hooks.attach()
+        if self.hooks is not None:
+            self.hooks.attach()
         if self._pre is None:
             self._pre = self.dm.register_forward_pre_hook(self._unet_call, with_kwargs=True)
         return self
 
     def detach(self):
-        self.hooks.detach()
-        self.hooks.set_coefficients(None)
+        if self.hooks is not None:
+            self.hooks.detach()
+            self.hooks.set_coefficients(None)
         if self._pre is not None:
             self._pre.remove()
             self._pre = None
@@ -133,23 +151,49 @@ class A1111Runtime:
             known, counts = False, None
         window = to_window(hidden)
         mask = positions_mask(counts, window.shape[1]) if counts is not None else None  # None: the rule fails closed
-        coeffs, report = self.stack.gates(EncodedText(window, tokens, mask=mask), banks=self.banks, tokens_known=known)
+        encoded = EncodedText(window, tokens, mask=mask)
+        coeffs, report = self.stack.gates(encoded, banks=self.banks, tokens_known=known)
         per_image = image_coefficients(coeffs, image_of_row, n_images)
+        if self.geom:  # Geom-Erasing: tokens on the unconditional rows of the images whose gate fires
+            params.text_uncond = self.geom.append(params.text_uncond, per_image)
+        sources, terms = [], [[] for _ in range(n_images)]
+        if self.abo:  # All-but-One: rows between the conditional and the unconditional ones
+            terms = image_terms(self.stack, encoded, self.banks, known, image_of_row, n_images)
+            first_row = [image_of_row.index(i) if i in image_of_row else 0 for i in range(n_images)]
+            single = [image_of_row.count(i) == 1 for i in range(n_images)]
+            sources = self.abo.extend(params, terms, n_cond, first_row, single)
         uncond_rows = per_image.clone()
         for j, entry in enumerate(self.stack.entries):
             if entry.gate.cond_only:
                 uncond_rows[:, j] = 0.0
-        self.table = RowTable(coeffs, uncond_rows)
+        cond_rows = torch.cat([coeffs, per_image[sources]]) if sources else coeffs  # extra rows: their image's
+        self.table = RowTable(cond_rows, uncond_rows)
+        self._rows_of_step = (cond_rows.shape[0], n_images)
         self.image_gates = per_image
         if self.first_report is None:
             self.first_report = report
+        if self.first_images is None:
+            self.first_images = {"coeffs": per_image.clone(), "geom": [list(a) for a in self.geom.applied] if self.geom else None,
+                                 "abo": terms if self.abo else None}
+
+    def on_cfg_denoised(self, params):
+        if self.abo and self.table is not None:
+            n_cond, _ = self._rows_of_step
+            self.abo.denoised(params.x, uncond_computed=self.table.cursor > n_cond, cfg_scale=self.cfg_scale())
+
+    def on_cfg_after_cfg(self, params):
+        if self.abo:
+            params.x = self.abo.after_cfg(params.x)
 
     def _unet_call(self, module, args, kwargs):
         x = args[0] if args else kwargs.get("x")
         if self.table is None or x is None:
-            self.hooks.set_coefficients(None)
+            if self.hooks is not None:
+                self.hooks.set_coefficients(None)
             return None
-        self.hooks.set_coefficients(self.table.take(int(x.shape[0])))
+        rows = self.table.take(int(x.shape[0]))
+        if self.hooks is not None:
+            self.hooks.set_coefficients(rows)
         return None
 
 

@@ -1,5 +1,5 @@
 """Module-level webui callbacks: the ``<erase:...>`` extra network, the settings entry, the CFG
-callback that feeds the A1111 row table, and clean-up. Registered once (:func:`register`)."""
+callbacks (the A1111 row table, Geom-Erasing tokens on both hosts, All-but-One in A1111), and clean-up. Registered once (:func:`register`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from modules import extra_networks, script_callbacks, shared
 
 from .library import OPTION, Library, default_folder
 from .params import NETWORK, tag_params
-from .state import TAGS_ATTR, clear_poison, fail_closed
+from .state import ERROR_ATTR, TAGS_ATTR, clear_poison, fail_closed
 
 log = logging.getLogger("conceptgate")
 
@@ -84,6 +84,38 @@ def on_cfg_denoiser(params):
         raise fail_closed(p, e, "CFG step") from None
 
 
+def on_cfg_denoised(params):
+    state, p = ACTIVE["state"], ACTIVE["p"]
+    if state is None:
+        return
+    try:
+        state.on_cfg_denoised(p, params)
+    except Exception as e:
+        raise fail_closed(p, e, "CFG step (denoised)") from None
+
+
+def on_cfg_after_cfg(params):
+    state, p = ACTIVE["state"], ACTIVE["p"]
+    if state is None:
+        return
+    try:
+        state.on_cfg_after_cfg(p, params)
+    except Exception as e:
+        _spoil(params)
+        raise fail_closed(p, e, "CFG step (after CFG)") from None
+    if getattr(p, ERROR_ATTR, None) is not None:
+        _spoil(params)  # an error earlier in this step: no UNet call may follow to stop the generation
+
+
+def _spoil(params):
+    """The last step's result made NaN: the webui's NaN check after the VAE then stops the generation with
+    an error (a failure found after the last UNet call has no other way to stop it)."""
+    import torch
+
+    if torch.is_tensor(getattr(params, "x", None)):
+        params.x = torch.full_like(params.x, float("nan"))
+
+
 def on_script_unloaded():
     reset_active()
 
@@ -95,5 +127,7 @@ def register():
     script_callbacks.on_before_ui(on_before_ui)
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
+    script_callbacks.on_cfg_denoised(on_cfg_denoised)
+    script_callbacks.on_cfg_after_cfg(on_cfg_after_cfg)
     script_callbacks.on_script_unloaded(on_script_unloaded)
     _registered = True

@@ -1,4 +1,5 @@
-"""Weight erasers in Forge: LoRA patches on a clone of ``p.sd_model.forge_objects.unet``.
+"""Forge: weight erasers as LoRA patches on a clone of ``p.sd_model.forge_objects.unet`` (Geom-Erasing and
+All-but-One on the same clone and pass: :mod:`.geom`, :mod:`.abo`).
 
 Forge resets ``forge_objects`` right before every sampling pass (and again for the hires pass), so
 the patches are added in ``process_before_every_sampling``::
@@ -16,13 +17,15 @@ filename carries the file's content hash and the gate (and the strength is in th
 One set of weights serves the whole batch, so a batch gets one coefficient per eraser: per eraser,
 the strongest gate over the batch's prompts and their AND parts (an eraser cannot be bypassed by
 putting the concept in the second prompt of a batch). ``cond_only`` cannot be honoured with shared
-weights; the report says so.
+weights; the report says so. Geom-Erasing tokens and All-but-One rows are per image (they change
+conditionings and rows, not weights), from the same per-image gates.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+from dataclasses import dataclass
 
 import torch
 
@@ -30,7 +33,7 @@ from ..adapters.hooks import combined_deltas
 from ..adapters.files import kohya_tensors
 
 from ..adapters.errors import IncompatibleModelError
-from ..adapters.gate import GateReport
+from ..adapters.gate import EncodedText, GateReport
 from ..adapters.lowrank import ModuleDelta
 from ..adapters.gate import BankCache
 from ..adapters.stack import EraserStack
@@ -94,8 +97,21 @@ def patch_unet(unet, stack: EraserStack, coeffs: torch.Tensor, host: str) -> tup
     return m, used
 
 
-def batch_gates(stack: EraserStack, sd_model, prompts, banks: BankCache | None = None) -> tuple[torch.Tensor, GateReport, torch.Tensor]:
-    """(coefficients [E] for the batch, report of the first prompt, per-image coefficients [B, E])."""
+@dataclass
+class BatchGates:
+    """The gates of one Forge sampling pass: ``batch`` [E] (weight patches: per eraser the strongest over the
+    batch), ``per_image`` [B, E] (what Geom-Erasing and All-but-One use, per image), the first prompt's report,
+    the prompts as encoded (one row per AND part) and the image of each row."""
+
+    batch: torch.Tensor
+    report: GateReport
+    per_image: torch.Tensor
+    encoded: EncodedText
+    image_of_row: list[int]
+    tokens_known: bool
+
+
+def batch_gates(stack: EraserStack, sd_model, prompts, banks: BankCache | None = None) -> BatchGates:
     encoder = banks.encoder if banks is not None else HostTextEncoder(sd_model)
     banks = banks or BankCache(encoder)
     texts, image_of_row = [], []
@@ -103,12 +119,13 @@ def batch_gates(stack: EraserStack, sd_model, prompts, banks: BankCache | None =
         for part in subprompts(prompt):
             texts.append(part)
             image_of_row.append(i)
-    coeffs, report = stack.gates(encoder(texts), banks=banks, tokens_known=encoder.tokens_known)
+    encoded = encoder(texts)
+    coeffs, report = stack.gates(encoded, banks=banks, tokens_known=encoder.tokens_known)
     from .state import check_finite_coefficients  # NaN would vanish in the max below: stop instead
     check_finite_coefficients(stack, coeffs, "Forge batch")
     per_image = image_coefficients(coeffs, image_of_row, len(prompts))
     batch = image_coefficients(per_image, [0] * len(prompts), 1)[0]
     for row, entry in zip(report.rows, stack.entries):
-        if entry.gate.cond_only:
+        if entry.gate.cond_only and entry.eraser.kind == "weight":
             row["detail"] = (row["detail"] + "; " if row["detail"] else "") + "cond_only not possible with Forge weight patches"
-    return batch, report, per_image
+    return BatchGates(batch, report, per_image, encoded, image_of_row, encoder.tokens_known)

@@ -1,89 +1,39 @@
-"""Which eraser kinds the webui glue can apply, and where each one plugs in.
+"""Which eraser kinds the webui glue applies, and where each one plugs in.
 
-Each mechanism is a small object with one method per host stage. The script calls them in
-order for every eraser kind present in the stack:
+All three kinds are reachable in AUTOMATIC1111, Forge and reForge (accordion, API arguments and
+``<erase:...>`` tags), gated per prompt from the same gate computation:
 
-==================  ==========================================  ===========================================
-stage               A1111 call site                             Forge call site
-==================  ==========================================  ===========================================
-``prepare``         ``Script.process_batch`` (before text       ``Script.process_batch`` (before
-                    encoding: the place to edit                 ``setup_conds``)
-                    ``p.negative_prompts``)
-``before_sampling`` -- (A1111 has no such stage; the weight     ``Script.process_before_every_sampling``
-                    mechanism works from the CFG callback)      (patch a clone of ``forge_objects.unet``)
-``cfg_denoiser``    ``on_cfg_denoiser`` (rows of this step)     ``on_cfg_denoiser`` (still fired)
-``cfg_denoised`` /  ``on_cfg_denoised`` / ``on_cfg_after_cfg``   post-CFG function on the unet clone
-``after_cfg``                                                   (Forge never fires ``on_cfg_denoised``)
-``finish``          ``Script.postprocess``                      ``Script.postprocess``
-==================  ==========================================  ===========================================
+==============  =================================================  =================================================
+kind            A1111                                              Forge / reForge
+==============  =================================================  =================================================
+``weight``      per-row forward hooks, rows from every CFG step    LoRA patches on a clone of ``forge_objects.unet``
+(SPM, UCE/RECE, (:mod:`.a1111`, ``process_batch`` +                in ``process_before_every_sampling``
+ABO adapters)   ``on_cfg_denoiser``)                               (:mod:`.forge`); one set of weights per batch:
+                                                                   each eraser at its strongest gate over the batch
+``conditioning`` learned tokens appended to each image's           the same, on Forge's conditioning path (Forge
+(Geom-Erasing)  unconditional conditioning in ``on_cfg_denoiser``  fires ``on_cfg_denoiser`` before
+                (:mod:`.geom`), per image                          ``sampling_function``), per image
+``guidance``    erase / alternative rows inserted into the CFG     conditioning modifier + model function wrapper
+(All-but-One)   batch in ``on_cfg_denoiser``, their predictions    (rows joined to the batched ``apply_model``
+                kept in ``on_cfg_denoised``, the rule in           call) + post-CFG function on the same unet
+                ``on_cfg_after_cfg`` (:mod:`.abo`), per image      clone (:mod:`.abo`), per image
+==============  =================================================  =================================================
 
-Reachable now: ``weight`` (SPM membranes, RECE/UCE edits, All-but-One adapters): per-row forward
-hooks in A1111 (:mod:`.a1111`), ``add_patches`` in Forge (:mod:`.forge`).
-
-Not reachable yet from the webui glue: ``conditioning`` (Geom-Erasing tokens, implemented in the core
-and for diffusers / ComfyUI: register the vectors as embeddings and append their names to
-``p.negative_prompts`` in ``prepare``; meanwhile the exported embedding works natively) and ``guidance`` (All-but-One at sampling time: the CFG callbacks in A1111, a post-CFG
-function in Forge). Files of those kinds are listed as unavailable and refused with a message,
-never silently ignored. To add one, implement its stages and set ``available = True``.
+A file of another kind (none exists today) is listed as unavailable and refused by name, never silently
+ignored: :func:`reachable_kind` says why.
 """
 
 from __future__ import annotations
 
-
-class Mechanism:
-    kind = ""
-    available = False
-    reason = ""
-
-    # Stage hooks; each receives the script state. The default does nothing.
-    def prepare(self, state, p):
-        pass
-
-    def before_sampling(self, state, p, **kwargs):
-        pass
-
-    def cfg_denoiser(self, state, params):
-        pass
-
-    def cfg_denoised(self, state, params):
-        pass
-
-    def after_cfg(self, state, params):
-        pass
-
-    def finish(self, state, p):
-        pass
-
-
-class WeightMechanism(Mechanism):
-    """Implemented by :mod:`.a1111` and :mod:`.forge`; the script drives them directly."""
-
-    kind = "weight"
-    available = True
-
-
-class ConditioningMechanism(Mechanism):
-    kind = "conditioning"
-    # the core (adapters/geom/), diffusers and ComfyUI implement it; the webui glue does not append the tokens yet
-    reason = ("Geom-Erasing tokens: not implemented in the webui glue yet (the core, diffusers and ComfyUI have "
-              "them); export them as an embedding "
-              "(python -m conceptgate train geom --export DIR), put the file in embeddings/ and its name in the "
-              "negative prompt")
-
-
-class GuidanceMechanism(Mechanism):
-    kind = "guidance"
-    # the core (adapters/abo/guidance.py) and the diffusers / ComfyUI glue implement it; the webui glue does not yet
-    reason = ("All-but-One guidance erasers work in diffusers and ComfyUI but not in the webui yet "
-              "(use the All-but-One adapter, a weight eraser, here)")
-
-
-MECHANISMS: dict[str, Mechanism] = {m.kind: m for m in (WeightMechanism(), ConditioningMechanism(), GuidanceMechanism())}
+KINDS = {
+    "weight": "SPM membranes, UCE/RECE edits, All-but-One adapters",
+    "conditioning": "Geom-Erasing tokens",
+    "guidance": "All-but-One guidance",
+}
 
 
 def reachable_kind(kind: str) -> str | None:
     """None when erasers of ``kind`` work in the webui, otherwise why not."""
-    m = MECHANISMS.get(kind)
-    if m is None:
-        return f"unknown eraser kind {kind!r}"
-    return None if m.available else m.reason
+    if kind in KINDS:
+        return None
+    return f"unknown eraser kind {str(kind)[:40]!r} (this webui glue applies: {', '.join(KINDS)})"

@@ -24,6 +24,10 @@ Infotext keys written to the image's generation parameters::
     ConceptGate hashes: "snoopy: 1a2b3c4d5e6f, van gogh: 0f9e8d7c6b5a"   sha256, 12 hex digits
     ConceptGate preset / ConceptGate combine / ConceptGate gate rule / ConceptGate cond only
                                                             (only when not the default)
+    ConceptGate Geom: "watermark_geom"                      the Geom-Erasing tokens this image got
+    ConceptGate All-but-One: "abo_tri:triangle>square"      the All-but-One terms that fired for it
+
+Gates, Geom and All-but-One differ per image of a batch: those values are :class:`PerImage`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ KEY_COMBINE = "ConceptGate combine"
 KEY_GATE = "ConceptGate gate rule"
 KEY_COND_ONLY = "ConceptGate cond only"
 KEY_LOCKED = "ConceptGate locked"  # names of the entries the operator's policy locked
+KEY_GEOM = "ConceptGate Geom"  # per image: the Geom-Erasing erasers whose tokens joined its negative
+KEY_ABO = "ConceptGate All-but-One"  # per image: the All-but-One terms that fired (name:erase>alternative)
 INFOTEXT_KEYS = (KEY, KEY_HASHES, KEY_PRESET, KEY_COMBINE, KEY_GATE, KEY_COND_ONLY)
 
 # A1111's extra-network syntax (modules/extra_networks.py): <(\w+):([^>]+)>, items split on ':'.
@@ -202,6 +208,26 @@ def infotext_params(used: list[UsedEraser], args: ScriptArgs) -> dict[str, str]:
     if args.cond_only:
         out[KEY_COND_ONLY] = "True"
     return out
+
+
+class PerImage(str):
+    """An infotext value that differs per image: the job's first image's text (what a webui that writes one
+    value per batch shows) and, called as the webui calls callable ``extra_generation_params`` values with
+    the image's ``index`` (A1111 >= 1.8, Forge, reForge), that image's own text (None: key left out)."""
+
+    def __new__(cls, text: str, values: dict[int, str | None]):
+        obj = super().__new__(cls, text)
+        obj.values = dict(values)
+        return obj
+
+    def __call__(self, *args, **kwargs):
+        index = kwargs.get("index")
+        if isinstance(index, int) and index in self.values:
+            return self.values[index]
+        return str(self)
+
+    def __reduce__(self):  # pickles / deep-copies as the plain first-image text
+        return (str, (str(self),))
 
 
 def _gate_text(gate) -> str:

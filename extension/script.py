@@ -5,11 +5,15 @@ Stages, in ``modules/processing.py::process_images_inner`` order:
 * ``process``: read the arguments, load the preset and the selected erasers (errors name the file),
   detach anything a stopped generation left behind.
 * (the webui parses ``<erase:...>`` tags and activates extra networks, then) ``process_batch``:
-  A1111: attach the per-row hooks for the batch's stack; Forge: nothing yet.
-* A1111 sampling: ``on_cfg_denoiser`` (see :mod:`.callbacks`) fills the row table every step.
-* Forge: ``process_before_every_sampling``: gates from the prompts, patches on a unet clone
-  (again for the hires pass).
-* ``postprocess_batch``: gates into the infotext; ``postprocess``: hooks removed.
+  A1111: attach the per-row hooks for the batch's stack, encode Geom-Erasing tokens and All-but-One
+  texts; Forge: nothing yet.
+* A1111 sampling, every step (see :mod:`.callbacks`): ``on_cfg_denoiser`` computes the gates, fills the
+  row table, appends Geom-Erasing tokens to the unconditional rows and inserts All-but-One rows;
+  ``on_cfg_denoised`` keeps those rows' predictions, ``on_cfg_after_cfg`` applies the rule.
+* Forge: ``process_before_every_sampling``: gates from the prompts, weight patches and the All-but-One
+  functions on a unet clone, Geom-Erasing tokens encoded (again for the hires pass); ``on_cfg_denoiser``
+  appends the tokens every step.
+* ``postprocess_batch``: gates into the infotext (per image); ``postprocess``: hooks removed.
 """
 
 from __future__ import annotations
@@ -62,11 +66,14 @@ class ConceptGateScript(scripts.Script):
         try:
             _check_tags_activated(p)
             state.report = None
-            if _host.is_forge(state.host):
-                return  # Forge: everything happens in process_before_every_sampling
+            state.batch_images = None
+            if _host.is_forge(state.host):  # Forge: patches in process_before_every_sampling; the CFG callback
+                callbacks.set_active(state, p)  # adds the Geom-Erasing tokens
+                return
             state.sync_a1111(p)
             if state.runtime is not None:
                 state.runtime.first_report = None
+                state.runtime.first_images = None
                 callbacks.set_active(state, p)
         except Exception as e:
             raise fail_closed(p, e, "process_batch") from None
@@ -83,7 +90,7 @@ class ConceptGateScript(scripts.Script):
         state = getattr(p, STATE_ATTR, None)
         if state is None:
             return
-        state.write_infotext(p)
+        state.write_infotext(p, kwargs.get("batch_number"))
         callbacks.LAST["text"] = state.summary()
 
     def postprocess(self, p, processed, *args):

@@ -15,14 +15,15 @@ from dataclasses import replace
 import torch
 
 from ..adapters.errors import EraserFileError
-from ..adapters.gate import GateReport, GateSettings
+from ..adapters.gate import DEFAULT_RULE, GateReport, GateSettings
 from ..adapters.gate import BankCache
+from ..adapters.registry import default_gate_rule
 from ..adapters.stack import EraserStack
 from . import host as _host
 from .library import Library
 from .lock import current_policy
 from .mechanisms import reachable_kind
-from .params import NO_PRESET, ScriptArgs, UsedEraser, infotext_params, shown
+from .params import KEY_ABO, KEY_GEOM, NO_PRESET, PerImage, ScriptArgs, UsedEraser, infotext_params, shown
 
 log = logging.getLogger("conceptgate")
 TAGS_ATTR = "conceptgate_tags"  # set on p by the <erase:...> extra network
@@ -111,10 +112,21 @@ class GenerationState:
         self.image_gates: torch.Tensor | None = None
         self.forge_files: list[str] = []
         self._banks: dict[int, BankCache] = {}
+        self._forge: dict = {}  # (stack, model) -> (GeomTokens, ForgeGuidance), made once per generation
+        self.forge_geom = None  # the GeomTokens of the current Forge pass
+        self.forge_per_image: torch.Tensor | None = None  # [B, E] per-image coefficients of the current pass
+        self.batch_images: dict | None = None  # per image of the batch: applied coefficients, geom, ABO terms
+        self.records: dict[int, dict] = {}  # infotext per image of the job (global index)
 
     # ------------------------------------------------------------- stacks
-    def _settings(self) -> GateSettings:
-        return GateSettings(rule=self.args.gate, cond_only=self.args.cond_only)
+    def _settings(self, eraser=None) -> GateSettings:
+        """Gate settings for an eraser chosen in the accordion, the API or a tag: the chosen rule; with the
+        default rule, the eraser's own default (Geom-Erasing: ``always``, an implicit concept such as a
+        watermark is not asked for by the prompt)."""
+        rule = self.args.gate
+        if eraser is not None and rule == DEFAULT_RULE:
+            rule = default_gate_rule(eraser)
+        return GateSettings(rule=rule, cond_only=self.args.cond_only)
 
     def _base_stack(self) -> EraserStack:
         stack = EraserStack(combine=self.args.combine)
@@ -123,7 +135,8 @@ class GenerationState:
                 for e in self.library.load_preset(self.args.preset).entries:
                     stack = _merge(stack, e.eraser, e.strength, e.gate, e.enabled)
             for name, strength in self.args.erasers:
-                stack = _merge(stack, self.library.load(name), strength, self._settings())
+                eraser = self.library.load(name)
+                stack = _merge(stack, eraser, strength, self._settings(eraser))
         # the operator's locked erasers, whatever the accordion says (unticked included)
         return self.policy.enforce(stack) if self.policy is not None else stack
 
@@ -132,7 +145,8 @@ class GenerationState:
         if key not in self._stacks:
             stack = self.base
             for name, strength in key:
-                stack = _merge(stack, self.library.load(name), strength, self._settings())
+                eraser = self.library.load(name)
+                stack = _merge(stack, eraser, strength, self._settings(eraser))
             if self.policy is not None:  # tags may add erasers or raise a locked one, never lower it
                 stack = self.policy.enforce(stack)
             for e in stack.entries:
@@ -154,7 +168,7 @@ class GenerationState:
         from .a1111 import A1111Runtime
 
         stack = self.stack_for(getattr(p, TAGS_ATTR, None))
-        if not stack.weight_entries or not any(e.enabled for _, e in stack.weight_entries):
+        if not any(e.enabled for e in stack.entries):
             self.release()
             self.stack = stack
             return
@@ -162,6 +176,7 @@ class GenerationState:
             self.release()
             self.runtime = A1111Runtime(stack, sd_model or p.sd_model).attach()
             self.runtime.is_hr = lambda: bool(getattr(p, "is_hr_pass", False))
+            self.runtime.cfg_scale = lambda: float(getattr(p, "cfg_scale", 7.0))
         self.stack = stack
         self._prompts_key = None
         self.sync_prompts(p)
@@ -174,6 +189,10 @@ class GenerationState:
             self._prompts_key = key
 
     def on_cfg_denoiser(self, p, params, sd_model=None):
+        if _host.is_forge(self.host):  # Forge: only the Geom-Erasing tokens are added here (weights are patched)
+            if self.forge_geom and self.forge_per_image is not None:
+                params.text_uncond = self.forge_geom.append(params.text_uncond, self.forge_per_image)
+            return
         if getattr(p, TAGS_ATTR, None) is not None and self.stack is not self.stack_for(getattr(p, TAGS_ATTR, None)):
             self.sync_a1111(p, sd_model)  # hires pass with other <erase:...> tags
         if self.runtime is None:
@@ -187,6 +206,16 @@ class GenerationState:
         if self.report is None:
             self.report = self.runtime.first_report
         self.image_gates = self.runtime.image_gates
+        if self.batch_images is None and self.runtime.first_images is not None:
+            self.batch_images = self.runtime.first_images
+
+    def on_cfg_denoised(self, p, params):
+        if self.runtime is not None and not _host.is_forge(self.host):
+            self.runtime.on_cfg_denoised(params)
+
+    def on_cfg_after_cfg(self, p, params):
+        if self.runtime is not None and not _host.is_forge(self.host):
+            self.runtime.on_cfg_after_cfg(params)
 
     def release(self):
         if self.runtime is not None:
@@ -196,23 +225,47 @@ class GenerationState:
     # ------------------------------------------------------------- Forge
     def forge_before_sampling(self, p):
         from . import forge
+        from .abo import ForgeGuidance, image_terms
+        from .geom import GeomTokens
         from .text import HostTextEncoder
 
         stack = self.stack_for(getattr(p, TAGS_ATTR, None))
         self.stack = stack
-        if not any(e.enabled for _, e in stack.weight_entries):
+        self.forge_geom = self.forge_per_image = None
+        if not any(e.enabled for e in stack.entries):
             return
         hr = bool(getattr(p, "is_hr_pass", False)) and getattr(p, "hr_prompts", None)
         prompts = list(p.hr_prompts if hr else p.prompts)
         sd_model = p.sd_model
         banks = self.banks(HostTextEncoder(sd_model))
-        coeffs, report, per_image = forge.batch_gates(stack, sd_model, prompts, banks)
-        unet, files = forge.patch_unet(sd_model.forge_objects.unet, stack, coeffs, self.host)
+        gates = forge.batch_gates(stack, sd_model, prompts, banks)  # the text encoder is loaded now
+        key = (id(stack), id(sd_model))
+        if key not in self._forge:
+            self._forge[key] = (stack, GeomTokens(stack, sd_model), ForgeGuidance(stack, sd_model))
+        _, geom, guidance = self._forge[key]
+        unet = sd_model.forge_objects.unet
+        if any(e.enabled for _, e in stack.weight_entries):
+            unet, files = forge.patch_unet(unet, stack, gates.batch, self.host)
+        else:
+            unet, files = unet.clone(), []
+        terms = [[] for _ in prompts]
+        if guidance:
+            terms = image_terms(stack, gates.encoded, banks, gates.tokens_known, gates.image_of_row, len(prompts))
+            guidance.install(unet, terms)
         sd_model.forge_objects.unet = unet
         self.forge_files = files
-        self.image_gates = per_image
+        self.image_gates = gates.per_image
+        if geom:
+            self.forge_geom, self.forge_per_image = geom, gates.per_image
+            geom.applied = geom.firing(gates.per_image)
+        applied = gates.per_image.clone()  # what each image got: weight erasers share the batch's strongest gate
+        for i, _ in stack.weight_entries:
+            applied[:, i] = gates.batch[i]
         if self.report is None or not hr:
-            self.report = report
+            self.report = gates.report
+        if not hr:
+            self.batch_images = {"coeffs": applied, "geom": [list(a) for a in geom.applied] if geom else None,
+                                 "abo": terms if guidance else None}
 
     # ------------------------------------------------------------- results
     def used(self) -> list[UsedEraser]:
@@ -225,10 +278,59 @@ class GenerationState:
             out.append(UsedEraser(e.eraser.name, e.strength, gate if e.enabled else None, e.eraser.sha256, e.locked))
         return out
 
-    def write_infotext(self, p):
+    def write_infotext(self, p, batch_number: int | None = None):
+        """The infotext keys. Values that differ per image (gates, which images got Geom tokens or
+        All-but-One terms) are :class:`~.params.PerImage`: the text of the job's first image, and each
+        image's own text where the webui asks per image (A1111 >= 1.8, Forge, reForge)."""
         params = infotext_params(self.used(), self.args)
-        if params:
-            p.extra_generation_params.update(params)
+        if not params:
+            return
+        n = getattr(p, "batch_number", 0) if batch_number is None else batch_number
+        offset = n * int(getattr(p, "batch_size", 1) or 1)
+        for key, values in self._per_image_params(offset).items():
+            old = p.extra_generation_params.get(key)
+            merged = dict(old.values) if isinstance(old, PerImage) else {}
+            merged.update(values)
+            shown_first = next((merged[k] for k in sorted(merged) if merged[k] is not None), None)
+            if shown_first is None:
+                continue  # no image of the job got it (e.g. no Geom tokens)
+            params[key] = PerImage(shown_first, merged)
+        p.extra_generation_params.update(params)
+
+    def _per_image_params(self, offset: int) -> dict[str, dict[int, str | None]]:
+        """{infotext key: {global image index: text}} for the images of the last batch."""
+        from .params import KEY, escape_name, _gate_text, _num
+
+        info = self.batch_images
+        if info is None or self.stack is None:
+            return {}
+        coeffs = info["coeffs"]
+        out: dict[str, dict[int, str | None]] = {KEY: {}, KEY_GEOM: {}, KEY_ABO: {}}
+        names = {c: e.eraser.name for c, e in enumerate(self.stack.entries)}
+        rows = self.report.rows if self.report is not None else []
+        for i in range(coeffs.shape[0]):
+            parts = []
+            for c, e in enumerate(self.stack.entries):
+                if not e.enabled:
+                    gate = None
+                elif e.strength:
+                    gate = float(coeffs[i, c]) / e.strength
+                else:
+                    gate = rows[c]["gate"] if c < len(rows) else 0.0
+                parts.append(f"{escape_name(e.eraser.name)}:{_num(e.strength)}:{_gate_text(gate)}")
+            out[KEY][offset + i] = ", ".join(parts)
+            geom = info.get("geom")
+            if geom and i < len(geom) and geom[i]:
+                out[KEY_GEOM][offset + i] = ", ".join(escape_name(names[c]) for c in geom[i])
+            else:
+                out[KEY_GEOM][offset + i] = None
+            abo = info.get("abo")
+            if abo and i < len(abo) and abo[i]:
+                out[KEY_ABO][offset + i] = ", ".join(f"{escape_name(t.eraser)}:{escape_name(t.erase)}>"
+                                                     f"{escape_name(t.alternative) or 'nothing'}" for t in abo[i])
+            else:
+                out[KEY_ABO][offset + i] = None
+        return out
 
     def summary(self) -> str:
         if self.stack is None or not len(self.stack):

@@ -488,15 +488,23 @@ def test_a_non_finite_gate_stops_the_generation(world, kind, monkeypatch):
         assert len(processed.images) == 1 and _clean(h)
 
 
+@pytest.mark.parametrize("rule", ["ft", "cos", "tokens", "context", "always"])
 @pytest.mark.parametrize("kind", ["forge", "forge-legacy"])
-def test_forge_batch_of_two_has_finite_gates(world, kind):
+def test_forge_batch_of_two_has_finite_gates(world, kind, rule):
+    """Issue 14 measured gate NaN for a Forge batch of 2 with ft and cos (the gate code was rewritten since);
+    every rule, both Forge lines: finite, the same as a batch of one per image, the batch's strongest applied."""
+    a = [True, "tri:1, circ:1", "None", "additive", rule, False]
     with a1111_stub.installed(kind) as processing:
         h = _host(kind, world, processing)
-        p, processed = h.run(["a red triangle", "a blue circle"], [True, "tri:1, circ:1", "None", "additive", "ft", False],
-                             batch_size=2)
+        p, processed = h.run(["a red triangle", "a blue circle"], a, batch_size=2)
         assert len(processed.images) == 2
         text = p.extra_generation_params["ConceptGate"]
-        assert "nan" not in text and p.conceptgate.image_gates.isfinite().all(), text
+        gates = p.conceptgate.image_gates
+        assert "nan" not in text and gates.isfinite().all(), text
+        for i, prompt in enumerate(["a red triangle", "a blue circle"]):
+            single, _ = h.run([prompt], a)
+            assert torch.allclose(single.conceptgate.image_gates[0], gates[i], atol=1e-5), (prompt, rule)
+        assert torch.equal(p.conceptgate.batch_images["coeffs"][0], gates.max(0).values)
 
 
 def test_erase_tags_without_the_registered_network_stop_the_generation(world):

@@ -5,6 +5,7 @@ users may add erasers or raise the locked one; the infotext says ``locked``; a b
 generation with its reason."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -141,3 +142,56 @@ def test_accordion_shows_locked_entries_greyed(world, policy):
         locked = [(a, k) for a, k in created if "locked" in k.get("label", "")]
         assert locked and locked[0][1]["interactive"] is False and locked[0][0][0] is True
         assert not [1 for a, k in created if k.get("label") == "tri"]  # no free toggle for it
+
+
+# ------------------------------------------------------------------ locked Geom-Erasing and All-but-One erasers
+from test_a1111_mechanisms import kinds  # noqa: E402,F401  (module fixture: wm, abo_tri, abo_circ in the folder)
+
+
+@pytest.fixture
+def policy_kinds(world, kinds, tmp_path, monkeypatch):
+    """The operator locks a Geom-Erasing eraser (its own rule: always) and an All-but-One guidance eraser."""
+    folder = world["folder"]
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"conceptgate_policy": 1, "search_dirs": [folder], "locked": [
+        {"file": "wm.safetensors", "sha256": sha256_file(f"{folder}/wm.safetensors"), "gate": {"rule": "always"}},
+        {"file": "abo_tri.safetensors", "sha256": sha256_file(f"{folder}/abo_tri.safetensors"),
+         "gate": {"rule": "always"}}]}))
+    monkeypatch.setenv("CONCEPTGATE_POLICY", str(path))
+    return path
+
+
+def _host(kind, world, processing):
+    return Host(world, processing) if kind == "a1111" else ForgeHost(world, processing, legacy=kind == "forge-legacy")
+
+
+@pytest.mark.parametrize("kind", ["a1111", "forge", "forge-legacy"])
+def test_locked_geom_and_abo_erasers_act_whatever_the_user_sends(world, kinds, policy_kinds, kind, monkeypatch):
+    direct = [True, "wm:1, abo_tri:1", "None", "additive", "always", False]  # the locked entries' rules
+    with a1111_stub.installed(kind) as processing:
+        h = _host(kind, world, processing)
+        seen = []
+        sys.modules["modules.script_callbacks"].on_cfg_denoiser(
+            lambda prm: seen.append((prm.x.shape[0], (prm.text_uncond["crossattn"] if isinstance(prm.text_uncond, dict)
+                                                      else prm.text_uncond).shape[1])))
+        results = []
+        for prompt, a in [("a red triangle", OFF), ("a red triangle <erase:wm:0> <erase:abo_tri:0>", OFF),
+                          ("a red triangle", [{"erasers": "wm:0, abo_tri:0"}])]:
+            seen.clear()
+            p, processed = h.run(prompt, a)
+            assert p.extra_generation_params["ConceptGate locked"] == "wm, abo_tri"
+            fields = sys.modules["modules.infotext_utils"].parse_generation_parameters(processed.infotexts[0])
+            assert fields["ConceptGate Geom"] == "wm" and fields["ConceptGate All-but-One"] == "abo_tri:triangle>square"
+            assert all(length == 154 for _, length in seen)  # the tokens joined the negative at every step
+            if kind == "a1111":
+                assert all(rows == 4 for rows, _ in seen)  # cond + erase + alternative + uncond rows
+            else:
+                assert len(p.sampled_unets[0].model_options["sampler_post_cfg_function"]) == 1
+            results.append(processed.images[0])
+            assert _clean(h)
+        monkeypatch.setenv("CONCEPTGATE_POLICY", "")
+        _, ref = h.run("a red triangle", direct)
+        for img in results:
+            assert torch.allclose(img, ref.images[0], atol=1e-5)  # equal to the directly erased image
+        _, plain = h.run("a red triangle", OFF)
+        assert not torch.allclose(plain.images[0], ref.images[0], atol=1e-3)

@@ -224,3 +224,151 @@ def test_other_family_eraser_refused_in_diffusers(eraser_family, model_family):
         GatedPipeline(_full_size_pipe(model_family), EraserStack().with_eraser(e))
     msg = str(err.value)
     assert e.source in msg and f"base family {eraser_family}, model is {model_family}" in msg
+
+
+# ------------------------------------------------------------------ ComfyUI
+
+@pytest.fixture(scope="module")
+def comfy_xl(comfy, pipe):
+    from conceptgate.nodes import comfy_models
+
+    return {"model": comfy_models.unet_to_comfy(pipe.unet),
+            "clip": comfy_models.sdxl_text_encoders_to_comfy(pipe.text_encoder, pipe.text_encoder_2)}
+
+
+def test_components_equal_in_comfyui(pipe, comfy_xl):
+    """The tiny SDXL model in ComfyUI's own SDXL classes computes what diffusers computes: the CLIP's
+    context and pooled output, and the UNet (ComfyUI's label_emb from its own encode_adm)."""
+    clip, model = comfy_xl["clip"], comfy_xl["model"]
+    assert type(model.model).__name__ == "SDXL"
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(PROMPTS[0]), return_pooled=True)
+    with torch.no_grad():
+        ref, _, ref_pooled, _ = pipe.encode_prompt(PROMPTS[:1], device="cpu", num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=False)
+    assert torch.allclose(cond, ref, atol=1e-5) and torch.allclose(pooled, ref_pooled, atol=1e-5)
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0])
+    with torch.no_grad():
+        d = pipe.unet(x, t, encoder_hidden_states=ref, added_cond_kwargs={
+            "text_embeds": ref_pooled, "time_ids": torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])}).sample
+        c = model.model.diffusion_model(x, t, context=ref, y=model.model.encode_adm(pooled_output=ref_pooled,
+                                                                                     width=16, height=16))
+    assert torch.allclose(c, d, atol=1e-5)
+
+
+def test_key_maps_equal_comfyuis(comfy, layout, comfy_xl):
+    """The tiny SDXL layout's module names (diffusers <-> LDM, kohya) are ComfyUI's own: its converter's map
+    for this config, the names of the converted model's real modules, and its LoRA key map (both kohya
+    spellings); the full-size SDXL LoRA key map too (the SD1.5 one is in test_naming)."""
+    import comfy.lora
+    import comfy.supported_models
+    import comfy.utils
+    from conceptgate.adapters import reference_layout
+    from conceptgate.adapters.naming import kohya_map
+    from conceptgate.nodes import comfy_glue, comfy_models
+
+    cfg = comfy_models.comfy_unet_config(tiny_sdxl_pipeline(0).unet.config)
+    comfy_map = comfy.utils.unet_to_diffusers(cfg)
+    ours = layout.to_ldm()
+    assert len(ours) == 88 and all(comfy_map[n + ".weight"] == l + ".weight" for n, l in ours.items())
+    targets = {k[:-7] for k in comfy_map if k.endswith(".weight") and ".attentions." in k
+               and (".proj_" in k or ".attn" in k or ".ff.net." in k)}
+    assert targets == set(ours)
+    names = comfy_glue.module_names(comfy_xl["model"])
+    assert all(names[n] == "diffusion_model." + l for n, l in ours.items())
+    assert comfy_glue.unet_layout(comfy_xl["model"]).modules("spm") == layout.modules("spm")
+    key_map = comfy.lora.model_lora_keys_unet(comfy_xl["model"].model, {})
+    for kohya, name in kohya_map(layout).items():
+        assert key_map[kohya] == f"diffusion_model.{ours[name]}.weight", kohya
+    full = meta_comfy_model(comfy, "sdxl")
+    key_map = comfy.lora.model_lora_keys_unet(full.model, {})
+    ref = reference_layout("sdxl")
+    for kohya, name in kohya_map(ref).items():
+        assert key_map[kohya] == f"diffusion_model.{ref.to_ldm()[name]}.weight", kohya
+
+
+def meta_comfy_model(comfy, family):
+    """A ComfyUI ModelPatcher of the full public SD1.5 / SDXL architecture on the meta device."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    from conceptgate.adapters import reference_layout
+
+    cfg = dict(reference_layout(family).config, use_checkpoint=False, image_size=32, use_spatial_transformer=True,
+               legacy=False, in_channels=4, out_channels=4, use_temporal_attention=False, use_temporal_resblock=False,
+               dtype=torch.float32)
+    if family == "sdxl":
+        cfg.update(adm_in_channels=2816, num_classes="sequential", num_heads=-1, num_head_channels=64)
+        cls = comfy.supported_models.SDXL
+    else:
+        cfg.update(adm_in_channels=None, num_heads=8, num_head_channels=-1)
+        cls = comfy.supported_models.SD15
+    with torch.device("meta"):
+        model = cls(cfg).get_model({}, device=torch.device("meta"))
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("eraser_family,model_family", [("sd1", "sdxl"), ("sdxl", "sd1")])
+def test_other_family_eraser_refused_in_comfyui(comfy, comfy_xl, eraser_family, model_family):
+    """What Apply Eraser Stack calls in both modes (the batch path's weight patches, the per-row path)."""
+    from conceptgate.adapters import reference_layout
+    from conceptgate.nodes import comfy_glue
+
+    model = meta_comfy_model(comfy, model_family)
+    assert comfy_glue.unet_layout(model).family == model_family
+    e = random_eraser(reference_layout(eraser_family), name=f"{eraser_family}_eraser")
+    e.source = f"{eraser_family}_eraser.safetensors"
+    stack = EraserStack().with_eraser(e)
+    for apply in (lambda: comfy_glue.weight_patched(model, stack, torch.tensor([1.0])),
+                  lambda: comfy_glue.row_gated(model, stack, comfy_xl["clip"])):
+        with pytest.raises(IncompatibleModelError) as err:
+            apply()
+        assert e.source in str(err.value) and f"base family {eraser_family}, model is {model_family}" in str(err.value)
+
+
+# ------------------------------------------------------------------ ComfyUI's executor
+
+@pytest.fixture(scope="module")
+def xl_eraser_dir(executor, layout, tmp_path_factory):
+    import folder_paths
+    from conceptgate.adapters import save_eraser
+    from tiny_models import tiny_unet
+
+    folder = tmp_path_factory.mktemp("conceptgate_sdxl")
+    save_eraser(random_eraser(layout, concepts=["red triangle"], seed=21, scale=0.3, name="xl_tri"),
+                folder / "xl_tri.safetensors")
+    sd1 = random_eraser(layout_from_diffusers_config(tiny_unet().config), concepts=["red triangle"], name="sd1_tri")
+    save_eraser(sd1, folder / "sd1_tri.safetensors")
+    folder_paths.add_model_folder_path("conceptgate", str(folder), is_default=True)
+    return folder
+
+
+def xl_graph(prompt="a red triangle", erase=True, mode="per-row", eraser="xl_tri.safetensors"):
+    from test_comfy_executor import graph
+
+    g = graph(prompt=prompt, erase=erase, mode=mode, key="xl")
+    g["ckpt"]["class_type"] = "CGTest_TinySDXLCheckpoint"
+    if erase:
+        g["load"]["inputs"]["eraser_name"] = eraser
+    return g
+
+
+@pytest.mark.parametrize("mode", ["per-row", "batch"])
+def test_weight_eraser_in_the_executor_on_sdxl(executor, xl_eraser_dir, mode):
+    """Apply Eraser Stack on the tiny SDXL checkpoint, stock KSampler: the target prompt changes, an
+    unrelated one is bit-identical (gate 0), per row and in batch mode."""
+    from test_comfy_executor import run as run_graph
+
+    base, _ = run_graph(executor, xl_graph(erase=False))
+    erased, outputs = run_graph(executor, xl_graph(mode=mode))
+    assert (erased - base).abs().max() > 1e-2
+    assert "xl_tri: gate 1.000" in outputs["apply"]["text"][0]
+    unrelated_base, _ = run_graph(executor, xl_graph(prompt="a green square", erase=False))
+    unrelated, outputs = run_graph(executor, xl_graph(prompt="a green square", mode=mode))
+    assert "xl_tri: gate 0.000" in outputs["apply"]["text"][0]
+    assert torch.equal(unrelated, unrelated_base)
+
+
+def test_sd1_layout_eraser_refused_in_the_executor_on_sdxl(executor, xl_eraser_dir):
+    """A tiny SD1.x-layout eraser on the tiny SDXL checkpoint stops the run with the file's name (both are
+    'custom' families, so the modules are what differ)."""
+    with pytest.raises(AssertionError, match="sd1_tri.safetensors.*not in this model"):
+        executor.run(xl_graph(eraser="sd1_tri.safetensors"))

@@ -74,7 +74,7 @@ def _load(name, rel):
 
 def _ours(name):
     return name.split(".")[0] in ROOTS or name == "conceptgate.extension" or name.startswith("conceptgate.extension.") \
-        or name == "conceptgate_webui"
+        or name in ("conceptgate_webui", "a1111_stub.forge_sampling")  # binds the stand-in modules at import
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """A test-only ComfyUI node pack (the pattern of ComfyUI's own tests/execution/testing_nodes).
 
 It provides what a real install gets from checkpoints on disk: a tiny SD1.x-family MODEL, CLIP
-and VAE built in-process with seeded random weights, and a node that hands the sampled latent
+and VAE (and a tiny SDXL-family one) built in-process with seeded random weights, and a node that hands the sampled latent
 back to the test.
 """
 
@@ -41,6 +41,28 @@ class TinyCheckpoint:
         return tiny_checkpoint(seed)
 
 
+_XL_MODELS: dict = {}
+
+
+def tiny_sdxl_checkpoint(seed: int):
+    """The tiny SDXL-architecture model (tiny_models.tiny_sdxl_pipeline) in ComfyUI's own SDXL classes."""
+    if seed not in _XL_MODELS:
+        from conceptgate.nodes import comfy_models
+
+        pipe = tiny_models.tiny_sdxl_pipeline(seed)
+        _XL_MODELS[seed] = (
+            comfy_models.unet_to_comfy(pipe.unet),
+            comfy_models.sdxl_text_encoders_to_comfy(pipe.text_encoder, pipe.text_encoder_2),
+            comfy_models.vae_to_comfy(pipe.vae),
+        )
+    return _XL_MODELS[seed]
+
+
+class TinySDXLCheckpoint(TinyCheckpoint):
+    def load(self, seed):
+        return tiny_sdxl_checkpoint(seed)
+
+
 class CaptureLatent:
     CATEGORY = "ConceptGateTests"
     FUNCTION = "capture"
@@ -72,5 +94,6 @@ class CaptureImage(CaptureLatent):
         return {}
 
 
-NODE_CLASS_MAPPINGS = {"CGTest_TinyCheckpoint": TinyCheckpoint, "CGTest_CaptureLatent": CaptureLatent,
+NODE_CLASS_MAPPINGS = {"CGTest_TinyCheckpoint": TinyCheckpoint, "CGTest_TinySDXLCheckpoint": TinySDXLCheckpoint,
+                       "CGTest_CaptureLatent": CaptureLatent,
                        "CGTest_CaptureImage": CaptureImage}

@@ -23,6 +23,11 @@ def unquote(text):
 def create_infotext(p, index=0):
     params = {"Steps": p.steps, "Seed": p.seed}
     params.update(p.extra_generation_params)
+    for key, value in list(params.items()):  # processing.create_infotext: lists per image, callables(**locals())
+        if isinstance(value, list):
+            params[key] = value[index]
+        elif callable(value):
+            params[key] = value(p=p, index=index)
     text = ", ".join(k if k == v else f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
     neg = f"\nNegative prompt: {p.all_negative_prompts[index]}" if p.all_negative_prompts[index] else ""
     return f"{p.all_prompts[index]}{neg}\n{text}".strip()

@@ -64,7 +64,8 @@ class Processed:
 
 class StableDiffusionProcessing:
     def __init__(self, prompt, negative_prompt="", batch_size=1, n_iter=1, steps=2, seed=0, cfg_scale=5.0, sd_model=None,
-                 scripts=None, script_args=(), enable_hr=False, hr_prompt=None, s_min_uncond=0.0):
+                 scripts=None, script_args=(), enable_hr=False, hr_prompt=None, s_min_uncond=0.0,
+                 init_latent=None, denoising_strength=0.75, mask=None):
         prompts = prompt if isinstance(prompt, list) else [prompt] * (batch_size * n_iter)
         self.prompt = prompts[0]
         self.all_prompts = prompts
@@ -79,6 +80,9 @@ class StableDiffusionProcessing:
         self.prompts = self.negative_prompts = self.hr_prompts = None
         self.denoisers = []
         self.sampled_unets = []
+        # img2img: the encoded init image [1 or B, 4, 8, 8], how much of the schedule runs, an inpainting mask
+        self.init_latent, self.denoising_strength, self.mask = init_latent, denoising_strength, mask
+        self.is_img2img = init_latent is not None
 
     def comment(self, text):
         self.comments[text] = 1
@@ -95,18 +99,44 @@ class StableDiffusionProcessing:
         if self.enable_hr:
             self.hr_c = get_multicond(self.sd_model, self.hr_prompts)
 
+    def _sigmas(self):
+        sigmas = torch.linspace(14.0, 1.0, self.steps + 1)
+        if self.is_img2img:  # img2img: the last part of the schedule, from the noised init image
+            t_enc = max(1, int(self.steps * self.denoising_strength))
+            sigmas = sigmas[-(t_enc + 1):]
+        return sigmas
+
+    def _start(self, x, sigmas):
+        if not self.is_img2img:
+            return x
+        return self.init_latent.expand_as(x) + x * sigmas[0]
+
+    def _set_mask(self, denoiser):
+        if self.mask is not None:
+            denoiser.mask, denoiser.nmask = self.mask, 1.0 - self.mask
+            denoiser.init_latent = self.init_latent
+
     def _sample(self, c, uc, x):
+        from a1111_stub.forge_sampling import ForgeCFGDenoiser, patched
+
+        sigmas = self._sigmas()
+        x = self._start(x, sigmas)
         if hasattr(self.sd_model, "forge_objects"):  # Forge: objects reset right before sampling
             self.sd_model.forge_objects.unet = self.sd_model.forge_objects_original_unet
             self.scripts.process_before_every_sampling(self, x=x, noise=x, c=c, uc=uc)
             unet = self.sd_model.forge_objects.unet
             self.sampled_unets.append(unet)
-            with torch.no_grad():  # the sampler calls the UNet (here once, unpatched: only so its forward hooks run)
-                unet.model.diffusion_model(x[:1], timesteps=torch.ones(1), context=(uc["crossattn"] if isinstance(uc, dict) else uc)[:1])
-            return x
-        denoiser = CFGDenoiser(InnerModel(self.sd_model), self, total_steps=self.steps)
+            denoiser = ForgeCFGDenoiser(self, unet, total_steps=len(sigmas) - 1)
+            self._set_mask(denoiser)
+            self.denoisers.append(denoiser)
+            with patched(unet), torch.no_grad():  # Forge merges the patches when the model loads
+                return self._loop(denoiser, x, sigmas, c, uc)
+        denoiser = CFGDenoiser(InnerModel(self.sd_model), self, total_steps=len(sigmas) - 1)
+        self._set_mask(denoiser)
         self.denoisers.append(denoiser)
-        sigmas = torch.linspace(14.0, 1.0, self.steps + 1)
+        return self._loop(denoiser, x, sigmas, c, uc)
+
+    def _loop(self, denoiser, x, sigmas, c, uc):
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             sigma = torch.full((x.shape[0],), float(s))
             denoised = denoiser.forward(x, sigma, uc, c, self.cfg_scale, s_min_uncond=self.s_min_uncond)

@@ -49,3 +49,29 @@ def cfg_denoiser_callback(params):
             fn(params)
         except Exception as e:
             REPORTED.append(("cfg_denoiser", e))
+
+
+class CFGDenoisedParams:
+    def __init__(self, x, sampling_step, total_sampling_steps, inner_model):
+        self.x, self.sampling_step, self.total_sampling_steps, self.inner_model = x, sampling_step, total_sampling_steps, inner_model
+
+
+class AfterCFGCallbackParams:
+    def __init__(self, x, sampling_step, total_sampling_steps):
+        self.x, self.sampling_step, self.total_sampling_steps = x, sampling_step, total_sampling_steps
+
+
+def cfg_denoised_callback(params):
+    for fn in callback_map["cfg_denoised"]:
+        try:
+            fn(params)
+        except Exception as e:
+            REPORTED.append(("cfg_denoised", e))
+
+
+def cfg_after_cfg_callback(params):
+    for fn in callback_map["cfg_after_cfg"]:
+        try:
+            fn(params)
+        except Exception as e:
+            REPORTED.append(("cfg_after_cfg", e))

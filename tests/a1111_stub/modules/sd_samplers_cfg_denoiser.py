@@ -1,9 +1,12 @@
 """Stand-in for modules.sd_samplers_cfg_denoiser.CFGDenoiser.forward: A1111's batch layout.
 
 cond rows (image i repeated once per AND part) first, uncond rows last; on_cfg_denoiser before the
-UNet; skipped uncond (s_min_uncond on odd steps, or skip_early_cond) drops the uncond rows and
-copies a fake uncond; batch_cond_uncond -> one call, otherwise chunks of batch_size; cond and
-uncond of different lengths -> cond chunks, then the uncond rows in one call; SDXL dict conds.
+UNet (its x / sigma / image_cond / text_cond / text_uncond are read back); skipped uncond (s_min_uncond
+on odd steps, or skip_early_cond) drops the last batch_size rows of x_in and combines with scale 1;
+pad_cond_uncond pads the shorter conditioning with empty chunks; batch_cond_uncond -> one call,
+otherwise chunks of batch_size; cond and uncond of different lengths -> cond chunks, then the uncond
+rows in one call; on_cfg_denoised with x_out (a fake uncond appended when skipped); combine_denoised
+over conds_list; mask blending (img2img inpainting) before on_cfg_after_cfg, whose x is the result.
 """
 import torch
 
@@ -26,12 +29,22 @@ def _len(cond):
     return (cond["crossattn"] if isinstance(cond, dict) else cond).shape[1]
 
 
+def _pad(cond, repeats, empty):
+    if isinstance(cond, dict):
+        cond = dict(cond)
+        cond["crossattn"] = _pad(cond["crossattn"], repeats, empty)
+        return cond
+    return torch.cat([cond, empty.repeat((cond.shape[0], repeats, 1))], 1)
+
+
 class CFGDenoiser:
     def __init__(self, inner_model, p=None, total_steps=1):
         self.inner_model = inner_model
         self.p = p
         self.step = 0
         self.total_steps = total_steps
+        self.mask = self.nmask = self.init_latent = None
+        self.mask_before_denoising = False
 
     def combine_denoised(self, x_out, conds_list, uncond, cond_scale):
         denoised_uncond = x_out[-uncond_rows(uncond):]
@@ -42,11 +55,13 @@ class CFGDenoiser:
         return denoised
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
-        conds_list, tensor = cond  # what prompt_parser.reconstruct_multicond_batch returns
+        conds_list, tensor = cond  # what prompt_parser.reconstruct_multicond_batch returns (a new object every step)
+        tensor = dict(tensor) if isinstance(tensor, dict) else tensor
+        uncond = dict(uncond) if isinstance(uncond, dict) else uncond
         batch_size = len(conds_list)
         repeats = [len(conds_list[i]) for i in range(batch_size)]
         if image_cond is None:
-            image_cond = torch.zeros(x.shape[0], 1, 1, 1)
+            image_cond = torch.zeros(x.shape[0], 5, 1, 1)
         if isinstance(uncond, dict):
             make_condition_dict = lambda c_crossattn, c_concat: {**c_crossattn, "c_concat": [c_concat]}
         else:
@@ -61,13 +76,21 @@ class CFGDenoiser:
         tensor, uncond = params.text_cond, params.text_uncond
 
         skip_uncond = False
-        if self.step % 2 and s_min_uncond > 0 and sigma[0] < s_min_uncond:
-            skip_uncond = True
         if shared.opts.data.get("skip_early_cond", 0) and self.step / self.total_steps <= shared.opts.skip_early_cond:
             skip_uncond = True
-        if skip_uncond:
-            x_in = x_in[:-batch_size]
-            sigma_in = sigma_in[:-batch_size]
+            x_in, sigma_in = x_in[:-batch_size], sigma_in[:-batch_size]
+        if self.step % 2 and s_min_uncond > 0 and sigma[0] < s_min_uncond:
+            skip_uncond = True
+            x_in, sigma_in = x_in[:-batch_size], sigma_in[:-batch_size]
+
+        if shared.opts.data.get("pad_cond_uncond", False) and _len(tensor) != _len(uncond):
+            empty = shared.sd_model.get_learned_conditioning([""])
+            empty = empty["crossattn"] if isinstance(empty, dict) else empty
+            n = (_len(tensor) - _len(uncond)) // empty.shape[1]
+            if n < 0:
+                tensor = _pad(tensor, -n, empty)
+            elif n > 0:
+                uncond = _pad(uncond, n, empty)
 
         if _len(tensor) == _len(uncond) or skip_uncond:
             cond_in = tensor if skip_uncond else catenate_conds([tensor, uncond])
@@ -94,9 +117,14 @@ class CFGDenoiser:
             fake_uncond = torch.cat([x_out[i:i + 1] for i in denoised_image_indexes])
             x_out = torch.cat([x_out, fake_uncond])
 
-        denoised = self.combine_denoised(x_out, conds_list, uncond, cond_scale)
+        script_callbacks.cfg_denoised_callback(script_callbacks.CFGDenoisedParams(x_out, self.step, self.total_steps, self.inner_model))
+        denoised = self.combine_denoised(x_out, conds_list, uncond, 1.0 if skip_uncond else cond_scale)
+        if self.mask is not None:
+            denoised = denoised * self.nmask + self.init_latent * self.mask
+        after = script_callbacks.AfterCFGCallbackParams(denoised, self.step, self.total_steps)
+        script_callbacks.cfg_after_cfg_callback(after)
         self.step += 1
-        return denoised
+        return after.x
 
 
 def uncond_rows(uncond):

@@ -24,3 +24,15 @@ class ModelPatcher:
                 p.add(k)
                 self.patches.setdefault(k, []).append((strength_patch, patches[k], strength_model))
         return list(p)
+
+    # the sampling hooks the glue uses (model_options, as the host keeps them)
+    def set_model_sampler_post_cfg_function(self, post_cfg_function, disable_cfg1_optimization=False):
+        self.model_options["sampler_post_cfg_function"] = self.model_options.get("sampler_post_cfg_function", []) + [post_cfg_function]
+        if disable_cfg1_optimization:
+            self.model_options["disable_cfg1_optimization"] = True
+
+    def set_model_unet_function_wrapper(self, unet_wrapper_function):
+        self.model_options["model_function_wrapper"] = unet_wrapper_function
+
+    def add_conditioning_modifier(self, modifier, ensure_uniqueness=False):  # UnetPatcher (both Forge lines)
+        self.model_options.setdefault("conditioning_modifiers", []).append(modifier)
