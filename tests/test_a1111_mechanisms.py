@@ -12,7 +12,6 @@ gives each image its own treatment (Forge weights: the strongest gate of the bat
 the infotext; presets and pasted infotext restore mixed stacks.
 """
 
-import copy
 import math
 import os
 import sys
@@ -24,7 +23,6 @@ import a1111_stub
 from conceptgate.adapters import EraserStack, GateSettings, save_eraser
 from conceptgate.adapters import geom as G
 from conceptgate.adapters.abo import abo_eraser, save_abo
-from conceptgate.adapters.synthetic import random_eraser
 from test_a1111_forge import ForgeHost
 from test_a1111_webui import Host, world  # noqa: F401  (module fixture)
 
@@ -271,7 +269,6 @@ def reference_forge(h, p, terms_of_image, cfg1=False):
     model = p.sampled_unets[0].model
     conds_list, cond_t = p.c
     uncond_t = p.uc
-    B = len(conds_list)
 
     def d(x, s, ctx):
         return model.apply_model(x[None], s[None], c_crossattn=ctx[None])[0]
