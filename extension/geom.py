@@ -136,6 +136,9 @@ class GeomTokens:
         """``uncond`` (the webui's ``text_uncond``: a tensor [B, L, D] or SDXL's dict) with the tokens appended
         to the rows whose gate fires; the same object when none fires."""
         on = self.firing(per_image)
+        if uncond is None:  # no negative this pass (Forge's hires pass at CFG 1): nothing to append to
+            self.applied = [[] for _ in on]
+            return uncond
         self.applied = on
         if not any(on):
             return uncond

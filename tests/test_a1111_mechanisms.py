@@ -67,6 +67,8 @@ class Spy:
 
 
 def _clone(c):
+    if c is None:
+        return None
     return {k: v.clone() for k, v in c.items()} if isinstance(c, dict) else c.clone()
 
 
@@ -433,6 +435,21 @@ def test_hires_pass_gets_its_own_gates(world, kinds, kind):
             first_unet, hires_unet = p.sampled_unets
             assert "sampler_post_cfg_function" not in first_unet.model_options
             assert len(hires_unet.model_options["sampler_post_cfg_function"]) == 1
+
+
+@pytest.mark.parametrize("kind", ["forge", "forge-legacy"])
+def test_forge_hires_pass_at_cfg_one_has_no_negative_to_extend(world, kinds, kind):
+    """Forge's hires pass at 'Hires CFG Scale' 1 (its API default) samples without a negative: the Geom tokens
+    have nothing to join (found in the real Forge: the extension stopped such generations); All-but-One runs
+    with w = 1."""
+    with a1111_stub.installed(kind) as processing:
+        h = host_for(kind, world, processing)
+        spy = Spy(sys.modules["modules.script_callbacks"])
+        p, processed = h.run(["a green square"], args("wm:1, abo_tri:1", "always"), enable_hr=True,
+                             hr_prompt=["a red triangle with a watermark"], hr_cfg=1.0)
+        assert len(processed.images) == 1 and len(spy.denoiser) == 4
+        assert all(u is None for *_, u in spy.denoiser[2:])
+        assert p.sampled_unets[1].model_options["sampler_post_cfg_function"]
 
 
 @pytest.mark.parametrize("kind", HOSTS)

@@ -35,6 +35,8 @@ COND, UNCOND = 0, 1
 
 
 def compile_conditions(cond):
+    if cond is None:  # Forge's hires pass at CFG 1 has no negative
+        return None
     if isinstance(cond, dict):
         return [{"cross_attn": cond["crossattn"], "model_conds": {"c_crossattn": cond["crossattn"], "y": cond.get("vector")}}]
     return [{"cross_attn": cond, "model_conds": {"c_crossattn": cond}}]

@@ -65,7 +65,7 @@ class Processed:
 class StableDiffusionProcessing:
     def __init__(self, prompt, negative_prompt="", batch_size=1, n_iter=1, steps=2, seed=0, cfg_scale=5.0, sd_model=None,
                  scripts=None, script_args=(), enable_hr=False, hr_prompt=None, s_min_uncond=0.0,
-                 init_latent=None, denoising_strength=0.75, mask=None):
+                 init_latent=None, denoising_strength=0.75, mask=None, hr_cfg=None):
         prompts = prompt if isinstance(prompt, list) else [prompt] * (batch_size * n_iter)
         self.prompt = prompts[0]
         self.all_prompts = prompts
@@ -83,6 +83,7 @@ class StableDiffusionProcessing:
         # img2img: the encoded init image [1 or B, 4, 8, 8], how much of the schedule runs, an inpainting mask
         self.init_latent, self.denoising_strength, self.mask = init_latent, denoising_strength, mask
         self.is_img2img = init_latent is not None
+        self.hr_cfg = hr_cfg  # Forge: the hires pass's CFG scale; at 1 it has no negative (hr_uc None)
 
     def comment(self, text):
         self.comments[text] = 1
@@ -137,9 +138,10 @@ class StableDiffusionProcessing:
         return self._loop(denoiser, x, sigmas, c, uc)
 
     def _loop(self, denoiser, x, sigmas, c, uc):
+        scale = self.hr_cfg if self.is_hr_pass and self.hr_cfg is not None else self.cfg_scale
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             sigma = torch.full((x.shape[0],), float(s))
-            denoised = denoiser.forward(x, sigma, uc, c, self.cfg_scale, s_min_uncond=self.s_min_uncond)
+            denoised = denoiser.forward(x, sigma, uc, c, scale, s_min_uncond=self.s_min_uncond)
             x = x + (x - denoised) / s * (s_next - s)
         return x
 
@@ -151,7 +153,8 @@ class StableDiffusionProcessing:
             self.is_hr_pass = True
             if self.hr_extra_network_data != self.extra_network_data:
                 extra_networks.activate(self, self.hr_extra_network_data)
-            x = self._sample(self.hr_c, self.uc, x)
+            hr_uc = None if hasattr(self.sd_model, "forge_objects") and self.hr_cfg == 1.0 else self.uc
+            x = self._sample(self.hr_c, hr_uc, x)
             self.is_hr_pass = False
         return x
 
