@@ -75,10 +75,15 @@ def stock_graph(prompt="a red triangle", key="out"):
 
 
 def _weights_fingerprint():
+    """The tiny checkpoint's weights as the user loaded them: ComfyUI patches a loaded model's weights in
+    place (LoRAs, batch-mode erasers of earlier tests) and restores its backup on unload, so unload first."""
     import sys
 
+    import comfy.model_management
     import nodes
     from conceptgate.adapters.fingerprint import weights_fingerprint
+
+    comfy.model_management.unload_all_models()
 
     pack = sys.modules[nodes.NODE_CLASS_MAPPINGS["CGTest_TinyCheckpoint"].__module__]
     return weights_fingerprint(pack.tiny_checkpoint(0)[0].model.diffusion_model.state_dict())
