@@ -56,6 +56,9 @@ def on_ui_settings():
     shared.opts.add_option(OPTION, shared.OptionInfo(
         "", "ConceptGate eraser folder (empty: models/conceptgate; point it at ComfyUI's models/conceptgate to share files)",
         section=("conceptgate", "ConceptGate")))
+    shared.opts.add_option("conceptgate_forge_per_row", shared.OptionInfo(
+        False, "Forge: apply weight erasers per image of a batch (forward hooks, each image its own gate) instead of "
+               "Forge's LoRA merge at the batch's strongest gate", section=("conceptgate", "ConceptGate")))
     shared.opts.add_option("conceptgate_allow_other_base", shared.OptionInfo(
         False, "Apply UCE/RECE edit files to models other than the one they were solved on (an approximation; "
                "refused by default)", section=("conceptgate", "ConceptGate")))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.hooks import combined_deltas
+from ..adapters.hooks import RowGatedDeltas, combined_deltas
 from ..adapters.files import kohya_tensors
 
 from ..adapters.errors import IncompatibleModelError
@@ -126,6 +126,77 @@ def batch_gates(stack: EraserStack, sd_model, prompts, banks: BankCache | None =
     per_image = image_coefficients(coeffs, image_of_row, len(prompts))
     batch = image_coefficients(per_image, [0] * len(prompts), 1)[0]
     for row, entry in zip(report.rows, stack.entries):
-        if entry.gate.cond_only and entry.eraser.kind == "weight":
+        if entry.gate.cond_only and entry.eraser.kind == "weight" and not per_row_enabled():
             row["detail"] = (row["detail"] + "; " if row["detail"] else "") + "cond_only not possible with Forge weight patches"
     return BatchGates(batch, report, per_image, encoded, image_of_row, encoder.tokens_known)
+
+
+PER_ROW_OPTION = "conceptgate_forge_per_row"
+COND = 0
+
+
+def per_row_enabled() -> bool:
+    try:
+        from modules import shared
+
+        return bool(getattr(shared.opts, PER_ROW_OPTION, False))
+    except (ImportError, AttributeError):
+        return False
+
+
+class ForgeRowHooks:
+    """Weight erasers per image on Forge (opt-in, setting ``conceptgate_forge_per_row``): forward hooks on the
+    UNet's modules instead of Forge's LoRA merge, as in A1111, so each image of a batch carries its own gate.
+
+    Forge calls its UNet on chunks of ``B`` rows and passes ``transformer_options["cond_or_uncond"]`` (0: a
+    conditional chunk, 1: the unconditional one) to the diffusion model, so a forward pre-hook gives row ``i``
+    of a conditional chunk image ``i``'s coefficients (its strongest AND part: Forge's chunks do not say which
+    AND part they hold) and of the unconditional chunk the same, or 0 for ``cond_only`` entries (which this
+    path can honour). All-but-One's extra chunks are marked conditional and carry their image's. The modules
+    are shared by every clone of the patcher: the hooks are removed when the generation ends."""
+
+    def __init__(self, stack: EraserStack, dm):
+        self.stack, self.dm = stack, dm
+        layout, names = ldm.module_map(dm)
+        ldm.check_fits(stack, layout, names, dm)
+        self.hooks = RowGatedDeltas(stack, lambda n: dm.get_submodule(names[n]))
+        self.cond_rows: torch.Tensor | None = None
+        self.uncond_rows: torch.Tensor | None = None
+        self._pre = None
+        self.calls = 0
+
+    def attach(self) -> "ForgeRowHooks":
+        self.hooks.attach()
+        if self._pre is None:
+            self._pre = self.dm.register_forward_pre_hook(self._call, with_kwargs=True)
+        return self
+
+    def detach(self):
+        self.hooks.detach()
+        self.hooks.set_coefficients(None)
+        if self._pre is not None:
+            self._pre.remove()
+            self._pre = None
+
+    def set_gates(self, per_image: torch.Tensor):
+        self.cond_rows = per_image.clone()
+        self.uncond_rows = per_image.clone()
+        for j, entry in enumerate(self.stack.entries):
+            if entry.gate.cond_only:
+                self.uncond_rows[:, j] = 0.0
+
+    def _call(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("x")
+        if self.cond_rows is None or x is None:
+            self.hooks.set_coefficients(None)
+            return None
+        B = self.cond_rows.shape[0]
+        cou = list((kwargs.get("transformer_options") or {}).get("cond_or_uncond") or [])
+        if x.shape[0] != len(cou) * B:
+            if x.shape[0] % B:
+                raise RuntimeError(f"ConceptGate: a Forge UNet call of {x.shape[0]} rows does not fit a batch of {B} "
+                                   "images; per-row weights cannot tell which image a row belongs to")
+            cou = [COND] * (x.shape[0] // B)  # no chunk marks (another extension's call): prompt gates
+        self.hooks.set_coefficients(torch.cat([self.cond_rows if c == COND else self.uncond_rows for c in cou]))
+        self.calls += 1
+        return None

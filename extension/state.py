@@ -108,6 +108,7 @@ class GenerationState:
         self._stacks: dict[tuple, EraserStack] = {}
         self.stack: EraserStack | None = None
         self.runtime = None  # A1111Runtime
+        self.forge_rows = None  # forge.ForgeRowHooks (opt-in per-row weights on Forge)
         self.report: GateReport | None = None
         self.image_gates: torch.Tensor | None = None
         self.forge_files: list[str] = []
@@ -221,6 +222,9 @@ class GenerationState:
         if self.runtime is not None:
             self.runtime.detach()
             self.runtime = None
+        if self.forge_rows is not None:
+            self.forge_rows.detach()
+            self.forge_rows = None
 
     # ------------------------------------------------------------- Forge
     def forge_before_sampling(self, p):
@@ -244,9 +248,19 @@ class GenerationState:
             self._forge[key] = (stack, GeomTokens(stack, sd_model), ForgeGuidance(stack, sd_model))
         _, geom, guidance = self._forge[key]
         unet = sd_model.forge_objects.unet
-        if any(e.enabled for _, e in stack.weight_entries):
+        per_row = forge.per_row_enabled() and any(e.enabled for _, e in stack.weight_entries)
+        if per_row:  # opt-in: hooks on the shared modules, each image its own gate (removed in postprocess)
+            dm = unet.model.diffusion_model
+            if self.forge_rows is None or self.forge_rows.stack is not stack or self.forge_rows.dm is not dm:
+                self.release()
+                self.forge_rows = forge.ForgeRowHooks(stack, dm).attach()
+            self.forge_rows.set_gates(gates.per_image)
+            unet, files = unet.clone(), []
+        elif any(e.enabled for _, e in stack.weight_entries):
+            self.release()
             unet, files = forge.patch_unet(unet, stack, gates.batch, self.host)
         else:
+            self.release()
             unet, files = unet.clone(), []
         terms = [[] for _ in prompts]
         if guidance:
@@ -259,7 +273,7 @@ class GenerationState:
             self.forge_geom, self.forge_per_image = geom, gates.per_image
             geom.applied = geom.firing(gates.per_image)
         applied = gates.per_image.clone()  # what each image got: weight erasers share the batch's strongest gate
-        for i, _ in stack.weight_entries:
+        for i, _ in ([] if per_row else stack.weight_entries):
             applied[:, i] = gates.batch[i]
         if self.report is None or not hr:
             self.report = gates.report

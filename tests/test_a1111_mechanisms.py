@@ -465,3 +465,27 @@ def test_img2img_with_every_kind(world, kinds, kind):
             not torch.allclose(a, b, atol=1e-3) for a, b in zip(plain.images, out.images))
         for info in out.infotexts:
             assert _field(info, "ConceptGate Geom") == "wm" and _field(info, "ConceptGate All-but-One") == "abo_tri:triangle>square"
+
+
+@pytest.mark.parametrize("kind", ["forge", "forge-legacy"])
+@torch.no_grad()
+def test_forge_per_row_weights_give_each_image_its_own_gate(world, kinds, kind):
+    """Opt-in (setting conceptgate_forge_per_row): weight erasers as per-row hooks on Forge, so a batch of 4
+    mixing target and unrelated prompts gives each image the weights its prompt alone would get."""
+    a = args("tri:1, wm:1, abo_tri:0.8", "tokens")
+    with a1111_stub.installed(kind) as processing:
+        h = host_for(kind, world, processing)
+        # reference for image i: a batch of 4 copies of its prompt (the same noise), patched at its own gate
+        singles = [h.run([prompt] * 4, a, batch_size=4)[1].images[i] for i, prompt in enumerate(MIXED)]
+        _, plain = h.run(MIXED, [False, "", "None", "additive", "tokens", False], batch_size=4)
+        h.shared.opts.conceptgate_forge_per_row = True
+        p, out = h.run(MIXED, a, batch_size=4)
+        assert not p.sampled_unets[0].lora_patches if kind == "forge" else not p.sampled_unets[0].patches
+        for i, (tri, geom, abo) in enumerate(MIXED_WANT):
+            gates = dict((n, g) for n, _, g in __import__("conceptgate.extension.params", fromlist=["x"]).parse_used(
+                _field(out.infotexts[i], "ConceptGate")))
+            assert gates["tri"] == f"{tri:.3f}", out.infotexts[i]
+            assert torch.allclose(out.images[i], singles[i], atol=1e-3), (i, (out.images[i] - singles[i]).abs().max())
+        assert torch.allclose(out.images[1], plain.images[1], atol=1e-4)  # the unrelated image is untouched
+        dm = h.sd_model.forge_objects.unet.model.diffusion_model
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in dm.modules())  # removed afterwards
