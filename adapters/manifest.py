@@ -85,22 +85,29 @@ def write_manifest(stack: EraserStack, path) -> dict:
     return manifest
 
 
-def parse_manifest(path, text: str) -> dict:
-    """The manifest's JSON, checked for shape (not for files); raises :class:`ManifestError`."""
+def versioned_json(path, text: str, error, what: str, version_key: str, version: int, fields) -> dict:
+    """A ConceptGate JSON file's top object (a stack manifest, an operator policy), checked for finite
+    numbers, depth, its version key and unknown fields; every problem is ``error(path, message)``."""
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        raise ManifestError(path, "not a usable stack manifest: nested too deeply") from None
+        raise error(path, f"not a usable {what}: nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, NaN/Infinity, over-long integers
-        raise ManifestError(path, f"not a JSON stack manifest: {str(e)[:200]}") from None
+        raise error(path, f"not a JSON {what}: {str(e)[:200]}") from None
     if not isinstance(data, dict):
-        raise ManifestError(path, f"not a ConceptGate stack manifest: a JSON {type(data).__name__}, not an object")
-    version = data.get("conceptgate_stack")
-    if isinstance(version, bool) or version != MANIFEST_VERSION:
-        raise ManifestError(path, f"not a ConceptGate stack manifest (needs 'conceptgate_stack': {MANIFEST_VERSION})")
-    unknown = [k for k in data if k not in TOP_FIELDS]
+        raise error(path, f"not a ConceptGate {what}: a JSON {type(data).__name__}, not an object")
+    found = data.get(version_key)
+    if isinstance(found, bool) or found != version:
+        raise error(path, f"not a ConceptGate {what} (needs '{version_key}': {version})")
+    unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ManifestError(path, f"unknown field {str(unknown[0])[:60]!r} (known: {', '.join(TOP_FIELDS)})")
+        raise error(path, f"unknown field {str(unknown[0])[:60]!r} (known: {', '.join(fields)})")
+    return data
+
+
+def parse_manifest(path, text: str) -> dict:
+    """The manifest's JSON, checked for shape (not for files); raises :class:`ManifestError`."""
+    data = versioned_json(path, text, ManifestError, "stack manifest", "conceptgate_stack", MANIFEST_VERSION, TOP_FIELDS)
     combine = data.get("combine", "additive")
     if not isinstance(combine, str) or combine not in COMBINE_MODES:
         raise ManifestError(path, f"combine: must be one of {', '.join(COMBINE_MODES)}, got {str(combine)[:40]!r}")

@@ -27,14 +27,13 @@ takes effect at the next generation.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, replace
 
 from .errors import EraserFileError
 from .files import sha256_file
-from .manifest import MAX_ENTRIES, MAX_MANIFEST_BYTES, ManifestError, _check_entry, _load_entry, _reject_constant
+from .manifest import MAX_ENTRIES, MAX_MANIFEST_BYTES, ManifestError, _check_entry, _load_entry, versioned_json
 from .stack import EraserStack, StackEntry
 
 POLICY_VERSION = 1
@@ -117,20 +116,7 @@ def read_policy(path, search_dirs=()) -> Policy:
         raise PolicyError(path, "not a JSON policy (not UTF-8 text)") from None
     except OSError as e:
         raise PolicyError(path, f"policy cannot be read ({e.strerror or e})") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise PolicyError(path, "not a usable policy: nested too deeply") from None
-    except ValueError as e:
-        raise PolicyError(path, f"not a JSON policy: {str(e)[:200]}") from None
-    if not isinstance(data, dict):
-        raise PolicyError(path, f"not a ConceptGate policy: a JSON {type(data).__name__}, not an object")
-    version = data.get("conceptgate_policy")
-    if isinstance(version, bool) or version != POLICY_VERSION:
-        raise PolicyError(path, f"not a ConceptGate policy (needs 'conceptgate_policy': {POLICY_VERSION})")
-    unknown = [k for k in data if k not in TOP_FIELDS]
-    if unknown:
-        raise PolicyError(path, f"unknown field {str(unknown[0])[:60]!r} (known: {', '.join(TOP_FIELDS)})")
+    data = versioned_json(path, text, PolicyError, "policy", "conceptgate_policy", POLICY_VERSION, TOP_FIELDS)
     base = os.path.dirname(path)
     dirs = data.get("search_dirs", [])
     if not isinstance(dirs, list) or not all(isinstance(d, str) and d.strip() and "\x00" not in d for d in dirs):
