@@ -58,6 +58,7 @@ ALL_IDS_KEY = "conceptgate_window_ids_all"  # token ids of every 77-token window
 _ORIGINALS: dict = {}
 _POLICIES = PolicyCache()
 _STATE = threading.local()
+_BANKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # CLIP -> BankCache of the locked erasers
 
 
 def policy_path() -> str | None:
@@ -128,16 +129,18 @@ class LockRuntime(comfy_glue.RowGateRuntime):
         self.hooks = comfy_glue.RowGatedDeltas(stack, lambda n: diffusion.get_submodule(names[n]))
         self.by_uuid = {}
         self.report_sink = None
-        self._banks: dict[int, tuple] = {}
         self.full = torch.tensor([e.strength for e in stack.entries], dtype=torch.float32)
         self._uncond = self.full.clone()
         self.reports: list[str] = []
 
-    def _banks_for(self, clip) -> BankCache:
-        key = id(clip)
-        if key not in self._banks or self._banks[key][0]() is not clip:
-            self._banks[key] = (weakref.ref(clip), BankCache(comfy_glue.ComfyTextEncoder(clip)))
-        return self._banks[key][1]
+    @staticmethod
+    def _banks_for(clip) -> BankCache:
+        # one cache per CLIP for the server's life, not per image: concept encodings and a recalibration
+        # for this encoder (1,200 prompts) are done once
+        banks = _BANKS.get(clip)
+        if banks is None:
+            banks = _BANKS[clip] = BankCache(comfy_glue.ComfyTextEncoder(clip))
+        return banks
 
     def _gate(self, cond: dict) -> torch.Tensor:
         ctx = cond.get("cross_attn")
