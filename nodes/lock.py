@@ -212,16 +212,50 @@ class LockRuntime(comfy_glue.RowGateRuntime):
             return executor(*args, **kwargs)
 
 
-def locked_model(patcher, model_options: dict, policy):
-    """(a clone of ``patcher`` carrying the lock's hooks, ``model_options`` with the lock's wrappers)."""
-    stack = policy.stack
-    bad = [e for e in stack.entries if e.eraser.kind != "weight"]
-    if bad:
-        e = bad[0]
-        raise PolicyError(e.eraser.source or e.eraser.name, f"a locked {e.eraser.kind} eraser ({e.eraser.method}): "
-                          "the ComfyUI lock applies weight erasers (SPM, UCE/RECE, All-but-One adapter) in this "
-                          "version; no image is made")
-    stack = comfy_glue.check_fits(patcher, stack)  # IncompatibleModelError names the file and the model
+def _trusted(cond: dict) -> bool:
+    """The conditioning is, bit for bit, what a recording text encode returned, and one window long."""
+    ctx = cond.get("cross_attn")
+    ref = cond.get(CLIP_REF_KEY)
+    return (ctx is not None and getattr(ref, "conceptgate_clip_ref", False) and ref() is not None
+            and bool(cond.get(ALL_IDS_KEY)) and ctx.shape[1] <= WINDOW and cond.get(DIGEST_KEY) == digest(ctx))
+
+
+def _recorded_clip(conds):
+    for c in conds or ():
+        ref = c.get(CLIP_REF_KEY)
+        if getattr(ref, "conceptgate_clip_ref", False) and ref() is not None:
+            return ref()
+    return None
+
+
+def _lock_abo(stack, clip):
+    """All-but-One runtime for the locked guidance erasers: a conditioning it cannot trust (see
+    :func:`_trusted`) gets the erasers at full strength (the ``always`` rule) instead of its gate."""
+    from dataclasses import replace
+
+    from ..adapters.gate import GateSettings
+    from .nodes_abo import AboRuntime
+
+    class LockAboRuntime(AboRuntime):
+        def terms_for(self, positive):
+            if positive and not all(_trusted(c) for c in positive):
+                gated, self.stack = self.stack, self.always
+                try:
+                    return super().terms_for(positive)
+                finally:
+                    self.stack = gated
+            return super().terms_for(positive)
+
+    runtime = LockAboRuntime(stack, clip)
+    runtime.always = replace(stack, entries=tuple(replace(e, gate=GateSettings(rule="always")) for e in stack.entries))
+    return runtime
+
+
+def locked_model(patcher, model_options: dict, policy, conds: dict | None = None):
+    """(a clone of ``patcher`` carrying the lock's hooks, ``model_options`` with the lock's wrappers, the
+    runtime, replacement conditionings or None): weight erasers per row; All-but-One guidance rows in the
+    CFG batch; Geom-Erasing tokens appended to the negative when their gate fires on the positive."""
+    stack = comfy_glue.check_fits(patcher, policy.stack)  # IncompatibleModelError names the file and the model
     m = patcher.clone()
     runtime = LockRuntime(m, stack)
     options = comfy.model_patcher.create_model_options_clone(model_options)
@@ -230,22 +264,60 @@ def locked_model(patcher, model_options: dict, policy):
         comfy.patcher_extension.add_wrapper_with_key(kind, LOCK_KEY, fn, options, is_model_options=True)
     m.set_injections(LOCK_KEY, [comfy.patcher_extension.PatcherInjection(
         inject=lambda p: runtime.hooks.attach(), eject=lambda p: runtime.hooks.detach())])
-    return m, options, runtime
+    kinds = {e.eraser.kind for e in stack.entries}
+    new_conds = None
+    if kinds & {"guidance", "conditioning"}:
+        positive = (conds or {}).get("positive") or []
+        clip = _recorded_clip(positive)
+        if clip is None:
+            raise PolicyError(policy.path, "locked Geom-Erasing / All-but-One erasers need the prompt's CLIP, and this "
+                                           "positive prompt was not encoded by a text-encode node; no image is made")
+        if "guidance" in kinds:
+            abo = _lock_abo(stack, clip)
+
+            def abo_wrapper(executor, model_, conds_, x_in, timestep, model_options_):
+                return abo.calc_cond_batch_wrapper(executor, model_, conds_, x_in, timestep, model_options_)
+
+            def abo_post_cfg(args):
+                return abo.post_cfg(args)
+
+            comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH,
+                                                         LOCK_KEY + "_abo", abo_wrapper, options, is_model_options=True)
+            options["sampler_post_cfg_function"] = [abo_post_cfg] + list(options.get("sampler_post_cfg_function", []))
+        if "conditioning" in kinds:
+            negative = (conds or {}).get("negative")
+            if not negative:
+                raise PolicyError(policy.path, "a locked Geom-Erasing eraser acts through the negative prompt, and this "
+                                               "sampler has none (CFG 1 / BasicGuider); no image is made")
+            from .nodes_geom import encode_tokens
+
+            coeffs = torch.stack([runtime._gate(c) for c in positive]).max(0).values
+            for i, e in enumerate(stack.entries):
+                if e.eraser.kind == "conditioning" and float(coeffs[i]) >= 0.5:
+                    tokens = encode_tokens(clip, e.eraser)[0][0][0]
+                    negative = [dict(d, cross_attn=torch.cat(
+                        (d["cross_attn"], tokens.to(d["cross_attn"].device, d["cross_attn"].dtype).expand(
+                            d["cross_attn"].shape[0], -1, -1)), 1)) for d in negative]
+            new_conds = {"negative": negative}
+    return m, options, runtime, new_conds
 
 
 def _guider_sample(self, *args, **kwargs):
     policy = current_policy()  # PolicyError: ComfyUI shows it on the sampler node; no image
     if policy is None or getattr(_STATE, "depth", 0):
         return _ORIGINALS["sample"](self, *args, **kwargs)
-    patcher, options, runtime = locked_model(self.model_patcher, self.model_options, policy)
-    saved = self.model_patcher, self.model_options
+    patcher, options, runtime, new_conds = locked_model(self.model_patcher, self.model_options, policy,
+                                                        self.original_conds)
+    saved = self.model_patcher, self.model_options, self.original_conds
     self.model_patcher, self.model_options = patcher, options
+    if new_conds:
+        self.original_conds = dict(self.original_conds, **new_conds)
     _STATE.depth = getattr(_STATE, "depth", 0) + 1
     try:
         return _ORIGINALS["sample"](self, *args, **kwargs)
     finally:
         _STATE.depth -= 1
-        self.model_patcher, self.model_options = saved
+        self.model_patcher, self.model_options, self.original_conds = saved
         if runtime.reports:
             log.info("ConceptGate lock (%s): %s", policy.path, runtime.reports[0])
 

@@ -218,7 +218,7 @@ def test_concept_in_a_later_window_is_seen(executor, references, policy):
     assert (out - plain).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("fault", ["sha256", "missing", "malformed", "guidance", "misfit"])
+@pytest.mark.parametrize("fault", ["sha256", "missing", "malformed", "misfit"])
 def test_broken_policy_stops_every_generation(executor, references, monkeypatch, lock_dir, tmp_path, fault):
     entry = locked(lock_dir)
     if fault == "sha256":
@@ -228,15 +228,15 @@ def test_broken_policy_stops_every_generation(executor, references, monkeypatch,
     text = {"conceptgate_policy": 1, "locked": [entry]}
     if fault == "malformed":
         text["locked"] = [dict(entry, enabled=False)]
-    if fault in ("guidance", "misfit"):
-        name = "geom_watermark.safetensors" if fault == "guidance" else "spm_triangle.safetensors"
+    if fault == "misfit":
+        name = "spm_triangle.safetensors"
         text = {"conceptgate_policy": 1, "search_dirs": [str(ERASERS_DIR)],
                 "locked": [{"file": name, "sha256": sha256_file(os.path.join(ERASERS_DIR, name))}]}
     path = tmp_path / "policy.json"
     path.write_text(json.dumps(text))
     monkeypatch.setenv("CONCEPTGATE_POLICY", str(path))
     expected = {"sha256": "sha256 differs", "missing": "not found", "malformed": "enabled: not allowed",
-                "guidance": "lock applies weight erasers", "misfit": "module"}[fault]
+                "misfit": "module"}[fault]
     with pytest.raises(AssertionError, match=expected):
         run(executor, stock_graph())
 
@@ -298,3 +298,43 @@ def test_best_effort_entry_that_does_not_fit_is_skipped_and_said(executor, lock_
 def test_the_users_model_is_unchanged_after_every_run_and_fault(executor, references, base_weights):
     """Runs last in this file: every graph and fault above left the loaded model's weights as they were."""
     assert _weights_fingerprint() == base_weights
+
+
+def test_locked_geom_and_guidance_erasers_act_on_a_stock_graph(executor, monkeypatch, tmp_path):
+    """Every kind is lockable: a policy locking the toy world's Geom tokens and All-but-One guidance eraser
+    gives a stock graph (CLIPTextEncode, KSampler) exactly the result of our own node applying the same two
+    (no policy); an unrelated prompt gets the Geom tokens (rule always) but no guidance rows."""
+    from test_one_stack import ERASERS, _add, _base
+
+    def stock(prompt, key):
+        g = _base(prompt, key)
+        g["pos"]["class_type"] = "CLIPTextEncode"
+        return g
+
+    def ours(prompt, key):
+        g = _base(prompt, key)
+        g["l1"] = {"class_type": "ConceptGateLoadEraser", "inputs": {"eraser_name": "geom_watermark.safetensors", "concepts": ""}}
+        g["l2"] = {"class_type": "ConceptGateLoadEraser", "inputs": {"eraser_name": "abo_circle_to_square.safetensors", "concepts": ""}}
+        g["s1"] = _add(["l1", 0], "always")
+        g["s2"] = _add(["l2", 0], "tokens", ["s1", 0])
+        g["apply"] = {"class_type": "ConceptGateApplyStack", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "stack": ["s2", 0], "positive": ["pos", 0], "negative": ["neg", 0],
+            "mode": "per-row", "combine": "additive"}}
+        g["sampler"]["inputs"]["model"] = ["apply", 0]
+        g["sampler"]["inputs"]["negative"] = ["apply", 2]
+        return g
+
+    monkeypatch.setenv("CONCEPTGATE_POLICY", "")
+    prompt = "a blue circle in outlined style"
+    reference, _ = run(executor, ours(prompt, "lock_kinds_ref"))
+    plain, _ = run(executor, stock(prompt, "lock_kinds_plain"))
+    assert (reference - plain).abs().max() > 1e-2
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"conceptgate_policy": 1, "search_dirs": [ERASERS], "locked": [
+        {"file": "geom_watermark.safetensors", "sha256": sha256_file(os.path.join(ERASERS, "geom_watermark.safetensors")),
+         "gate": {"rule": "always"}},
+        {"file": "abo_circle_to_square.safetensors",
+         "sha256": sha256_file(os.path.join(ERASERS, "abo_circle_to_square.safetensors")), "gate": {"rule": "tokens"}}]}))
+    monkeypatch.setenv("CONCEPTGATE_POLICY", str(policy))
+    locked_out, _ = run(executor, stock(prompt, "lock_kinds"))
+    assert torch.allclose(locked_out, reference, atol=1e-4, rtol=1e-4), (locked_out - reference).abs().max()
