@@ -238,7 +238,10 @@ def _lock_abo(stack, clip):
 
     class LockAboRuntime(AboRuntime):
         def terms_for(self, positive):
-            if positive and not all(_trusted(c) for c in positive):
+            key = tuple(c.get("uuid") for c in positive or ())
+            if key not in self.trust:  # the digest once per conditioning, not at every step
+                self.trust[key] = all(_trusted(c) for c in positive or ())
+            if positive and not self.trust[key]:
                 gated, self.stack = self.stack, self.always
                 try:
                     return super().terms_for(positive)
@@ -247,6 +250,7 @@ def _lock_abo(stack, clip):
             return super().terms_for(positive)
 
     runtime = LockAboRuntime(stack, clip)
+    runtime.trust = {}  # uuids of a positive conditioning list -> trusted
     runtime.always = replace(stack, entries=tuple(replace(e, gate=GateSettings(rule="always")) for e in stack.entries))
     return runtime
 
@@ -324,7 +328,9 @@ def _guider_sample(self, *args, **kwargs):
 
 def _guarded_apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
     wrappers = (transformer_options or {}).get("wrappers", {})
-    if LOCK_KEY not in wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {}) and current_policy() is not None:
+    # every UNet call: only whether a policy is configured (a stat), not the policy itself, which the
+    # sampler wrapper has already read and checked
+    if LOCK_KEY not in wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {}) and policy_path() is not None:
         raise PolicyError(policy_path(), "this model was called outside ComfyUI's samplers, past the operator's "
                                          "ConceptGate lock; refused")
     return _ORIGINALS["apply_model"](self, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)

@@ -168,7 +168,8 @@ def test_lora_loaded_after_our_nodes(executor, references, lock_dir, monkeypatch
         assert torch.allclose(out, reference, atol=1e-5, rtol=0)
 
 
-def test_sampler_custom_advanced_is_erased(executor, references, policy):
+def sampler_custom_advanced_graph():
+    """The stock graph sampled by SamplerCustomAdvanced with a CFGGuider (also posted over HTTP)."""
     g = stock_graph()
     del g["sampler"]
     g.update({
@@ -180,6 +181,11 @@ def test_sampler_custom_advanced_is_erased(executor, references, policy):
         "sampler": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["noise", 0], "guider": ["guider", 0],
                     "sampler": ["ksel", 0], "sigmas": ["sig", 0], "latent_image": ["latent", 0]}},
     })
+    return g
+
+
+def test_sampler_custom_advanced_is_erased(executor, references, policy):
+    g = sampler_custom_advanced_graph()
     out, _ = run(executor, g)
     assert _is_erased(out, references)
 

@@ -24,7 +24,7 @@ from conceptgate.adapters.files import sha256_file
 from conceptgate.adapters.synthetic import random_eraser
 from comfy_host import REPO, comfyui_root
 from tiny_models import tiny_unet
-from test_lock_comfy import our_graph, stock_graph
+from test_lock_comfy import our_graph, sampler_custom_advanced_graph, stock_graph
 from test_comfy_executor import run
 
 pytestmark = pytest.mark.slow
@@ -154,18 +154,7 @@ def _bypass_graphs():
     second = our_graph(strength=0.0)
     second["ckpt2"] = {"class_type": "CGTest_TinyCheckpoint", "inputs": {"seed": 0}}
     second["sampler"]["inputs"]["model"] = ["ckpt2", 0]
-    custom = stock_graph()
-    del custom["sampler"]
-    custom.update({
-        "guider": {"class_type": "CFGGuider", "inputs": {"model": ["ckpt", 0], "positive": ["pos", 0],
-                                                          "negative": ["neg", 0], "cfg": 4.0}},
-        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
-        "ksel": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "sig": {"class_type": "BasicScheduler", "inputs": {"model": ["ckpt", 0], "scheduler": "normal", "steps": 3,
-                                                            "denoise": 1.0}},
-        "sampler": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["noise", 0], "guider": ["guider", 0],
-                    "sampler": ["ksel", 0], "sigmas": ["sig", 0], "latent_image": ["latent", 0]}},
-    })
+    custom = sampler_custom_advanced_graph()
     return {"stock": stock_graph(), "strength0": strength0, "disabled": disabled, "second_loader": second,
             "sampler_custom_advanced": custom}
 
