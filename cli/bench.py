@@ -80,6 +80,7 @@ HELP = {
     "gate": "fire rates of every gate rule on the toy world (keyword ... unrelated, length sweep, Ring-A-Bell "
             "vectors) into BENCHMARKS.md",
     "attack": "attack prompts against every toy eraser: base, default gate, always-on",
+    "trajectory": "would a generation-aware (trajectory) gate pay for itself? fire rates, AUC, cost (toy world)",
     "quality": "erasure quality on the toy world (UA/IRA/CRA, gates, judges) -> BENCHMARKS.md",
     "abo": "All-but-One guidance on the toy world: replacement, UA/IRA/CRA, layout, speed",
     "geom": "Geom-Erasing in the toy world: watermark rate, accuracy, Fréchet, cost",
@@ -89,6 +90,7 @@ BUILDERS = {
     "rece-attack": _add_rece_attack,
     "gate": _from_module("gate", "add_cli"),
     "attack": _from_module("attack", "add_cli"),
+    "trajectory": _from_module("trajectory", "add_cli"),
     "quality": _from_module("quality", "add_quality_cli"),
     "abo": _from_module("abo", "add_abo_cli"),
     "geom": _from_module("geom", "add_cli"),
