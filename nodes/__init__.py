@@ -19,7 +19,11 @@ register_host_bar(_comfy_bar)
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 for _module in (nodes_conceptgate, nodes_uce, nodes_toy, nodes_geom, nodes_abo):
-    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
-    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+    for _cls in getattr(_module, "NODES", ()):  # V3 nodes (io.ComfyNode): id and display name from the schema
+        _schema = _cls.GET_SCHEMA()
+        NODE_CLASS_MAPPINGS[_schema.node_id] = _cls
+        NODE_DISPLAY_NAME_MAPPINGS[_schema.node_id] = _schema.display_name
+    NODE_CLASS_MAPPINGS.update(getattr(_module, "NODE_CLASS_MAPPINGS", {}))  # V1 nodes
+    NODE_DISPLAY_NAME_MAPPINGS.update(getattr(_module, "NODE_DISPLAY_NAME_MAPPINGS", {}))
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

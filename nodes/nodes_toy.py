@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+from comfy_api.latest import io
+
+from .v3 import CATEGORY
+
 _LOADED: dict = {}
 
 
@@ -44,25 +48,29 @@ def _embedding_dirs():
         return None
 
 
-class ToyModelLoader:
-    DESCRIPTION = ("Loads ConceptGate's embedded toy world: a tiny, honestly trained Stable-Diffusion-architecture "
-                   "model (64x64 images of 8 shapes x 6 styles x 6 colours, with an uncaptioned watermark). Use it to "
-                   "try erasers in seconds on a CPU. Its VAE downsamples by 4: an Empty Latent Image of 128x128 "
-                   "gives 64x64 images.")
-    CATEGORY = "ConceptGate"
-    FUNCTION = "load"
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    OUTPUT_TOOLTIPS = ("The toy UNet (SD1.x family, 16x16x4 latents).",
-                       "The toy text encoder (CLIP BPE tokenizer, 128 wide): use with the stock CLIP Text Encode.",
-                       "The toy VAE (64x64 images <-> 16x16x4 latents).")
+class ToyModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGateToyModelLoader",
+            display_name="Load Toy Model (ConceptGate)",
+            category=CATEGORY,
+            description=("Loads ConceptGate's embedded toy world: a tiny, honestly trained Stable-Diffusion-architecture "
+                         "model (64x64 images of 8 shapes x 6 styles x 6 colours, with an uncaptioned watermark). Use it "
+                         "to try erasers in seconds on a CPU. Its VAE downsamples by 4: an Empty Latent Image of 128x128 "
+                         "gives 64x64 images."),
+            inputs=[],
+            outputs=[
+                io.Model.Output("model", display_name="MODEL", tooltip="The toy UNet (SD1.x family, 16x16x4 latents)."),
+                io.Clip.Output("clip", display_name="CLIP", tooltip="The toy text encoder (CLIP BPE tokenizer, 128 "
+                               "wide): use with the stock CLIP Text Encode."),
+                io.Vae.Output("vae", display_name="VAE", tooltip="The toy VAE (64x64 images <-> 16x16x4 latents)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    def load(self):
-        return load_toy_for_comfy()
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(*load_toy_for_comfy())
 
 
-NODE_CLASS_MAPPINGS = {"ConceptGateToyModelLoader": ToyModelLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"ConceptGateToyModelLoader": "Load Toy Model (ConceptGate)"}
+NODES = [ToyModelLoader]
