@@ -241,7 +241,8 @@ def _write(result: dict, json_path=None) -> None:
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("trajectory", help="would a generation-aware gate pay for itself? (toy world)")
+    p = sub.add_parser("trajectory", help="would a generation-aware (trajectory) gate pay for itself? fire rates, AUC, "
+                                           "cost (toy world)")
     p.add_argument("--concept", action="append", default=None, help="toy concepts (default: triangle, striped, star)")
     p.add_argument("--prompts", type=int, default=16, help="prompts per set")
     p.add_argument("--json", default=None)

@@ -36,7 +36,8 @@ def cmd_edit(args) -> int:
         preserve += read_lines(args.preserve_file)
     spec = EditSpec(method=args.method, concepts=tuple(args.concept), guide=args.guide, preserve=tuple(preserve),
                     concept_type=args.type, epochs=args.epochs, lam=args.lam, erase_scale=args.erase_scale,
-                    preserve_scale=args.preserve_scale, lam_reg=args.lam_reg, convention=args.convention)
+                    preserve_scale=args.preserve_scale, lam_reg=args.lam_reg, convention=args.convention,
+                    synonyms=tuple(args.synonym or ()), context=args.context)
     t0 = time.perf_counter()
     path = resolve_model_path(args.model)
     log(f"loading UNet and text encoder from {path}")
@@ -141,6 +142,13 @@ def add_cli(sub, path=None) -> None:
         q.add_argument("--preserve-scale", type=float, default=None, help="preserve weight a_p (default max(0.1, 1/n))")
         q.add_argument("--convention", default="aligned_tail", choices=("aligned_tail", "last_token"),
                        help="token vectors: old UCE/RECE (aligned_tail) or new UCE (last_token)")
+        q.add_argument("--synonym", action="append", default=None,
+                       help="another name of the concept, erased with it and named to its gate (repeatable; "
+                            "not in the paper)")
+        q.add_argument("--context", default="bare",
+                       help="erase the concept (and keep the preserve words) inside sentences too: 'generic' "
+                            "templates, 'toy' (the toy world's captions) or another registered context; 'bare' "
+                            "(default) is the published edit on the words alone")
         q.add_argument("--clip-skip", type=int, default=None, help="CLIP skip as diffusers counts it (default none)")
         q.add_argument("--name", default=None, help="eraser name")
         q.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="stored factor dtype")

@@ -54,20 +54,13 @@ import torch.nn.functional as F
 
 from ..eraser import Eraser
 from ..naming import layout_from_diffusers_config
-from ..registry import prompt_contexts
+from ..prompts import GENERIC_TEMPLATES, prompt_pairs  # noqa: F401  (re-exported)
 from ..spm import Membranes
 from ..training import CheckpointedTrainer, TrainResult  # noqa: F401  (TrainResult: re-exported)
 
 MODULE_SETS = ("attn2_kv", "attn2", "spm")
 CONTEXTS = ("toy", "generic", "bare")
 POOL_SOURCES = ("both", "erase")
-
-#: Templates for models other than the toy world ("{}" is the concept).
-GENERIC_TEMPLATES = (
-    "{}", "a {}", "a photo of a {}", "a picture of a {}", "a painting of a {}", "a drawing of a {}",
-    "an illustration of a {}", "a close-up photo of a {}", "a {} in the scene", "a detailed image of a {}",
-)
-
 
 # ----------------------------------------------------------------------------- configuration
 @dataclass
@@ -131,33 +124,6 @@ class ABOConfig:
         d = self.to_dict()
         d.pop("save_every")
         return d
-
-
-# ----------------------------------------------------------------------------- prompts
-def prompt_pairs(concept: str, alternative: str, context: str) -> list[tuple[str, str]]:
-    """(c_e, c_a) prompt pairs: the same template with the concept and with the alternative.
-
-    ``toy``: the toy world's caption templates (registered by ``conceptgate.toyworld``, see
-    :func:`conceptgate.toyworld.contexts.abo_prompt_pairs`); any other registered context
-    (:func:`~conceptgate.adapters.registry.register_prompt_context`); ``generic``:
-    :data:`GENERIC_TEMPLATES`; ``bare``: the concept alone. With an empty alternative ``c_a = ""``."""
-    if context == "bare":
-        pairs = [(concept, alternative)]
-    elif context == "generic":
-        pairs = [(t.format(concept), t.format(alternative) if alternative else "") for t in GENERIC_TEMPLATES]
-    else:
-        contexts = prompt_contexts()
-        if context not in contexts:
-            raise ValueError(f"the {context!r} context's prompts are not available here: known contexts are "
-                             f"{', '.join(sorted(set(contexts) | {'generic', 'bare'}))}")
-        pairs = contexts[context](concept, alternative)
-    out, seen = [], set()
-    for e, a in pairs:
-        a = a if alternative.strip() else ""
-        if e not in seen:
-            seen.add(e)
-            out.append((e, a))
-    return out
 
 
 # ----------------------------------------------------------------------------- the objective

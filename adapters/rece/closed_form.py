@@ -46,7 +46,8 @@ from .solve import (CLIP_BOS_TOKEN_ID, CLIP_EOS_TOKEN_ID, RECE_EDIT_DEFAULTS, RE
                     EditResult, PreserveGram, RECEResult, ReceTypeDefaults, VectorSet, apply_deltas,
                     default_preserve_scale, rece_defaults, stack_vector_sets, sum_deltas, uce_edit, uce_edit_vectors)
 from .text import (DEFAULT_ENCODING_CACHE, EncodingCache, aligned_tail_vectors, encode_texts, last_token_vectors,
-                   last_word_index, preserve_gram_from_prompts, rece_prompt_embeddings, uce_vectors)
+                   last_word_index, preserve_gram_from_prompts, rece_prompt_embeddings, span_aligned_vectors,
+                   uce_vectors)
 from .weights import collect_cross_attention_weights, cross_attention_shapes, random_cross_attention_weights
 
 __all__ = [
@@ -79,6 +80,7 @@ __all__ = [
     "last_word_index",
     "aligned_tail_vectors",
     "last_token_vectors",
+    "span_aligned_vectors",
     "uce_vectors",
     "preserve_gram_from_prompts",
     "rece_prompt_embeddings",

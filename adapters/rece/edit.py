@@ -48,6 +48,7 @@ import torch
 from . import closed_form as cf
 from ..eraser import Eraser
 from ..lowrank import ModuleDelta
+from ..prompts import prompt_pairs, sentence_pairs
 from .hosts import EditHost
 from .text import _convention
 
@@ -94,6 +95,12 @@ class EditSpec:
     rece_lam: float = 0.1
     rece_preserve_scale: float = 0.1
     convention: str = "aligned_tail"
+    #: ConceptGate's expansion (not in the papers, issue 17): more names of the concept (``synonyms``:
+    #: user-given), and a prompt context (:mod:`..prompts`: ``generic``, ``toy`` or another registered one)
+    #: whose sentences erase every name in context and keep every preserve word in context
+    #: (:func:`~.text.span_aligned_vectors`); ``()`` / ``""`` = the published edit
+    synonyms: tuple = ()
+    context: str = ""
 
     def __post_init__(self):
         method = str(self.method).lower()
@@ -106,6 +113,9 @@ class EditSpec:
             raise ValueError("no concept to erase")
         object.__setattr__(self, "concepts", concepts)
         object.__setattr__(self, "preserve", tuple(str(p) for p in self.preserve))
+        object.__setattr__(self, "synonyms", tuple(str(c) for c in self.synonyms if str(c).strip()
+                                                   and str(c) not in concepts))
+        object.__setattr__(self, "context", "" if self.context in (None, "bare") else str(self.context))
         cf.rece_defaults(self.concept_type)  # validates the type
 
     @property
@@ -123,6 +133,13 @@ class EditSpec:
                "concept_type": self.concept_type, "convention": _convention(self.convention),
                "uce": {"lam": float(self.lam), "erase_scale": float(self.erase_scale),
                        "preserve_scale": self.preserve_scale, "preserve": uce_preserve}}
+        if self.synonyms:
+            out["synonyms"] = list(self.synonyms)
+        if self.context:
+            out["context"] = self.context
+            # the preserve words in the context's sentences, kept like the bare words (all their tokens)
+            out["uce"]["preserve"] = uce_preserve + [e for p in self.preserve if p.strip()
+                                                     for e, _ in prompt_pairs(p, "", self.context)]
         if self.method == "rece":
             key = self.concept_type.lower()
             if td.preserve and all(p == " " for p in td.preserve):   # nudity / unsafe: ' ' once per concept
@@ -252,11 +269,13 @@ def compute_edit(host: EditHost, spec: EditSpec | None = None, *, cache: EditCac
     say(f"encoding {len(spec.concepts)} concept(s), guide {cfg['guide']!r}, "
         f"{len(cfg['uce']['preserve'])} UCE preserve prompt(s)")
     t1 = time.perf_counter()
-    vs = cf.uce_vectors(encode, list(spec.concepts), cfg["guide"], cfg["uce"]["preserve"], cfg["convention"],
-                        encoder_key=ekey)
+    names = list(spec.concepts) + list(spec.synonyms)
+    vs = cf.uce_vectors(encode, names, cfg["guide"], cfg["uce"]["preserve"], cfg["convention"], encoder_key=ekey)
+    if spec.context:
+        vs = _with_context(vs, encode, names, cfg["guide"], spec.context, ekey)
     rece_inputs = None
     if spec.method == "rece":
-        concept_emb, target_emb = cf.rece_prompt_embeddings(encode, list(spec.concepts), cfg["guide"], encoder_key=ekey)
+        concept_emb, target_emb = cf.rece_prompt_embeddings(encode, names, cfg["guide"], encoder_key=ekey)
         rpres = cfg["rece"]["preserve"]
         pg = cf.preserve_gram_from_prompts(encode, rpres, "aligned_tail", encoder_key=ekey) if rpres else None
         rece_inputs = (concept_emb, target_emb, pg)
@@ -303,6 +322,18 @@ def compute_edit(host: EditHost, spec: EditSpec | None = None, *, cache: EditCac
     return out
 
 
+def _with_context(vs, encode, names, guide: str, context: str, encoder_key):
+    """``vs`` plus every name in the context's sentences, each paired with the same sentence holding the
+    guide (span-aligned rows)."""
+    pairs = dict(pair for n in names for pair in sentence_pairs(n, guide.strip(), context))
+    erase, guides = list(pairs), list(pairs.values())
+    eh, ei, _ = cf.encode_texts(encode, erase, encoder_key=encoder_key)
+    gh, gi, _ = cf.encode_texts(encode, guides, encoder_key=encoder_key)
+    er, gr = cf.span_aligned_vectors(eh, ei, gh, gi)
+    return cf.VectorSet(torch.cat([vs.erase, er.to(vs.erase)]), torch.cat([vs.guide, gr.to(vs.guide)]), vs.preserve,
+                        vs.convention + "+templates", vs.n_erase_prompts + len(erase))
+
+
 def edit_to_eraser(result: cf.EditResult, spec: EditSpec, name: str | None = None,
                    store_dtype: torch.dtype = torch.float32) -> tuple[Eraser, dict]:
     """An :class:`Eraser` from an edit's exact construction factors (``alpha = rank``: scale 1).
@@ -330,7 +361,8 @@ def edit_to_eraser(result: cf.EditResult, spec: EditSpec, name: str | None = Non
         full_bytes += delta.numel() * elem
     cfg = spec.resolved()
     label = name or f"{spec.method}-" + "-".join(re.sub(r"[^a-z0-9]+", "_", c.lower()).strip("_") for c in spec.concepts)
-    eraser = Eraser(name=label[:80], kind="weight", concepts=list(spec.concepts), method=spec.method,
+    # synonyms are names of the concept: the gate fires on them too
+    eraser = Eraser(name=label[:80], kind="weight", concepts=list(spec.concepts) + list(spec.synonyms), method=spec.method,
                     modules=modules, settings=cfg)
     rank = max(d.rank for d in modules.values())
     return eraser, {"rank": rank, "rel_error_max": max(errs.values()), "rel_errors": errs,

@@ -202,6 +202,49 @@ def aligned_tail_vectors(erase_hidden, erase_ids, guide_hidden, guide_ids, *, er
     return torch.cat(er), torch.cat(gr)
 
 
+def span_aligned_vectors(erase_hidden, erase_ids, guide_hidden, guide_ids, *,
+                         eos_token_id: int = CLIP_EOS_TOKEN_ID):
+    """ConceptGate's templated convention (not in the UCE/RECE papers; issue 17): each erase prompt and its
+    guide prompt are the same sentence with the concept / the guide word in it ("a red triangle in striped
+    style" / "a red shape in striped style"). Rows are paired from the first token where the two differ: every
+    token of the concept's span onto the guide span's last token (onto the token before the span when the
+    guide is empty), then the rest (the later words, EoT and padding, which the causal text encoder computed
+    with the concept in view) position by position from the spans' ends, right-truncated to equal length.
+
+    Why: the published conventions take the concept as a bare word (its last token, EoT and padding); in a
+    sentence the concept's states are different vectors, and the words after it carry it too, so a bare-word
+    edit misses part of what a user's prompt feeds the cross-attention. Returns ``(erase_rows, guide_rows)``.
+    Pairs whose two prompts are identical contribute nothing."""
+    eh, ei, _ = _seq_args(erase_hidden, erase_ids, None, "erase")
+    gh, gi, _ = _seq_args(guide_hidden, guide_ids, None, "guide")
+    if eh.shape != gh.shape:
+        raise ValueError(f"erase {tuple(eh.shape)} and guide {tuple(gh.shape)} encodings do not align")
+    length = eh.shape[1]
+    er, gr = [], []
+    for b in range(eh.shape[0]):
+        te, tg = ei[b].tolist(), gi[b].tolist()
+        end_e = te.index(eos_token_id, 1) if eos_token_id in te[1:] else length - 1
+        end_g = tg.index(eos_token_id, 1) if eos_token_id in tg[1:] else length - 1
+        p = 0
+        while p < min(end_e, end_g) and te[p] == tg[p]:
+            p += 1
+        if te[:end_e + 1] == tg[:end_g + 1]:
+            continue
+        s = 0  # common suffix of the two sentences before EoT
+        while s < min(end_e, end_g) - p and te[end_e - 1 - s] == tg[end_g - 1 - s]:
+            s += 1
+        ne, ng = end_e - s - p, end_g - s - p
+        target = p + ng - 1 if ng > 0 else p - 1
+        er.append(eh[b, p:p + ne])
+        gr.append(gh[b, target].expand(ne, -1))
+        n = length - max(p + ne, p + ng)
+        er.append(eh[b, p + ne:p + ne + n])
+        gr.append(gh[b, p + ng:p + ng + n])
+    if not er:
+        raise ValueError("span_aligned_vectors: every erase prompt equals its guide prompt")
+    return torch.cat(er), torch.cat(gr)
+
+
 def last_token_vectors(hidden, token_ids, attention_mask=None, *,
                        eos_token_id: int = CLIP_EOS_TOKEN_ID) -> torch.Tensor:
     """New-UCE convention: one row per prompt, the last word token (BOS for ``''``)."""
