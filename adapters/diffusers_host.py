@@ -178,9 +178,29 @@ class GatedPipeline:
     * guidance erasers (All-but-One): the registry's guidance session adds their rows to the
       pipeline's CFG batch (one UNet call per step) and corrects the conditional prediction.
 
-    ``last_report`` / ``last_coefficients`` describe the last call."""
+    ``last_report`` / ``last_coefficients`` describe the last call.
 
-    def __init__(self, pipe, stack: EraserStack, clip_skip: int | None = None, allow_other_base: bool = False):
+    ``edited_states``: what the gate does with ``prompt_embeds`` that are not the prompt text's own
+    encoding (a prompt-weighting tool, an averaged or concatenated conditioning, an embedding-level attack
+    such as a Ring-A-Bell concept vector or an optimised soft prompt): ``"full"`` (the default: every
+    enabled eraser acts at full strength on that prompt, as the ComfyUI operator lock treats edited
+    conditioning: a gate that reads text cannot vouch for states that are not the text's; measured in
+    ``bench attack``) or ``"gate"`` (gate on the states as given; trusted callers that edit states on
+    purpose). A prompt counts as edited when its states differ from the encoding of its text by more than
+    :data:`EDITED_TOLERANCE` (relative Frobenius norm), which a pipeline's own half-precision encoding stays
+    well inside. ``last_edited`` says which prompts of the last call were."""
+
+    #: relative difference above which given prompt embeddings count as edited (half-precision round trips
+    #: of the same encoding differ by ~1e-3)
+    EDITED_TOLERANCE = 1e-2
+    EDITED_STATES = ("full", "gate")
+
+    def __init__(self, pipe, stack: EraserStack, clip_skip: int | None = None, allow_other_base: bool = False,
+                 edited_states: str = "full"):
+        if edited_states not in self.EDITED_STATES:
+            raise ValueError(f"edited_states must be one of {self.EDITED_STATES}, got {edited_states!r}")
+        self.edited_states = edited_states
+        self.last_edited: torch.Tensor | None = None
         self.pipe = pipe
         # checked now, so gates and hooks agree on the entries (a best-effort entry that cannot apply is out)
         self.stack = check_stack_fits(stack, pipe.unet, allow_other_base)
@@ -235,9 +255,29 @@ class GatedPipeline:
         """Gates of ``prompts``; with ``prompt_embeds`` (the states the UNet will get, e.g. edited by an
         embedding-level tool) the gate reads those states at the prompts' token positions."""
         enc = encoded if encoded is not None else self.encoder(prompts)
+        edited = torch.zeros(len(enc.tokens), dtype=torch.bool)
         if prompt_embeds is not None:
+            given = prompt_embeds.detach().float().cpu()
+            own = enc.hidden.detach().float().cpu()
+            if given.shape != own.shape:
+                raise ValueError(f"GatedPipeline: prompt_embeds {tuple(given.shape)} do not match the encoding of "
+                                 f"the {len(prompts)} prompt(s) {tuple(own.shape)}")
+            edited = (given - own).flatten(1).norm(dim=1) > self.EDITED_TOLERANCE * own.flatten(1).norm(dim=1)
             enc = EncodedText(prompt_embeds.float(), enc.tokens, enc.ids, enc.mask)
-        return self.stack.gates(enc, banks=self.banks)
+        self.last_edited = edited
+        coeffs, report = self.stack.gates(enc, banks=self.banks)
+        if self.edited_states == "full" and bool(edited.any()):
+            for i, e in enumerate(self.stack.entries):
+                if e.enabled:
+                    coeffs[edited, i] = e.strength
+            rows = ", ".join(str(int(k)) for k in edited.nonzero().flatten())
+            report.notes.append(f"prompt(s) {rows}: the given prompt_embeds are not the text's own encoding (edited "
+                                "states): every enabled eraser at full strength (edited_states='full')")
+            if bool(edited[0]):
+                for r in report.rows:
+                    if r["enabled"]:
+                        r["gate"], r["detail"] = 1.0, "edited states: full strength"
+        return coeffs, report
 
     def _conditioning_kwargs(self, prompts, coeffs, kwargs) -> dict:
         """Extra pipeline arguments of the enabled conditioning erasers (the registry's handlers)."""

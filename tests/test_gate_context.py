@@ -234,7 +234,8 @@ def test_fitting_works_inside_inference_mode():
 
 def test_gated_pipeline_reads_the_prompt_embeddings_it_is_given(encoder):
     """prompt_embeds equal to the prompts' own encoding give the same gates and images as the prompts; an
-    edited encoding (a concept vector added, the Ring-A-Bell attack) is what the gate reads."""
+    edited encoding (a concept vector added, the Ring-A-Bell attack) gets full strength by default, and with
+    edited_states='gate' is what the gate reads."""
     from conceptgate import toyworld as tw
     from conceptgate.adapters.diffusers_host import GatedPipeline
     from conceptgate.bench.gate import ring_a_bell_vector
@@ -251,7 +252,10 @@ def test_gated_pipeline_reads_the_prompt_embeddings_it_is_given(encoder):
         assert torch.equal(gated.last_coefficients, gates_text) and gates_text[:, 0].tolist() == [1.0, 0.0]
         attacked = embeds + 3.0 * ring_a_bell_vector(encoder, "triangle")
         gated(prompts, prompt_embeds=attacked, generator=torch.Generator().manual_seed(0), **kw)
-        assert gated.last_coefficients[1, 0] == 1.0   # the dog prompt now carries the concept: the gate fires
+        assert gated.last_coefficients[1, 0] == 1.0 and bool(gated.last_edited.all())  # edited: full strength
+    reading = GatedPipeline(pipe, stack, edited_states="gate")
+    coeffs, _ = reading.coefficients(prompts, attacked)
+    assert coeffs[1, 0] == 1.0   # the dog prompt now carries the concept: the gate on the states fires too
     assert torch.allclose(by_text, by_embeds, atol=1e-6)
 
 

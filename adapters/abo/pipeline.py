@@ -189,6 +189,12 @@ class AboSession:
 
     def active(self, prompts, encoded, guidance_scale: float):
         terms = guidance_terms(self.gated.stack, encoded, self.gated.banks)
+        edited = getattr(self.gated, "last_edited", None)
+        if getattr(self.gated, "edited_states", "gate") == "full" and edited is not None and bool(edited.any()):
+            # prompts whose given states are not their text's encoding: every ABO entry at full strength
+            entries = [e for _, e in abo_entries(self.gated.stack)]
+            full = terms_from_gates(entries, torch.ones(len(terms), len(entries)))
+            terms = [full[i] if bool(edited[i]) else t for i, t in enumerate(terms)]
         self.last_terms = terms
         texts = encode_texts(self.gated.encoder, terms, self._texts)
         pooled = encode_pooled(self.gated.encoder, texts, self._pooled)
