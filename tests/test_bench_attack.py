@@ -52,7 +52,8 @@ def _contains(seq, sub):
 def test_attack_names_and_conditions():
     assert A.ATTACKS == ("long", "synonym", "ring_a_bell_eta1", "ring_a_bell_eta2", "ring_a_bell_eta3", "concat",
                          "average", "negative_only", "soft_prompt", "soft_prompt_evasion")
-    assert list(A.CONDITIONS) == ["default_gate", "always_on"]
+    assert list(A.CONDITIONS) == ["default_gate", "states_read", "always_on"]
+    assert A._condition(A.CONDITIONS["states_read"])[2] == {"edited_states": "gate"}
     assert A.CONDITIONS["default_gate"][1] is None and A.CONDITIONS["always_on"][1].rule == "always"
 
 
@@ -194,9 +195,12 @@ def test_bench_attack_subset_returns_every_condition(pipe, monkeypatch, tmp_path
     assert 0.0 <= row["control_base"] <= 1.0
     assert list(row["attacks"]) == ["average", "negative_only", "soft_prompt_evasion"]
     for a in row["attacks"].values():
-        assert set(a["fired"]) == {"default_gate", "always_on", "cos"}
-        assert all(0.0 <= a[k] <= 1.0 for k in ("base", "default_gate", "always_on", "cos", "gate_fired"))
+        assert set(a["fired"]) == {"default_gate", "states_read", "always_on", "cos"}
+        assert all(0.0 <= a[k] <= 1.0 for k in ("base", "default_gate", "states_read", "always_on", "cos", "gate_fired"))
         assert a["images"] == 1 and a["fired"]["always_on"] == 1.0
+    # edited states (the average and the soft vectors) are forced to full strength by default, read otherwise
+    for name in ("average", "soft_prompt_evasion"):
+        assert row["attacks"][name]["fired"]["default_gate"] == 1.0
     info = row["attacks"]["soft_prompt_evasion"]["info"]
     assert info["loss_before"] > 0 and "norm_bound" in info
     # negative_only: the everyday prompt as the positive, the keyword prompt as the negative, every condition
