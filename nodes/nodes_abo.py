@@ -45,7 +45,8 @@ from ..adapters.gate import GateReport
 from ..adapters.gate import BankCache
 from ..adapters.stack import EraserStack
 from . import comfy_glue
-from .nodes_conceptgate import ERASER, FOLDER, STACK
+from .nodes_conceptgate import FOLDER
+from .v3 import ERASER, STACK
 
 log = logging.getLogger("conceptgate")
 KEY = "conceptgate_abo"

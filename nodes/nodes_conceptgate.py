@@ -15,18 +15,18 @@ import logging
 import os
 
 import folder_paths
+from comfy_api.latest import io
 
 from ..adapters.files import load_eraser
 from ..adapters.gate import DEFAULT_RULE, GateSettings
 from ..adapters.gate import RULES as GATE_RULES
 from ..adapters.stack import COMBINE_MODES, EraserStack
 from . import comfy_glue, lock
+from .v3 import CATEGORY, Choice, Eraser, Stack
 
 log = logging.getLogger("conceptgate")
 
 FOLDER = "conceptgate"
-ERASER = "CONCEPTGATE_ERASER"
-STACK = "CONCEPTGATE_STACK"
 MODES = ("per-row", "batch")
 
 
@@ -77,25 +77,30 @@ def cached_load(path: str, concepts: list[str] | None):
     return _CACHE[key]
 
 
-class LoadEraser:
-    DESCRIPTION = ("Loads an eraser file (ConceptGate, official SPM, or a kohya LoRA made by a ConceptGate "
-                   "command) and validates it. Files with problems stop here with a message naming the file.")
-    CATEGORY = "ConceptGate"
-    FUNCTION = "load"
-    RETURN_TYPES = (ERASER, "STRING")
-    RETURN_NAMES = ("eraser", "info")
-    OUTPUT_TOOLTIPS = ("The loaded eraser, to add to a stack.", "What the file contains.")
+class LoadEraser(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGateLoadEraser",
+            display_name="Load Eraser (ConceptGate)",
+            category=CATEGORY,
+            description=("Loads an eraser file (ConceptGate, official SPM, or a kohya LoRA made by a ConceptGate "
+                         "command) and validates it. Files with problems stop here with a message naming the file."),
+            inputs=[
+                Choice("eraser_name", options=eraser_files(),
+                       tooltip="A .safetensors file from models/conceptgate (or models/loras)."),
+                io.String.Input("concepts", default="", optional=True, tooltip="Comma-separated erased concepts. "
+                                "Needed only when the file does not name them (official SPM files without 'prompts'); "
+                                "overrides the file."),
+            ],
+            outputs=[
+                Eraser.Output("eraser", display_name="eraser", tooltip="The loaded eraser, to add to a stack."),
+                io.String.Output("info", display_name="info", tooltip="What the file contains."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "eraser_name": (eraser_files(), {"tooltip": "A .safetensors file from models/conceptgate (or models/loras)."}),
-        }, "optional": {
-            "concepts": ("STRING", {"default": "", "tooltip": "Comma-separated erased concepts. Needed only when the "
-                                    "file does not name them (official SPM files without 'prompts'); overrides the file."}),
-        }}
-
-    def load(self, eraser_name, concepts=""):
+    def execute(cls, eraser_name, concepts="") -> io.NodeOutput:
         override = [c.strip() for c in concepts.split(",") if c.strip()] or None
         eraser = cached_load(resolve_eraser_path(eraser_name), override)
         info = (f"{eraser.name}: {eraser.method} ({eraser.kind}), concepts {', '.join(eraser.concepts)}, "
@@ -103,116 +108,133 @@ class LoadEraser:
         policy = lock.current_policy()
         if policy is not None and policy.is_locked(eraser):
             info += " [locked by the operator: applied to every image on this server, whatever this graph says]"
-        return (eraser, info)
+        return io.NodeOutput(eraser, info)
 
 
 def manifest_files() -> list[str]:
     return [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(".json")]
 
 
-class LoadStack:
-    DESCRIPTION = ("Loads an eraser stack manifest (.json: eraser files pinned by sha256, with their toggles, "
-                   "strengths and gate settings; written by 'python -m conceptgate' or shared). Every kind of "
-                   "eraser; the same manifest loads as a webui preset and with EraserStack.from_manifest.")
-    CATEGORY = "ConceptGate"
-    FUNCTION = "load"
-    RETURN_TYPES = (STACK, "STRING")
-    RETURN_NAMES = ("stack", "info")
-    OUTPUT_TOOLTIPS = ("The stack, for Apply Eraser Stack (or Add to Eraser Stack to extend it).", "Its entries.")
+class LoadStack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGateLoadStack",
+            display_name="Load Eraser Stack (manifest)",
+            category=CATEGORY,
+            description=("Loads an eraser stack manifest (.json: eraser files pinned by sha256, with their toggles, "
+                         "strengths and gate settings; written by 'python -m conceptgate' or shared). Every kind of "
+                         "eraser; the same manifest loads as a webui preset and with EraserStack.from_manifest."),
+            inputs=[
+                Choice("manifest", options=manifest_files(), tooltip="A .json stack manifest from models/conceptgate. "
+                       "Its files are looked up next to it and in the eraser folders; a changed file (sha256) is refused."),
+            ],
+            outputs=[
+                Stack.Output("stack", display_name="stack",
+                             tooltip="The stack, for Apply Eraser Stack (or Add to Eraser Stack to extend it)."),
+                io.String.Output("info", display_name="info", tooltip="Its entries."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "manifest": (manifest_files(), {"tooltip": "A .json stack manifest from models/conceptgate. Its files are "
-                         "looked up next to it and in the eraser folders; a changed file (sha256) is refused."}),
-        }}
-
-    def load(self, manifest):
+    def execute(cls, manifest) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, manifest)
         stack = EraserStack.from_manifest(path, search_dirs=folder_paths.get_folder_paths(FOLDER))
         lines = [f"{e.eraser.name}: {e.eraser.method} ({e.eraser.kind}), {'on' if e.enabled else 'off'}, strength "
                  f"{e.strength:g}, gate {e.gate.rule}" for e in stack.entries]
         lines += [f"skipped (best effort): {s}" for s in stack.skipped]
-        return (stack, "\n".join(lines))
+        return io.NodeOutput(stack, "\n".join(lines))
 
 
-class AddToStack:
-    DESCRIPTION = "Adds an eraser to a stack with its own toggle, strength and gate settings."
-    CATEGORY = "ConceptGate"
-    FUNCTION = "add"
-    RETURN_TYPES = (STACK,)
-    RETURN_NAMES = ("stack",)
-    OUTPUT_TOOLTIPS = ("The stack with this eraser appended.",)
+class AddToStack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGateAddToStack",
+            display_name="Add to Eraser Stack",
+            category=CATEGORY,
+            description="Adds an eraser to a stack with its own toggle, strength and gate settings.",
+            inputs=[
+                Eraser.Input("eraser", tooltip="From Load Eraser."),
+                io.Boolean.Input("enabled", default=True, tooltip="Off: the eraser stays in the stack but does nothing "
+                                 "(output identical to a graph without it)."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="Multiplies the gate. 1.0 = as trained."),
+                Choice("gate", options=list(GATE_RULES), default=DEFAULT_RULE, tooltip="context (default): the "
+                       "eraser's calibrated detector on what the prompt means (content tokens only), or a listed name "
+                       "in it; needs 'CLIP Text Encode (ConceptGate)' to know the prompt's tokens, else the eraser acts "
+                       "on every prompt. ft: SPM's Facilitated Transport (official): max(prompt/concept embedding "
+                       "cosine, share of the concept's tokens in the prompt). always: a plain LoRA at 'strength'. cos / "
+                       "tokens: one half of ft."),
+                io.Boolean.Input("cond_only", default=False, tooltip="Apply to the positive branch only and keep the "
+                                 "unconditional prediction of the base model (non-official)."),
+                Stack.Input("stack", optional=True, tooltip="A stack to extend; empty starts a new one."),
+                io.Float.Input("threshold", default=0.0, min=0.0, max=1.0, step=0.01, optional=True, tooltip=
+                               "Non-official calibration: gates below this become 0 (0 = off, the official rule)."),
+                io.Boolean.Input("best_effort", default=False, optional=True, tooltip="Off (default): if this eraser "
+                                 "cannot be applied (e.g. it does not fit the model), the generation stops with the "
+                                 "reason. On: it is skipped and the gate report says so. Erasers locked by the operator "
+                                 "always stop."),
+            ],
+            outputs=[Stack.Output("stack_out", display_name="stack", tooltip="The stack with this eraser appended.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "eraser": (ERASER, {"tooltip": "From Load Eraser."}),
-            "enabled": ("BOOLEAN", {"default": True, "tooltip": "Off: the eraser stays in the stack but does nothing "
-                                    "(output identical to a graph without it)."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
-                                   "tooltip": "Multiplies the gate. 1.0 = as trained."}),
-            "gate": (list(GATE_RULES), {"default": DEFAULT_RULE, "tooltip": "context (default): the eraser's "
-                     "calibrated detector on what the prompt means (content tokens only), or a listed name in it; needs "
-                     "'CLIP Text Encode (ConceptGate)' to know the prompt's tokens, else the eraser acts on every "
-                     "prompt. ft: SPM's Facilitated Transport (official): max(prompt/concept embedding cosine, share of "
-                     "the concept's tokens in the prompt). always: a plain LoRA at 'strength'. cos / tokens: one half "
-                     "of ft."}),
-            "cond_only": ("BOOLEAN", {"default": False, "tooltip": "Apply to the positive branch only and keep the "
-                                      "unconditional prediction of the base model (non-official)."}),
-        }, "optional": {
-            "stack": (STACK, {"tooltip": "A stack to extend; empty starts a new one."}),
-            "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
-                          "Non-official calibration: gates below this become 0 (0 = off, the official rule)."}),
-            "best_effort": ("BOOLEAN", {"default": False, "tooltip": "Off (default): if this eraser cannot be "
-                            "applied (e.g. it does not fit the model), the generation stops with the reason. On: it "
-                            "is skipped and the gate report says so. Erasers locked by the operator always stop."}),
-        }}
-
-    def add(self, eraser, enabled, strength, gate, cond_only, stack=None, threshold=0.0, best_effort=False):
+    def execute(cls, eraser, enabled, strength, gate, cond_only, stack=None, threshold=0.0,
+                best_effort=False) -> io.NodeOutput:
         settings = GateSettings(rule=gate, cond_only=cond_only, threshold=threshold if threshold > 0 else None,
                                 temperature=0.0 if threshold > 0 else None)
-        return ((stack or EraserStack()).with_eraser(eraser, enabled, strength, settings, best_effort=best_effort),)
+        return io.NodeOutput((stack or EraserStack()).with_eraser(eraser, enabled, strength, settings,
+                                                                  best_effort=best_effort))
 
 
-class ApplyStack:
-    DESCRIPTION = ("Applies an eraser stack to MODEL through ComfyUI patches (the loaded model is never changed). "
-                   "Each eraser's gate is computed from the prompt with this CLIP, exactly as the sampler encodes it.")
-    CATEGORY = "ConceptGate"
-    FUNCTION = "apply"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("MODEL", "STRING", "CONDITIONING")
-    RETURN_NAMES = ("model", "gate_report", "negative")
-    OUTPUT_TOOLTIPS = ("MODEL with the weight and All-but-One guidance erasers attached (for any sampler that uses "
-                       "the model's CFG: KSampler, SamplerCustomAdvanced with CFGGuider).",
-                       "The gate each eraser took for the positive prompt.",
-                       "Your negative prompt with the Geom-Erasing tokens of the erasers that fired appended: connect "
-                       "it to the sampler's negative (without a negative input: the empty prompt's).")
+class ApplyStack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGateApplyStack",
+            display_name="Apply Eraser Stack",
+            category=CATEGORY,
+            description=("Applies an eraser stack to MODEL through ComfyUI patches (the loaded model is never changed). "
+                         "Each eraser's gate is computed from the prompt with this CLIP, exactly as the sampler "
+                         "encodes it."),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The model to erase from (a patched clone is returned)."),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes your prompts: gates compare the prompt and the "
+                              "erased concepts in its embedding space (CLIP skip included)."),
+                Stack.Input("stack", tooltip="From Add to Eraser Stack."),
+                io.Conditioning.Input("positive", tooltip="The positive prompt. Use 'CLIP Text Encode (ConceptGate)' "
+                                      "to enable the token-overlap half of the gate."),
+                Choice("mode", options=list(MODES), default="per-row", tooltip="per-row: every conditioning and batch "
+                       "row gets its own gate at sampling time (hooks, no weight copies). batch: one gate from "
+                       "'positive', weights patched once like a LoRA (fastest)."),
+                Choice("combine", options=list(COMBINE_MODES), default="additive", tooltip="additive: each eraser at "
+                       "its own gate. official: the SPM reference arithmetic (factors summed: gate squared, cross "
+                       "terms)."),
+                io.Conditioning.Input("negative", optional=True, tooltip="Your negative prompt. Geom-Erasing erasers "
+                                      "in the stack append their tokens to it (output 'negative'); other kinds leave it "
+                                      "as it is."),
+                io.Boolean.Input("allow_other_base", default=False, optional=True, tooltip="A UCE/RECE edit file is "
+                                 "the exact solution only for the model it was solved on, and is refused on another "
+                                 "(base fingerprint). On: apply it anyway, as an approximation. Trained erasers (SPM, "
+                                 "All-but-One) are meant to transfer to fine-tunes and are never refused for this."),
+            ],
+            outputs=[
+                io.Model.Output("model_out", display_name="model", tooltip="MODEL with the weight and All-but-One "
+                                "guidance erasers attached (for any sampler that uses the model's CFG: KSampler, "
+                                "SamplerCustomAdvanced with CFGGuider)."),
+                io.String.Output("gate_report", display_name="gate_report",
+                                 tooltip="The gate each eraser took for the positive prompt."),
+                io.Conditioning.Output("negative_out", display_name="negative", tooltip="Your negative prompt with the "
+                                       "Geom-Erasing tokens of the erasers that fired appended: connect it to the "
+                                       "sampler's negative (without a negative input: the empty prompt's)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to erase from (a patched clone is returned)."}),
-            "clip": ("CLIP", {"tooltip": "The CLIP that encodes your prompts: gates compare the prompt and the erased "
-                              "concepts in its embedding space (CLIP skip included)."}),
-            "stack": (STACK, {"tooltip": "From Add to Eraser Stack."}),
-            "positive": ("CONDITIONING", {"tooltip": "The positive prompt. Use 'CLIP Text Encode (ConceptGate)' to "
-                                          "enable the token-overlap half of the gate."}),
-            "mode": (list(MODES), {"default": "per-row", "tooltip": "per-row: every conditioning and batch row gets its "
-                     "own gate at sampling time (hooks, no weight copies). batch: one gate from 'positive', weights patched "
-                     "once like a LoRA (fastest)."}),
-            "combine": (list(COMBINE_MODES), {"default": "additive", "tooltip": "additive: each eraser at its own gate. "
-                        "official: the SPM reference arithmetic (factors summed: gate squared, cross terms)."}),
-        }, "optional": {
-            "negative": ("CONDITIONING", {"tooltip": "Your negative prompt. Geom-Erasing erasers in the stack append "
-                         "their tokens to it (output 'negative'); other kinds leave it as it is."}),
-            "allow_other_base": ("BOOLEAN", {"default": False, "tooltip": "A UCE/RECE edit file is the exact solution "
-                                 "only for the model it was solved on, and is refused on another (base fingerprint). "
-                                 "On: apply it anyway, as an approximation. Trained erasers (SPM, All-but-One) are "
-                                 "meant to transfer to fine-tunes and are never refused for this."}),
-        }}
-
-    def apply(self, model, clip, stack, positive, mode, combine, allow_other_base=False, negative=None):
+    def execute(cls, model, clip, stack, positive, mode, combine, negative=None,
+                allow_other_base=False) -> io.NodeOutput:
         """Every enabled eraser of every kind, gated on ``positive``: weight deltas (per row or batch),
         All-but-One guidance rows in the model's CFG batch, Geom-Erasing tokens on the negative."""
         stack = stack.with_combine(combine)
@@ -239,7 +261,7 @@ class ApplyStack:
             text += "\n[locked by the operator, applied to every image whatever this graph says: " + ", ".join(
                 f"{e.eraser.name} x{e.strength:g}" for e in policy.entries) + "]"
         log.info("ConceptGate gates: %s", text.replace("\n", "; "))
-        return {"ui": {"text": [text]}, "result": (patched, text, negative)}
+        return io.NodeOutput(patched, text, negative, ui={"text": [text]})
 
 
 GEOM_KEY = "conceptgate_geom"  # on negative conditionings: sha256 of the Geom erasers already appended
@@ -264,41 +286,31 @@ def geom_negative(clip, stack: EraserStack, coeffs, negative=None) -> tuple[list
     return negative, notes
 
 
-class TextEncode:
-    DESCRIPTION = ("CLIP Text Encode that also records the prompt's tokens, so ConceptGate gates can use the "
-                   "token-overlap half of Facilitated Transport. Otherwise identical to CLIP Text Encode.")
-    CATEGORY = "ConceptGate"
-    FUNCTION = "encode"
-    RETURN_TYPES = ("CONDITIONING",)
-    OUTPUT_TOOLTIPS = ("The encoded prompt, tagged with its tokens for ConceptGate.",)
+class TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGateTextEncode",
+            display_name="CLIP Text Encode (ConceptGate)",
+            category=CATEGORY,
+            description=("CLIP Text Encode that also records the prompt's tokens, so ConceptGate gates can use the "
+                         "token-overlap half of Facilitated Transport. Otherwise identical to CLIP Text Encode."),
+            inputs=[
+                io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The prompt."),
+                io.Clip.Input("clip", tooltip="The CLIP model used for encoding the text."),
+            ],
+            outputs=[io.Conditioning.Output("conditioning", display_name="CONDITIONING",
+                                            tooltip="The encoded prompt, tagged with its tokens for ConceptGate.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The prompt."}),
-            "clip": ("CLIP", {"tooltip": "The CLIP model used for encoding the text."}),
-        }}
-
-    def encode(self, clip, text):
+    def execute(cls, text, clip) -> io.NodeOutput:
         tokens = clip.tokenize(text)
         conditioning = clip.encode_from_tokens_scheduled(tokens)
         ids = comfy_glue.window_ids(clip, tokens)
         tokens = comfy_glue.content_tokens(clip, tokens)
         tags = {comfy_glue.TOKENS_KEY: sorted(tokens), comfy_glue.WINDOW_IDS_KEY: ids}
-        return ([[c, dict(extra, **tags)] for c, extra in conditioning],)
+        return io.NodeOutput([[c, dict(extra, **tags)] for c, extra in conditioning])
 
 
-NODE_CLASS_MAPPINGS = {
-    "ConceptGateLoadEraser": LoadEraser,
-    "ConceptGateLoadStack": LoadStack,
-    "ConceptGateAddToStack": AddToStack,
-    "ConceptGateApplyStack": ApplyStack,
-    "ConceptGateTextEncode": TextEncode,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ConceptGateLoadEraser": "Load Eraser (ConceptGate)",
-    "ConceptGateLoadStack": "Load Eraser Stack (manifest)",
-    "ConceptGateAddToStack": "Add to Eraser Stack",
-    "ConceptGateApplyStack": "Apply Eraser Stack",
-    "ConceptGateTextEncode": "CLIP Text Encode (ConceptGate)",
-}
+NODES = [LoadEraser, LoadStack, AddToStack, ApplyStack, TextEncode]

@@ -21,7 +21,8 @@ import torch
 
 from ..adapters import geom as G
 from ..adapters.errors import EraserFileError
-from .nodes_conceptgate import ERASER, STACK, cached_load, eraser_files, resolve_eraser_path
+from .nodes_conceptgate import cached_load, eraser_files, resolve_eraser_path
+from .v3 import ERASER, STACK
 
 NONE = "none"
 

@@ -30,7 +30,8 @@ from ..adapters.stack import EraserStack
 from ..adapters.fingerprint import _tensor_digest
 from ..adapters.rece import CONCEPT_TYPES, EditHost, EditSpec, compute_edit, is_cross_attention_kv, save_edit
 from . import comfy_glue
-from .nodes_conceptgate import ERASER, FOLDER
+from .nodes_conceptgate import FOLDER
+from .v3 import ERASER
 
 log = logging.getLogger("conceptgate")
 

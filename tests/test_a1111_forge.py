@@ -66,7 +66,7 @@ def comfy_coeff(world, stack, prompt):
     from conceptgate.nodes import comfy_glue
     from conceptgate.nodes.nodes_conceptgate import TextEncode
 
-    (cond,) = TextEncode().encode(world["clip"], prompt)
+    (cond,) = TextEncode.execute(text=prompt, clip=world["clip"]).result
     return comfy_glue.gates_for_conditioning(stack, world["clip"], cond)[0]
 
 

@@ -380,7 +380,7 @@ def test_same_gate_and_delta_as_the_comfyui_path(host, world):
         p, _ = host.run(prompt, [True, "tri:0.9", "None", "additive", "ft", False])
         ours = p.conceptgate.report.rows[0]["gate"]
         stack = EraserStack().with_eraser(tri, strength=0.9, gate=GateSettings(rule="ft"))  # as the webui run
-        (cond,) = TextEncode().encode(world["clip"], prompt)
+        (cond,) = TextEncode.execute(text=prompt, clip=world["clip"]).result
         coeffs, report = comfy_glue.gates_for_conditioning(stack, world["clip"], cond)
         assert abs(ours - report.rows[0]["gate"]) < 1e-5, prompt
         # delta: hooks at coefficient m vs ComfyUI's patched weight at m

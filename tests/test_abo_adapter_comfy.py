@@ -120,7 +120,9 @@ def test_shipped_toy_adapter_in_the_executor(executor):
 def test_example_workflow_is_consistent_and_names_the_shipped_file(comfy):
     import json
 
-    from conceptgate.nodes.nodes_conceptgate import NODE_CLASS_MAPPINGS
+    from conceptgate.nodes.nodes_conceptgate import NODES
+
+    classes = {cls.GET_SCHEMA().node_id: cls for cls in NODES}
 
     wf = json.load(open(os.path.join(REPO, "example_workflows", "toy_abo_adapter.json")))
     by_id = {n["id"]: n for n in wf["nodes"]}
@@ -131,7 +133,7 @@ def test_example_workflow_is_consistent_and_names_the_shipped_file(comfy):
     for n in wf["nodes"]:
         for inp in n.get("inputs", []):
             assert inp["link"] is None or any(l[0] == inp["link"] for l in wf["links"])
-        cls = NODE_CLASS_MAPPINGS.get(n["type"])
+        cls = classes.get(n["type"])
         if cls is None:
             continue
         spec = cls.INPUT_TYPES()

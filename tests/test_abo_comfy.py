@@ -121,7 +121,7 @@ def _encode(clip, text, tokens=True):
     from conceptgate.nodes.nodes_conceptgate import TextEncode
 
     if tokens:
-        return TextEncode().encode(clip, text)[0]
+        return TextEncode.execute(text=text, clip=clip).result[0]
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 

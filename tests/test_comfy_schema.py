@@ -61,7 +61,8 @@ INTERFACE = {
 eraser_dir = test_comfy_executor.eraser_dir  # its fixture: tri.safetensors in models/conceptgate
 
 # the nodes moved to the V3 schema so far (the rest are still V1 classes)
-V3_NODES = {"ConceptGateToyModelLoader"}
+V3_NODES = {"ConceptGateToyModelLoader", "ConceptGateLoadEraser", "ConceptGateLoadStack", "ConceptGateAddToStack",
+            "ConceptGateApplyStack", "ConceptGateTextEncode"}
 
 
 def node_info(name):

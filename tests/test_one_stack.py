@@ -212,8 +212,8 @@ def test_manifest_of_four_loads_the_same_everywhere(executor):
 
     core = EraserStack.from_manifest(MANIFEST)
     assert sorted(e.eraser.kind for e in core.entries) == ["conditioning", "guidance", "weight", "weight"]
-    node = nodes.NODE_CLASS_MAPPINGS["ConceptGateLoadStack"]()
-    comfy_stack, info = node.load("stack_of_four.json")  # ComfyUI finds it among the shipped files
+    node = nodes.NODE_CLASS_MAPPINGS["ConceptGateLoadStack"]
+    comfy_stack, info = node.execute(manifest="stack_of_four.json").result  # ComfyUI finds it among the shipped files
     assert _entries(comfy_stack) == _entries(core) and "abo_circle_to_square" in info
     webui = Library(ERASERS).load_preset("stack_of_four.json")
     assert _entries(webui) == _entries(core)

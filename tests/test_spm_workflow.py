@@ -33,12 +33,14 @@ def test_spm_workflows_are_consistent_graphs():
 
 
 def test_spm_workflows_fill_every_widget(comfy):
-    from conceptgate.nodes.nodes_conceptgate import NODE_CLASS_MAPPINGS
+    from conceptgate.nodes.nodes_conceptgate import NODES
+
+    classes = {cls.GET_SCHEMA().node_id: cls for cls in NODES}
 
     for f in FILES:
         wf = json.load(open(f))
         for n in wf["nodes"]:
-            cls = NODE_CLASS_MAPPINGS.get(n["type"])
+            cls = classes.get(n["type"])
             if cls is None:
                 continue
             assert len(n["widgets_values"]) == len(widget_names(cls)), (f, n["type"], n["widgets_values"])
