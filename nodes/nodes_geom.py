@@ -18,11 +18,12 @@ import os
 
 import folder_paths
 import torch
+from comfy_api.latest import io
 
 from ..adapters import geom as G
 from ..adapters.errors import EraserFileError
 from .nodes_conceptgate import cached_load, eraser_files, resolve_eraser_path
-from .v3 import ERASER, STACK
+from .v3 import CATEGORY, Choice, Eraser, Stack
 
 NONE = "none"
 
@@ -88,36 +89,41 @@ def concat(negative, ours):
     return out
 
 
-class GeomNegative:
-    DESCRIPTION = ("Geom-Erasing (Liu et al., ECCV 2024): appends the learned concept token and location tokens to "
-                   "your negative conditioning, so implicit concepts such as watermarks are steered away from. "
-                   "Needs the CLIP the tokens were trained for (checked).")
-    CATEGORY = "ConceptGate"
-    FUNCTION = "apply"
-    RETURN_TYPES = ("CONDITIONING", "STRING")
-    RETURN_NAMES = ("negative", "info")
-    OUTPUT_TOOLTIPS = ("Your negative with the learned tokens appended (or the tokens alone if no negative is connected).",
-                       "Which tokens were used, and any that were dropped.")
+class GeomNegative(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGateGeomNegative",
+            display_name="Geom-Erasing Negative (ConceptGate)",
+            category=CATEGORY,
+            description=("Geom-Erasing (Liu et al., ECCV 2024): appends the learned concept token and location tokens "
+                         "to your negative conditioning, so implicit concepts such as watermarks are steered away from. "
+                         "Needs the CLIP the tokens were trained for (checked)."),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of the model the tokens were trained on."),
+                Choice("source", options=source_files(), tooltip="A Geom-Erasing eraser (models/conceptgate) or an "
+                       "embedding exported by ConceptGate (models/embeddings). Ignored when an eraser is connected."),
+                Choice("token_set", options=list(G.TOKEN_SETS), default="observed", tooltip="Location tokens: all "
+                       "bins, the bins where the concept was observed in training, or the top-k most frequent of those."),
+                io.Int.Input("top_k", default=8, min=0, max=1024, tooltip="Number of bins for token_set = topk."),
+                Choice("overflow", options=list(G.OVERFLOW), default="drop", tooltip="drop: keep the tokens in one "
+                       "75-token chunk, dropping the least observed bins; chunk: continue in further chunks."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Your own negative prompt; kept, the tokens are appended after it."),
+                Eraser.Input("eraser", optional=True, tooltip="A loaded geom eraser (Load Eraser); overrides source."),
+                Stack.Input("stack", optional=True, tooltip="An eraser stack: its enabled geom erasers are appended in "
+                            "order (gates are not evaluated here: one graph is one prompt, so bypass the node to "
+                            "switch it off)."),
+            ],
+            outputs=[
+                io.Conditioning.Output("negative_out", display_name="negative", tooltip="Your negative with the "
+                                       "learned tokens appended (or the tokens alone if no negative is connected)."),
+                io.String.Output("info", display_name="info", tooltip="Which tokens were used, and any that were dropped."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "clip": ("CLIP", {"tooltip": "The CLIP of the model the tokens were trained on."}),
-            "source": (source_files(), {"tooltip": "A Geom-Erasing eraser (models/conceptgate) or an embedding exported by "
-                                                   "ConceptGate (models/embeddings). Ignored when an eraser is connected."}),
-            "token_set": (list(G.TOKEN_SETS), {"default": "observed", "tooltip": "Location tokens: all bins, the bins where the "
-                                               "concept was observed in training, or the top-k most frequent of those."}),
-            "top_k": ("INT", {"default": 8, "min": 0, "max": 1024, "tooltip": "Number of bins for token_set = topk."}),
-            "overflow": (list(G.OVERFLOW), {"default": "drop", "tooltip": "drop: keep the tokens in one 75-token chunk, "
-                                            "dropping the least observed bins; chunk: continue in further chunks."}),
-        }, "optional": {
-            "negative": ("CONDITIONING", {"tooltip": "Your own negative prompt; kept, the tokens are appended after it."}),
-            "eraser": (ERASER, {"tooltip": "A loaded geom eraser (Load Eraser); overrides source."}),
-            "stack": (STACK, {"tooltip": "An eraser stack: its enabled geom erasers are appended in order (gates are not "
-                                         "evaluated here: one graph is one prompt, so bypass the node to switch it off)."}),
-        }}
-
-    def apply(self, clip, source, token_set, top_k, overflow, negative=None, eraser=None, stack=None):
+    def execute(cls, clip, source, token_set, top_k, overflow, negative=None, eraser=None, stack=None) -> io.NodeOutput:
         erasers = []
         if eraser is not None:
             erasers.append(eraser)
@@ -137,7 +143,7 @@ class GeomNegative:
                 continue
             out, line = append_tokens(clip, out, e, token_set, top_k, overflow)
             info.append(line)
-        return (out, "\n".join(info))
+        return io.NodeOutput(out, "\n".join(info))
 
 
 def _already(negative, eraser) -> bool:
@@ -164,5 +170,4 @@ def append_tokens(clip, negative, eraser, token_set="observed", top_k=8, overflo
     return out, line
 
 
-NODE_CLASS_MAPPINGS = {"ConceptGateGeomNegative": GeomNegative}
-NODE_DISPLAY_NAME_MAPPINGS = {"ConceptGateGeomNegative": "Geom-Erasing Negative (ConceptGate)"}
+NODES = [GeomNegative]

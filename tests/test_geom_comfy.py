@@ -120,14 +120,14 @@ def test_eraser_input_and_wrong_encoder_refused(executor, setup, tmp_path):
     from conceptgate.nodes.nodes_geom import GeomNegative
 
     e, clip, _ = setup
-    (out, info) = GeomNegative().apply(clip, "none", "topk", 1, "drop", eraser=e)
+    (out, info) = GeomNegative.execute(clip=clip, source="none", token_set="topk", top_k=1, overflow="drop", eraser=e).result
     assert out[0][0].shape == (1, 77, 128) and "1 location token(s) <l{3,3}>" in info
     bad = G.make_eraser("watermark", e.tensors["locations"], e.tensors["concept"], 4, e.settings["bin_counts"],
                         "ffffffffffffffff")
     bad.source = "/somewhere/geom_other_model.safetensors"
     with pytest.raises(IncompatibleModelError, match="geom_other_model.safetensors.*another text encoder"):
-        GeomNegative().apply(clip, "none", "observed", 8, "drop", eraser=bad)
+        GeomNegative.execute(clip=clip, source="none", token_set="observed", top_k=8, overflow="drop", eraser=bad)
     wide = G.make_eraser("watermark", torch.zeros(16, 768), None, 4, [1] * 16, None)
     wide.source = "/somewhere/geom_sd15.safetensors"
     with pytest.raises(IncompatibleModelError, match="geom_sd15.safetensors.*768-d"):
-        GeomNegative().apply(clip, "none", "observed", 8, "drop", eraser=wide)
+        GeomNegative.execute(clip=clip, source="none", token_set="observed", top_k=8, overflow="drop", eraser=wide)
