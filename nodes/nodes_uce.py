@@ -24,6 +24,7 @@ import comfy.lora
 import comfy.model_management
 import comfy.utils
 import folder_paths
+from comfy_api.latest import io
 
 from ..adapters.gate import GateSettings, to_window
 from ..adapters.stack import EraserStack
@@ -31,7 +32,7 @@ from ..adapters.fingerprint import _tensor_digest
 from ..adapters.rece import CONCEPT_TYPES, EditHost, EditSpec, compute_edit, is_cross_attention_kv, save_edit
 from . import comfy_glue
 from .nodes_conceptgate import FOLDER
-from .v3 import ERASER
+from .v3 import CATEGORY, Choice, Eraser
 
 log = logging.getLogger("conceptgate")
 
@@ -109,62 +110,70 @@ def edited_model(model, eraser, strength: float):
     return comfy_glue.weight_patched(model, stack, torch.tensor([float(strength)]))
 
 
-class EraseConcepts:
-    DESCRIPTION = ("Erases concepts from MODEL with a closed-form cross-attention edit (UCE, or RECE = UCE + "
-                   "adversarial-embedding epochs), computed in seconds on this model and CLIP. Returns the model "
-                   "with the edit as LoRA patches (your loaded weights are not changed) and the edit as an eraser "
-                   "you can stack and gate per prompt instead. Results are cached per model, CLIP and settings.")
-    CATEGORY = "ConceptGate"
-    FUNCTION = "erase"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("MODEL", ERASER, "STRING")
-    RETURN_NAMES = ("model", "eraser", "report")
-    OUTPUT_TOOLTIPS = ("MODEL with the edit applied (always on, at 'strength').",
-                       "The edit as a ConceptGate eraser: add it to a stack to gate it per prompt.",
-                       "Rank, reconstruction error, time and file size of the edit.")
+class EraseConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGateEraseConcepts",
+            display_name="Erase Concepts (UCE / RECE)",
+            category=CATEGORY,
+            description=("Erases concepts from MODEL with a closed-form cross-attention edit (UCE, or RECE = UCE + "
+                         "adversarial-embedding epochs), computed in seconds on this model and CLIP. Returns the model "
+                         "with the edit as LoRA patches (your loaded weights are not changed) and the edit as an eraser "
+                         "you can stack and gate per prompt instead. Results are cached per model, CLIP and settings."),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The model to erase from. The edit depends on its weights (LoRAs "
+                               "already applied to it included), so compute it on the model you sample with."),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes your prompts (CLIP skip included): the edit uses "
+                              "its text vectors exactly as the sampler sees them."),
+                Choice("method", options=["UCE", "RECE"], default="UCE", tooltip="UCE: one closed-form edit mapping "
+                       "the concepts onto the guide. RECE: UCE, then epochs that derive an embedding regenerating the "
+                       "concept and erase it too (more robust to adversarial prompts)."),
+                io.String.Input("concepts", multiline=True, default="", tooltip="Concepts to erase, one per line. "
+                                "Several lines are erased in one joint solve."),
+                Choice("concept_type", options=list(CONCEPT_TYPES), default="object", tooltip="Sets RECE's defaults: "
+                       "object (lam_reg 0.1, 1 epoch, guide ' '), object_hard (lam_reg 0.001), style (0.001, 1 epoch, "
+                       "guide 'art'), nudity (0.1, 3 epochs, guide ' '), unsafe (0.1, 2 epochs)."),
+                io.String.Input("guide", default="", tooltip="What the concepts are mapped onto. Empty: the type's "
+                                "default (' ' or 'art'); \"\" means the empty prompt; or a concept such as 'a dog'."),
+                io.String.Input("preserve", multiline=True, default="", tooltip="Concepts to keep unchanged, one per "
+                                "line (e.g. other artists when erasing a style)."),
+                io.Int.Input("epochs", default=0, min=0, max=20, tooltip="RECE epochs; 0 = the type's default. "
+                             "Ignored by UCE."),
+                io.Float.Input("lam", default=0.5, min=1e-4, max=100.0, step=0.01, tooltip="UCE ridge lambda (keeps "
+                               "directions outside the edited vectors; default 0.5 as published)."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="Strength of the patch "
+                               "on the returned MODEL (1.0 = the exact edit). The eraser output is unaffected."),
+                io.Float.Input("lam_reg", default=0.0, min=0.0, max=10.0, step=0.001, optional=True, tooltip="RECE's "
+                               "regulariser of the adversarial embedding; 0 = the type's default."),
+                io.Float.Input("erase_scale", default=1.0, min=0.01, max=100.0, step=0.05, optional=True,
+                               tooltip="Weight of the erase term (a_e). Lower it if images of other things degrade."),
+                io.Float.Input("preserve_scale", default=0.0, min=0.0, max=100.0, step=0.05, optional=True,
+                               tooltip="Weight of the preserve term (a_p); 0 = the published rule max(0.1, 1/#preserve "
+                               "prompts)."),
+                Choice("convention", options=["aligned_tail", "last_token"], default="aligned_tail", optional=True,
+                       tooltip="Which token vectors are edited: aligned_tail (old UCE code and RECE: last word + end + "
+                       "padding tokens) or last_token (newer UCE code: one vector per prompt)."),
+                io.String.Input("save_name", default="", optional=True, tooltip="If set, the eraser is also saved as "
+                                "models/conceptgate/<save_name>.safetensors (loads in Load Eraser and in stock LoRA "
+                                "loaders)."),
+            ],
+            outputs=[
+                io.Model.Output("model_out", display_name="model",
+                                tooltip="MODEL with the edit applied (always on, at 'strength')."),
+                Eraser.Output("eraser", display_name="eraser",
+                              tooltip="The edit as a ConceptGate eraser: add it to a stack to gate it per prompt."),
+                io.String.Output("report", display_name="report",
+                                 tooltip="Rank, reconstruction error, time and file size of the edit."),
+            ],
+            hidden=[io.Hidden.unique_id],  # the node whose progress bar moves
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to erase from. The edit depends on its weights (LoRAs already "
-                                "applied to it included), so compute it on the model you sample with."}),
-            "clip": ("CLIP", {"tooltip": "The CLIP that encodes your prompts (CLIP skip included): the edit uses its "
-                              "text vectors exactly as the sampler sees them."}),
-            "method": (["UCE", "RECE"], {"default": "UCE", "tooltip": "UCE: one closed-form edit mapping the concepts "
-                       "onto the guide. RECE: UCE, then epochs that derive an embedding regenerating the concept and "
-                       "erase it too (more robust to adversarial prompts)."}),
-            "concepts": ("STRING", {"multiline": True, "default": "", "tooltip": "Concepts to erase, one per line. "
-                         "Several lines are erased in one joint solve."}),
-            "concept_type": (list(CONCEPT_TYPES), {"default": "object", "tooltip": "Sets RECE's defaults: object "
-                             "(lam_reg 0.1, 1 epoch, guide ' '), object_hard (lam_reg 0.001), style (0.001, 1 epoch, "
-                             "guide 'art'), nudity (0.1, 3 epochs, guide ' '), unsafe (0.1, 2 epochs)."}),
-            "guide": ("STRING", {"default": "", "tooltip": "What the concepts are mapped onto. Empty: the type's "
-                      "default (' ' or 'art'); \"\" means the empty prompt; or a concept such as 'a dog'."}),
-            "preserve": ("STRING", {"multiline": True, "default": "", "tooltip": "Concepts to keep unchanged, one per "
-                         "line (e.g. other artists when erasing a style)."}),
-            "epochs": ("INT", {"default": 0, "min": 0, "max": 20, "tooltip": "RECE epochs; 0 = the type's default. "
-                       "Ignored by UCE."}),
-            "lam": ("FLOAT", {"default": 0.5, "min": 1e-4, "max": 100.0, "step": 0.01, "tooltip": "UCE ridge lambda "
-                    "(keeps directions outside the edited vectors; default 0.5 as published)."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip": "Strength of the "
-                         "patch on the returned MODEL (1.0 = the exact edit). The eraser output is unaffected."}),
-        }, "optional": {
-            "lam_reg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.001, "tooltip": "RECE's "
-                        "regulariser of the adversarial embedding; 0 = the type's default."}),
-            "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.05, "tooltip": "Weight of "
-                            "the erase term (a_e). Lower it if images of other things degrade."}),
-            "preserve_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip": "Weight "
-                               "of the preserve term (a_p); 0 = the published rule max(0.1, 1/#preserve prompts)."}),
-            "convention": (["aligned_tail", "last_token"], {"default": "aligned_tail", "tooltip": "Which token "
-                           "vectors are edited: aligned_tail (old UCE code and RECE: last word + end + padding "
-                           "tokens) or last_token (newer UCE code: one vector per prompt)."}),
-            "save_name": ("STRING", {"default": "", "tooltip": "If set, the eraser is also saved as "
-                          "models/conceptgate/<save_name>.safetensors (loads in Load Eraser and in stock LoRA loaders)."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    def erase(self, model, clip, method, concepts, concept_type, guide, preserve, epochs, lam, strength,
-              lam_reg=0.0, erase_scale=1.0, preserve_scale=0.0, convention="aligned_tail", save_name="",
-              unique_id=None):
+    def execute(cls, model, clip, method, concepts, concept_type, guide, preserve, epochs, lam, strength,
+                lam_reg=0.0, erase_scale=1.0, preserve_scale=0.0, convention="aligned_tail",
+                save_name="") -> io.NodeOutput:
         names = _lines(concepts)
         if not names:
             raise ValueError("Erase Concepts: enter at least one concept (one per line)")
@@ -174,7 +183,7 @@ class EraseConcepts:
                         preserve_scale=float(preserve_scale) or None, lam_reg=float(lam_reg) or None,
                         convention=convention)
         total = 1 + spec.resolved().get("rece", {}).get("epochs", 0)
-        bar = comfy.utils.ProgressBar(total, node_id=unique_id)
+        bar = comfy.utils.ProgressBar(total, node_id=cls.hidden.unique_id if cls.hidden is not None else None)
 
         def progress(done, n):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -189,8 +198,7 @@ class EraseConcepts:
         patched = edited_model(model, outcome.eraser, strength)
         text = outcome.text()
         log.info("ConceptGate %s", text.replace("\n", "; "))
-        return {"ui": {"text": [text]}, "result": (patched, outcome.eraser, text)}
+        return io.NodeOutput(patched, outcome.eraser, text, ui={"text": [text]})
 
 
-NODE_CLASS_MAPPINGS = {"ConceptGateEraseConcepts": EraseConcepts}
-NODE_DISPLAY_NAME_MAPPINGS = {"ConceptGateEraseConcepts": "Erase Concepts (UCE / RECE)"}
+NODES = [EraseConcepts]

@@ -62,7 +62,8 @@ eraser_dir = test_comfy_executor.eraser_dir  # its fixture: tri.safetensors in m
 
 # the nodes moved to the V3 schema so far (the rest are still V1 classes)
 V3_NODES = {"ConceptGateToyModelLoader", "ConceptGateLoadEraser", "ConceptGateLoadStack", "ConceptGateAddToStack",
-            "ConceptGateApplyStack", "ConceptGateTextEncode", "ConceptGateGeomNegative"}
+            "ConceptGateApplyStack", "ConceptGateTextEncode", "ConceptGateGeomNegative",
+            "ConceptGateEraseConcepts"}
 
 
 def node_info(name):

@@ -191,7 +191,7 @@ def test_node_registered_with_tooltips(executor):
     import nodes
 
     cls = nodes.NODE_CLASS_MAPPINGS["ConceptGateEraseConcepts"]
-    assert cls.CATEGORY == "ConceptGate" and cls.RETURN_TYPES == ("MODEL", "CONCEPTGATE_ERASER", "STRING")
+    assert cls.CATEGORY == "ConceptGate" and tuple(cls.RETURN_TYPES) == ("MODEL", "CONCEPTGATE_ERASER", "STRING")
     for section, args in cls.INPUT_TYPES().items():
         if section == "hidden":
             continue
