@@ -41,6 +41,17 @@ def test_scores_on_the_toy_model(toy):
         assert float(out[k]["plain"][1]) < 0.999
 
 
+@torch.no_grad()
+def test_call_cost_ratio(toy):
+    from conceptgate.bench.trajectory import measure_cost
+
+    pipe, enc = toy
+    c = measure_cost(pipe, enc, steps=4, k=2)
+    assert c["call_s"] > 0 and c["call_with_row_s"] > 0
+    # the loop ratio is the per-call ratio on k of the steps' calls
+    assert c["ratio"] == pytest.approx((2 + 2 * c["call_with_row_s"] / c["call_s"]) / 4)
+
+
 def _result(fire: float, false_fire: float, ratio: float) -> dict:
     r = {s: {"fire": fire, "auc": 0.9, "context": 1.0, "either": 1.0} for s in SHOULD_FIRE}
     r.update(threshold=0.5, false_fire=false_fire, false_fire_either=false_fire)
