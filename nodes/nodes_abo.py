@@ -36,6 +36,7 @@ import torch
 import comfy.patcher_extension
 import comfy.samplers
 import folder_paths
+from comfy_api.latest import io
 
 from ..adapters.abo.guidance import (
     Term, abo_eraser, abo_entries, alternative_of, denoised_from_eps, eps_from_denoised, guidance_terms, save_abo,
@@ -46,7 +47,7 @@ from ..adapters.gate import BankCache
 from ..adapters.stack import EraserStack
 from . import comfy_glue
 from .nodes_conceptgate import FOLDER
-from .v3 import ERASER, STACK
+from .v3 import CATEGORY, Eraser, Stack
 
 log = logging.getLogger("conceptgate")
 KEY = "conceptgate_abo"
@@ -295,28 +296,31 @@ class AboGuider(comfy.samplers.CFGGuider):
 _TEXT_TIP = "Erase this concept (comma-separated for several, e.g. a name and its synonyms; the gate uses the best match)."
 
 
-class AboEraser:
-    DESCRIPTION = ("Makes an All-but-One guidance eraser (sampling-time reconstruction of Hong et al., AAAI 2024): "
-                   "the erased concept's guidance is replaced by the alternative's, the unconditional prediction is "
-                   "kept. No training; the file (optional) holds only the concept names.")
-    CATEGORY = "ConceptGate"
-    FUNCTION = "make"
-    RETURN_TYPES = (ERASER, "STRING")
-    RETURN_NAMES = ("eraser", "info")
-    OUTPUT_TOOLTIPS = ("A guidance eraser, to add to a stack.", "What it does.")
+class AboEraser(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGateAboEraser",
+            display_name="All-but-One Eraser (guidance)",
+            category=CATEGORY,
+            description=("Makes an All-but-One guidance eraser (sampling-time reconstruction of Hong et al., AAAI "
+                         "2024): the erased concept's guidance is replaced by the alternative's, the unconditional "
+                         "prediction is kept. No training; the file (optional) holds only the concept names."),
+            inputs=[
+                io.String.Input("erase", default="triangle", tooltip=_TEXT_TIP),
+                io.String.Input("alternative", default="square", tooltip="What to draw instead (empty: erase to "
+                                "nothing, i.e. toward the empty prompt)."),
+                io.String.Input("save_name", default="", optional=True, tooltip="Also save it as "
+                                "models/conceptgate/NAME.safetensors (empty: do not save)."),
+            ],
+            outputs=[
+                Eraser.Output("eraser", display_name="eraser", tooltip="A guidance eraser, to add to a stack."),
+                io.String.Output("info", display_name="info", tooltip="What it does."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "erase": ("STRING", {"default": "triangle", "tooltip": _TEXT_TIP}),
-            "alternative": ("STRING", {"default": "square", "tooltip": "What to draw instead (empty: erase to nothing, "
-                                       "i.e. toward the empty prompt)."}),
-        }, "optional": {
-            "save_name": ("STRING", {"default": "", "tooltip": "Also save it as models/conceptgate/NAME.safetensors "
-                                     "(empty: do not save)."}),
-        }}
-
-    def make(self, erase, alternative, save_name=""):
+    def execute(cls, erase, alternative, save_name="") -> io.NodeOutput:
         concepts = [c.strip() for c in erase.split(",") if c.strip()]
         eraser = abo_eraser(concepts, alternative)
         if save_name.strip():
@@ -326,7 +330,7 @@ class AboEraser:
             os.makedirs(folder, exist_ok=True)
             save_abo(eraser, os.path.join(folder, save_name.strip() + ".safetensors"))
         info = f"{eraser.name}: erase {', '.join(eraser.concepts)} -> {alternative.strip() or 'nothing'} (guidance)"
-        return (eraser, info)
+        return io.NodeOutput(eraser, info)
 
 
 _STACK_TIP = "A stack holding All-but-One guidance erasers (other kinds are ignored here; use Apply Eraser Stack)."
@@ -334,29 +338,34 @@ _CLIP_TIP = ("The CLIP that encodes your prompts: the gate and the erase / alter
              "(CLIP skip included).")
 
 
-class AboGuiderNode:
-    DESCRIPTION = ("CFG guider with All-but-One guidance for SamplerCustomAdvanced: eps = CFG - cfg * gate * "
-                   "[eps(erase) - eps(alternative)], all predictions batched in one call per step.")
-    CATEGORY = "ConceptGate"
-    FUNCTION = "get_guider"
-    RETURN_TYPES = ("GUIDER", "STRING")
-    RETURN_NAMES = ("guider", "gate_report")
-    OUTPUT_TOOLTIPS = ("For SamplerCustomAdvanced.", "The gate each ABO eraser takes for the positive prompt.")
+class AboGuiderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGateAboGuider",
+            display_name="All-but-One Guider",
+            category=CATEGORY,
+            description=("CFG guider with All-but-One guidance for SamplerCustomAdvanced: eps = CFG - cfg * gate * "
+                         "[eps(erase) - eps(alternative)], all predictions batched in one call per step."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample with (not modified)."),
+                io.Clip.Input("clip", tooltip=_CLIP_TIP),
+                Stack.Input("stack", tooltip=_STACK_TIP),
+                io.Conditioning.Input("positive", tooltip="The positive prompt ('CLIP Text Encode (ConceptGate)' "
+                                      "enables the token half of the gate)."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale w (the erase term is scaled by it too)."),
+            ],
+            outputs=[
+                io.Guider.Output("guider", display_name="guider", tooltip="For SamplerCustomAdvanced."),
+                io.String.Output("gate_report", display_name="gate_report",
+                                 tooltip="The gate each ABO eraser takes for the positive prompt."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to sample with (not modified)."}),
-            "clip": ("CLIP", {"tooltip": _CLIP_TIP}),
-            "stack": (STACK, {"tooltip": _STACK_TIP}),
-            "positive": ("CONDITIONING", {"tooltip": "The positive prompt ('CLIP Text Encode (ConceptGate)' enables "
-                                          "the token half of the gate)."}),
-            "negative": ("CONDITIONING", {"tooltip": "The negative prompt."}),
-            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Classifier-free guidance scale w (the erase term is scaled by it too)."}),
-        }}
-
-    def get_guider(self, model, clip, stack, positive, negative, cfg):
+    def execute(cls, model, clip, stack, positive, negative, cfg) -> io.NodeOutput:
         runtime = AboRuntime(stack, clip)
         guider = AboGuider(model)
         guider.set_conds(positive, negative)
@@ -364,47 +373,43 @@ class AboGuiderNode:
         guider.set_abo(runtime)
         _, report = comfy_glue.gates_for_conditioning(stack, clip, positive, runtime.banks)
         text = report.text()
-        return {"ui": {"text": [text]}, "result": (guider, text)}
+        return io.NodeOutput(guider, text, ui={"text": [text]})
 
 
-class AboGuidanceNode:
-    DESCRIPTION = ("All-but-One guidance for the stock KSampler (and any sampler using the model's CFG): a MODEL "
-                   "patch. The erase / alternative predictions join ComfyUI's cond batch; a stackable post-CFG "
-                   "function applies the rule.")
-    CATEGORY = "ConceptGate"
-    FUNCTION = "patch"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model", "gate_report")
-    OUTPUT_TOOLTIPS = ("MODEL with the guidance attached (a patched clone).",
-                       "The gates for 'positive' when connected (the sampler recomputes them per prompt).")
+class AboGuidanceNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGateAboGuidance",
+            display_name="All-but-One Guidance (KSampler)",
+            category=CATEGORY,
+            description=("All-but-One guidance for the stock KSampler (and any sampler using the model's CFG): a "
+                         "MODEL patch. The erase / alternative predictions join ComfyUI's cond batch; a stackable "
+                         "post-CFG function applies the rule."),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The model to erase from (a patched clone is returned)."),
+                io.Clip.Input("clip", tooltip=_CLIP_TIP),
+                Stack.Input("stack", tooltip=_STACK_TIP),
+                io.Conditioning.Input("positive", optional=True, tooltip="Only for the gate report shown on the node."),
+            ],
+            outputs=[
+                io.Model.Output("model_out", display_name="model",
+                                tooltip="MODEL with the guidance attached (a patched clone)."),
+                io.String.Output("gate_report", display_name="gate_report",
+                                 tooltip="The gates for 'positive' when connected (the sampler recomputes them per "
+                                 "prompt)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to erase from (a patched clone is returned)."}),
-            "clip": ("CLIP", {"tooltip": _CLIP_TIP}),
-            "stack": (STACK, {"tooltip": _STACK_TIP}),
-        }, "optional": {
-            "positive": ("CONDITIONING", {"tooltip": "Only for the gate report shown on the node."}),
-        }}
-
-    def patch(self, model, clip, stack, positive=None):
+    def execute(cls, model, clip, stack, positive=None) -> io.NodeOutput:
         patched, runtime = patched_model(model, stack, clip)
         text = "ABO guidance attached; gates are computed per prompt at sampling time"
         if positive is not None:
             _, report = comfy_glue.gates_for_conditioning(stack, clip, positive, runtime.banks)
             text = report.text()
-        return {"ui": {"text": [text]}, "result": (patched, text)}
+        return io.NodeOutput(patched, text, ui={"text": [text]})
 
 
-NODE_CLASS_MAPPINGS = {
-    "ConceptGateAboEraser": AboEraser,
-    "ConceptGateAboGuider": AboGuiderNode,
-    "ConceptGateAboGuidance": AboGuidanceNode,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ConceptGateAboEraser": "All-but-One Eraser (guidance)",
-    "ConceptGateAboGuider": "All-but-One Guider",
-    "ConceptGateAboGuidance": "All-but-One Guidance (KSampler)",
-}
+NODES = [AboEraser, AboGuiderNode, AboGuidanceNode]

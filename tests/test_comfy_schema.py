@@ -60,10 +60,7 @@ INTERFACE = {
 }
 eraser_dir = test_comfy_executor.eraser_dir  # its fixture: tri.safetensors in models/conceptgate
 
-# the nodes moved to the V3 schema so far (the rest are still V1 classes)
-V3_NODES = {"ConceptGateToyModelLoader", "ConceptGateLoadEraser", "ConceptGateLoadStack", "ConceptGateAddToStack",
-            "ConceptGateApplyStack", "ConceptGateTextEncode", "ConceptGateGeomNegative",
-            "ConceptGateEraseConcepts"}
+V3_NODES = set(INTERFACE)  # every node is on the V3 schema
 
 
 def node_info(name):
