@@ -22,7 +22,7 @@ from ..adapters.gate import DEFAULT_RULE, GateSettings
 from ..adapters.gate import RULES as GATE_RULES
 from ..adapters.stack import COMBINE_MODES, EraserStack
 from . import comfy_glue, lock
-from .v3 import CATEGORY, Choice, Eraser, Stack
+from .v3 import CATEGORY, Eraser, Stack, check_choices
 
 log = logging.getLogger("conceptgate")
 
@@ -87,8 +87,8 @@ class LoadEraser(io.ComfyNode):
             description=("Loads an eraser file (ConceptGate, official SPM, or a kohya LoRA made by a ConceptGate "
                          "command) and validates it. Files with problems stop here with a message naming the file."),
             inputs=[
-                Choice("eraser_name", options=eraser_files(),
-                       tooltip="A .safetensors file from models/conceptgate (or models/loras)."),
+                io.Combo.Input("eraser_name", options=eraser_files(),
+                               tooltip="A .safetensors file from models/conceptgate (or models/loras)."),
                 io.String.Input("concepts", default="", optional=True, tooltip="Comma-separated erased concepts. "
                                 "Needed only when the file does not name them (official SPM files without 'prompts'); "
                                 "overrides the file."),
@@ -98,6 +98,10 @@ class LoadEraser(io.ComfyNode):
                 io.String.Output("info", display_name="info", tooltip="What the file contains."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, eraser_name=None) -> bool | str:
+        return check_choices(cls, eraser_name=eraser_name)
 
     @classmethod
     def execute(cls, eraser_name, concepts="") -> io.NodeOutput:
@@ -126,8 +130,9 @@ class LoadStack(io.ComfyNode):
                          "strengths and gate settings; written by 'python -m conceptgate' or shared). Every kind of "
                          "eraser; the same manifest loads as a webui preset and with EraserStack.from_manifest."),
             inputs=[
-                Choice("manifest", options=manifest_files(), tooltip="A .json stack manifest from models/conceptgate. "
-                       "Its files are looked up next to it and in the eraser folders; a changed file (sha256) is refused."),
+                io.Combo.Input("manifest", options=manifest_files(), tooltip="A .json stack manifest from "
+                               "models/conceptgate. Its files are looked up next to it and in the eraser folders; a "
+                               "changed file (sha256) is refused."),
             ],
             outputs=[
                 Stack.Output("stack", display_name="stack",
@@ -135,6 +140,10 @@ class LoadStack(io.ComfyNode):
                 io.String.Output("info", display_name="info", tooltip="Its entries."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, manifest=None) -> bool | str:
+        return check_choices(cls, manifest=manifest)
 
     @classmethod
     def execute(cls, manifest) -> io.NodeOutput:
@@ -160,12 +169,12 @@ class AddToStack(io.ComfyNode):
                                  "(output identical to a graph without it)."),
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
                                tooltip="Multiplies the gate. 1.0 = as trained."),
-                Choice("gate", options=list(GATE_RULES), default=DEFAULT_RULE, tooltip="context (default): the "
-                       "eraser's calibrated detector on what the prompt means (content tokens only), or a listed name "
-                       "in it; needs 'CLIP Text Encode (ConceptGate)' to know the prompt's tokens, else the eraser acts "
-                       "on every prompt. ft: SPM's Facilitated Transport (official): max(prompt/concept embedding "
-                       "cosine, share of the concept's tokens in the prompt). always: a plain LoRA at 'strength'. cos / "
-                       "tokens: one half of ft."),
+                io.Combo.Input("gate", options=list(GATE_RULES), default=DEFAULT_RULE, tooltip="context (default): "
+                               "the eraser's calibrated detector on what the prompt means (content tokens only), or a "
+                               "listed name in it; needs 'CLIP Text Encode (ConceptGate)' to know the prompt's tokens, "
+                               "else the eraser acts on every prompt. ft: SPM's Facilitated Transport (official): "
+                               "max(prompt/concept embedding cosine, share of the concept's tokens in the prompt). "
+                               "always: a plain LoRA at 'strength'. cos / tokens: one half of ft."),
                 io.Boolean.Input("cond_only", default=False, tooltip="Apply to the positive branch only and keep the "
                                  "unconditional prediction of the base model (non-official)."),
                 Stack.Input("stack", optional=True, tooltip="A stack to extend; empty starts a new one."),
@@ -178,6 +187,10 @@ class AddToStack(io.ComfyNode):
             ],
             outputs=[Stack.Output("stack_out", display_name="stack", tooltip="The stack with this eraser appended.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, gate=None) -> bool | str:
+        return check_choices(cls, gate=gate)
 
     @classmethod
     def execute(cls, eraser, enabled, strength, gate, cond_only, stack=None, threshold=0.0,
@@ -206,12 +219,12 @@ class ApplyStack(io.ComfyNode):
                 Stack.Input("stack", tooltip="From Add to Eraser Stack."),
                 io.Conditioning.Input("positive", tooltip="The positive prompt. Use 'CLIP Text Encode (ConceptGate)' "
                                       "to enable the token-overlap half of the gate."),
-                Choice("mode", options=list(MODES), default="per-row", tooltip="per-row: every conditioning and batch "
-                       "row gets its own gate at sampling time (hooks, no weight copies). batch: one gate from "
-                       "'positive', weights patched once like a LoRA (fastest)."),
-                Choice("combine", options=list(COMBINE_MODES), default="additive", tooltip="additive: each eraser at "
-                       "its own gate. official: the SPM reference arithmetic (factors summed: gate squared, cross "
-                       "terms)."),
+                io.Combo.Input("mode", options=list(MODES), default="per-row", tooltip="per-row: every "
+                               "conditioning and batch row gets its own gate at sampling time (hooks, no weight "
+                               "copies). batch: one gate from 'positive', weights patched once like a LoRA (fastest)."),
+                io.Combo.Input("combine", options=list(COMBINE_MODES), default="additive", tooltip="additive: each "
+                               "eraser at its own gate. official: the SPM reference arithmetic (factors summed: gate "
+                               "squared, cross terms)."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Your negative prompt. Geom-Erasing erasers "
                                       "in the stack append their tokens to it (output 'negative'); other kinds leave it "
                                       "as it is."),
@@ -231,6 +244,10 @@ class ApplyStack(io.ComfyNode):
                                        "sampler's negative (without a negative input: the empty prompt's)."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, mode=None, combine=None) -> bool | str:
+        return check_choices(cls, mode=mode, combine=combine)
 
     @classmethod
     def execute(cls, model, clip, stack, positive, mode, combine, negative=None,

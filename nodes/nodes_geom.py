@@ -23,7 +23,7 @@ from comfy_api.latest import io
 from ..adapters import geom as G
 from ..adapters.errors import EraserFileError
 from .nodes_conceptgate import cached_load, eraser_files, resolve_eraser_path
-from .v3 import CATEGORY, Choice, Eraser, Stack
+from .v3 import CATEGORY, Eraser, Stack, check_choices
 
 NONE = "none"
 
@@ -101,13 +101,16 @@ class GeomNegative(io.ComfyNode):
                          "Needs the CLIP the tokens were trained for (checked)."),
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP of the model the tokens were trained on."),
-                Choice("source", options=source_files(), tooltip="A Geom-Erasing eraser (models/conceptgate) or an "
-                       "embedding exported by ConceptGate (models/embeddings). Ignored when an eraser is connected."),
-                Choice("token_set", options=list(G.TOKEN_SETS), default="observed", tooltip="Location tokens: all "
-                       "bins, the bins where the concept was observed in training, or the top-k most frequent of those."),
+                io.Combo.Input("source", options=source_files(), tooltip="A Geom-Erasing eraser "
+                               "(models/conceptgate) or an embedding exported by ConceptGate (models/embeddings). "
+                               "Ignored when an eraser is connected."),
+                io.Combo.Input("token_set", options=list(G.TOKEN_SETS), default="observed", tooltip="Location "
+                               "tokens: all bins, the bins where the concept was observed in training, or the top-k "
+                               "most frequent of those."),
                 io.Int.Input("top_k", default=8, min=0, max=1024, tooltip="Number of bins for token_set = topk."),
-                Choice("overflow", options=list(G.OVERFLOW), default="drop", tooltip="drop: keep the tokens in one "
-                       "75-token chunk, dropping the least observed bins; chunk: continue in further chunks."),
+                io.Combo.Input("overflow", options=list(G.OVERFLOW), default="drop", tooltip="drop: keep the tokens "
+                               "in one 75-token chunk, dropping the least observed bins; chunk: continue in further "
+                               "chunks."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Your own negative prompt; kept, the tokens are appended after it."),
                 Eraser.Input("eraser", optional=True, tooltip="A loaded geom eraser (Load Eraser); overrides source."),
@@ -121,6 +124,10 @@ class GeomNegative(io.ComfyNode):
                 io.String.Output("info", display_name="info", tooltip="Which tokens were used, and any that were dropped."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, source=None, token_set=None, overflow=None) -> bool | str:
+        return check_choices(cls, source=source, token_set=token_set, overflow=overflow)
 
     @classmethod
     def execute(cls, clip, source, token_set, top_k, overflow, negative=None, eraser=None, stack=None) -> io.NodeOutput:

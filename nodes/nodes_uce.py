@@ -32,7 +32,7 @@ from ..adapters.fingerprint import _tensor_digest
 from ..adapters.rece import CONCEPT_TYPES, EditHost, EditSpec, compute_edit, is_cross_attention_kv, save_edit
 from . import comfy_glue
 from .nodes_conceptgate import FOLDER
-from .v3 import CATEGORY, Choice, Eraser
+from .v3 import CATEGORY, Eraser, check_choices
 
 log = logging.getLogger("conceptgate")
 
@@ -127,14 +127,16 @@ class EraseConcepts(io.ComfyNode):
                                "already applied to it included), so compute it on the model you sample with."),
                 io.Clip.Input("clip", tooltip="The CLIP that encodes your prompts (CLIP skip included): the edit uses "
                               "its text vectors exactly as the sampler sees them."),
-                Choice("method", options=["UCE", "RECE"], default="UCE", tooltip="UCE: one closed-form edit mapping "
-                       "the concepts onto the guide. RECE: UCE, then epochs that derive an embedding regenerating the "
-                       "concept and erase it too (more robust to adversarial prompts)."),
+                io.Combo.Input("method", options=["UCE", "RECE"], default="UCE", tooltip="UCE: one closed-form "
+                               "edit mapping the concepts onto the guide. RECE: UCE, then epochs that derive an "
+                               "embedding regenerating the concept and erase it too (more robust to adversarial "
+                               "prompts)."),
                 io.String.Input("concepts", multiline=True, default="", tooltip="Concepts to erase, one per line. "
                                 "Several lines are erased in one joint solve."),
-                Choice("concept_type", options=list(CONCEPT_TYPES), default="object", tooltip="Sets RECE's defaults: "
-                       "object (lam_reg 0.1, 1 epoch, guide ' '), object_hard (lam_reg 0.001), style (0.001, 1 epoch, "
-                       "guide 'art'), nudity (0.1, 3 epochs, guide ' '), unsafe (0.1, 2 epochs)."),
+                io.Combo.Input("concept_type", options=list(CONCEPT_TYPES), default="object", tooltip="Sets RECE's "
+                               "defaults: object (lam_reg 0.1, 1 epoch, guide ' '), object_hard (lam_reg 0.001), style "
+                               "(0.001, 1 epoch, guide 'art'), nudity (0.1, 3 epochs, guide ' '), unsafe (0.1, 2 "
+                               "epochs)."),
                 io.String.Input("guide", default="", tooltip="What the concepts are mapped onto. Empty: the type's "
                                 "default (' ' or 'art'); \"\" means the empty prompt; or a concept such as 'a dog'."),
                 io.String.Input("preserve", multiline=True, default="", tooltip="Concepts to keep unchanged, one per "
@@ -152,9 +154,10 @@ class EraseConcepts(io.ComfyNode):
                 io.Float.Input("preserve_scale", default=0.0, min=0.0, max=100.0, step=0.05, optional=True,
                                tooltip="Weight of the preserve term (a_p); 0 = the published rule max(0.1, 1/#preserve "
                                "prompts)."),
-                Choice("convention", options=["aligned_tail", "last_token"], default="aligned_tail", optional=True,
-                       tooltip="Which token vectors are edited: aligned_tail (old UCE code and RECE: last word + end + "
-                       "padding tokens) or last_token (newer UCE code: one vector per prompt)."),
+                io.Combo.Input("convention", options=["aligned_tail", "last_token"], default="aligned_tail",
+                               optional=True, tooltip="Which token vectors are edited: aligned_tail (old UCE code and "
+                               "RECE: last word + end + padding tokens) or last_token (newer UCE code: one vector per "
+                               "prompt)."),
                 io.String.Input("save_name", default="", optional=True, tooltip="If set, the eraser is also saved as "
                                 "models/conceptgate/<save_name>.safetensors (loads in Load Eraser and in stock LoRA "
                                 "loaders)."),
@@ -169,6 +172,10 @@ class EraseConcepts(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id],  # the node whose progress bar moves
         )
+
+    @classmethod
+    def validate_inputs(cls, method=None, concept_type=None, convention=None) -> bool | str:
+        return check_choices(cls, method=method, concept_type=concept_type, convention=convention)
 
     @classmethod
     def execute(cls, model, clip, method, concepts, concept_type, guide, preserve, epochs, lam, strength,

@@ -17,13 +17,16 @@ Eraser = io.Custom(ERASER)
 Stack = io.Custom(STACK)
 
 
-class Choice(io.Combo.Input):
-    """A dropdown whose type, as ComfyUI lists it to the frontend and to its validator, is its option list,
-    as V1 nodes declare dropdowns. ComfyUI up to 0.7 checks a widget value against a dropdown's options
-    only for that form (a plain V3 ``io.Combo.Input`` is typed ``"COMBO"`` and any value passes
-    validation; 0.8.0 checks both forms), so a queued graph naming a file that is not there is still
-    refused before it runs, with ComfyUI's own message ``NAME: 'VALUE' not in [...]``."""
-
-    def get_io_type(self):
-        return list(self.options or [])
-
+def check_choices(cls, **values) -> bool | str:
+    """A node's ``validate_inputs`` for its dropdowns (``io.Combo`` inputs): ComfyUI up to 0.7 checks a
+    widget value against a dropdown's options only for V1 nodes, so without this a queued graph naming a
+    file that is not there (or a mode no dropdown offers) would run until the node fails, or worse, run.
+    0.8.0 checks V3 dropdowns itself, except those a node's ``validate_inputs`` takes: these. True, or
+    ComfyUI's own wording for every value not offered (a linked value is None here: not known yet)."""
+    bad = []
+    for i in cls.define_schema().inputs:
+        value = values.get(i.id)
+        if isinstance(i, io.Combo.Input) and value is not None and value not in i.options:
+            listed = f"(list of length {len(i.options)})" if len(i.options) > 20 else str(list(i.options))
+            bad.append(f"{i.id}: '{value}' not in {listed}")
+    return "; ".join(bad) or True

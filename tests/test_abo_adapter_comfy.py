@@ -138,7 +138,7 @@ def test_example_workflow_is_consistent_and_names_the_shipped_file(comfy):
             continue
         spec = cls.INPUT_TYPES()
         widgets = [a for s in ("required", "optional") for a, (t, *_) in spec.get(s, {}).items()
-                   if isinstance(t, (list, tuple)) or t in ("STRING", "INT", "FLOAT", "BOOLEAN")]
+                   if isinstance(t, (list, tuple)) or t in ("STRING", "INT", "FLOAT", "BOOLEAN", "COMBO")]
         assert len(n["widgets_values"]) == len(widgets), (n["type"], n["widgets_values"])
     loads = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "ConceptGateLoadEraser"]
     assert loads == [os.path.basename(SHIPPED)] and os.path.exists(SHIPPED)

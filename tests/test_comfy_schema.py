@@ -115,15 +115,20 @@ def rejected(prompt) -> dict:
 
 
 def test_a_file_that_is_not_there_is_refused_before_running(executor):
+    """ComfyUI 0.3.75 does not check a V3 dropdown's value itself: the node's validate_inputs does."""
     g = graph()
     g["load"]["inputs"]["eraser_name"] = "missing.safetensors"
     errors = rejected(g)
-    assert list(errors) == ["load"] and errors["load"][0].startswith("eraser_name: 'missing.safetensors' not in ")
+    assert list(errors) == ["load"] and len(errors["load"]) == 1
+    assert errors["load"][0].startswith("eraser_name - eraser_name: 'missing.safetensors' not in ")
 
 
 @pytest.mark.usefixtures("eraser_dir")
 def test_a_value_no_dropdown_offers_is_refused_before_running(executor):
     g = graph()
     g["apply"]["inputs"]["mode"] = "sideways"
-    assert rejected(g) == {"apply": ["mode: 'sideways' not in ['per-row', 'batch']"]}
+    # ComfyUI files the message under every input that validate_inputs takes (mode and combine)
+    assert rejected(g) == {"apply": [f"{name} - mode: 'sideways' not in ['per-row', 'batch']" for name in ("mode", "combine")]}
+    g["apply"]["inputs"]["combine"] = "multiply"
+    assert "combine: 'multiply' not in ['additive', 'official']" in rejected(g)["apply"][0]
     assert rejected(graph()) == {}

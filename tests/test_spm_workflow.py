@@ -11,7 +11,7 @@ FILES = sorted(glob.glob(os.path.join(REPO, "example_workflows", "spm_*.json")))
 def widget_names(cls):
     spec = cls.INPUT_TYPES()
     return [a for s in ("required", "optional") for a, (t, *_) in spec.get(s, {}).items()
-            if isinstance(t, (list, tuple)) or t in ("STRING", "INT", "FLOAT", "BOOLEAN")]
+            if isinstance(t, (list, tuple)) or t in ("STRING", "INT", "FLOAT", "BOOLEAN", "COMBO")]
 
 
 def test_spm_workflows_are_consistent_graphs():

@@ -242,7 +242,7 @@ def test_example_workflows_use_the_node_with_all_widgets(comfy):
 
     spec = EraseConcepts.INPUT_TYPES()
     widgets = [a for s in ("required", "optional") for a, (t, *_) in spec[s].items()
-               if isinstance(t, list) or t in ("STRING", "INT", "FLOAT", "BOOLEAN")]
+               if isinstance(t, list) or t in ("STRING", "INT", "FLOAT", "BOOLEAN", "COMBO")]
     for f in files:
         wf = json.load(open(f))
         ours = [n for n in wf["nodes"] if n["type"] == "ConceptGateEraseConcepts"]
