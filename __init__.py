@@ -5,7 +5,7 @@ The checkout is three things at once:
 * the ``conceptgate`` Python package (``pip install``), whose host-agnostic core lives in
   :mod:`conceptgate.adapters`;
 * a ComfyUI custom-node pack (dropped into ``ComfyUI/custom_nodes``): ComfyUI imports this file
-  and reads ``NODE_CLASS_MAPPINGS``;
+  and calls ``comfy_entrypoint`` (V3 nodes, ``nodes/``);
 * an AUTOMATIC1111/Forge extension (dropped into ``extensions/``), entered through ``scripts/``.
 
 Importing the package never imports a host: the ComfyUI nodes are only loaded when ComfyUI's own
@@ -16,8 +16,6 @@ import sys
 
 __version__ = "0.1.0"
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 WEB_DIRECTORY = None
 
 
@@ -27,6 +25,14 @@ def _inside_comfyui() -> bool:
 
 
 if _inside_comfyui():
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811,E402
+    # ComfyUI's loader takes a pack's NODE_CLASS_MAPPINGS (V1) when it has one and comfy_entrypoint (V3)
+    # only otherwise, so inside ComfyUI there is no NODE_CLASS_MAPPINGS here
+    from . import nodes as _nodes  # importing it installs the operator lock
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]
+    comfy_entrypoint = _nodes.comfy_entrypoint
+
+    __all__ = ["comfy_entrypoint", "__version__"]
+else:
+    NODE_CLASS_MAPPINGS: dict = {}  # a plain import registers no nodes
+    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]

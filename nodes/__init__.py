@@ -1,8 +1,11 @@
-"""ComfyUI nodes of ConceptGate (imported only when ComfyUI loads the pack)."""
+"""ComfyUI nodes of ConceptGate (imported only when ComfyUI loads the pack), on ComfyUI's V3 schema:
+``comfy_entrypoint`` hands ComfyUI's custom-node loader the ``io.ComfyNode`` classes of every node file."""
 
 from . import lock
 
 lock.install()  # first: the operator lock must be in place even if a node module below fails to import
+
+from comfy_api.latest import ComfyExtension, io  # noqa: E402
 
 from . import nodes_abo, nodes_conceptgate, nodes_geom, nodes_toy, nodes_uce  # noqa: E402
 from ..adapters.progress import register_host_bar  # noqa: E402
@@ -16,14 +19,17 @@ def _comfy_bar(total):  # long work inside a node (calibration on first use, tra
 
 register_host_bar(_comfy_bar)
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (nodes_conceptgate, nodes_uce, nodes_toy, nodes_geom, nodes_abo):
-    for _cls in getattr(_module, "NODES", ()):  # V3 nodes (io.ComfyNode): id and display name from the schema
-        _schema = _cls.GET_SCHEMA()
-        NODE_CLASS_MAPPINGS[_schema.node_id] = _cls
-        NODE_DISPLAY_NAME_MAPPINGS[_schema.node_id] = _schema.display_name
-    NODE_CLASS_MAPPINGS.update(getattr(_module, "NODE_CLASS_MAPPINGS", {}))  # V1 nodes
-    NODE_DISPLAY_NAME_MAPPINGS.update(getattr(_module, "NODE_DISPLAY_NAME_MAPPINGS", {}))
+NODES = [*nodes_conceptgate.NODES, *nodes_uce.NODES, *nodes_toy.NODES, *nodes_geom.NODES, *nodes_abo.NODES]
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+class ConceptGateExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> ConceptGateExtension:
+    """What ComfyUI's loader (``nodes.load_custom_node``) calls for a pack without ``NODE_CLASS_MAPPINGS``."""
+    return ConceptGateExtension()
+
+
+__all__ = ["NODES", "comfy_entrypoint"]

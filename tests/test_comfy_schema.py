@@ -106,6 +106,23 @@ def test_nodes_are_v3(executor):
         assert cls.GET_SCHEMA().node_id == name
 
 
+def test_comfyui_registers_the_pack_through_comfy_entrypoint(executor):
+    """ComfyUI's loader reads NODE_CLASS_MAPPINGS when a pack has one and comfy_entrypoint only otherwise: the
+    pack ComfyUI imported offers only the entry point, whose node list is what ComfyUI registered."""
+    import sys
+
+    import nodes
+    from comfy_host import REPO
+
+    pack = sys.modules[REPO.replace(".", "_x_")]  # the module ComfyUI's loader made of the checkout
+    assert getattr(pack, "NODE_CLASS_MAPPINGS", None) is None and callable(pack.comfy_entrypoint)
+    listed = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
+    assert sorted(cls.GET_SCHEMA().node_id for cls in listed) == sorted(INTERFACE)
+    for cls in listed:
+        assert nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] is cls
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[cls.GET_SCHEMA().node_id] == INTERFACE[cls.GET_SCHEMA().node_id][0]
+
+
 def rejected(prompt) -> dict:
     """ComfyUI's own validation of an API-format prompt: {node id: [error details]} ({} when it is accepted)."""
     import execution
