@@ -486,7 +486,9 @@ def test_uce_vectors_both_conventions_and_encoding_cache():
     # end to end: a long preserve list defaults to a_p = 0.1
     w = {"mid_block.attentions.0.transformer_blocks.0.attn2.to_k": randn(6, HD, seed=71)}
     res = uce_edit_vectors(w, old)
-    assert res.params["preserve_scale"] == 0.1 and res.rank == L - 1
+    # one rank per erase vector (L - 1 of them), at most the width HD: (delta, identity) factors beyond it
+    assert res.params["preserve_scale"] == 0.1 and res.params["n_erase_vectors"] == L - 1
+    assert res.rank == min(L - 1, HD)
 
 
 def test_encoding_cache_by_key_and_eviction():

@@ -410,12 +410,17 @@ def uce_edit(weights: Mapping[str, torch.Tensor], erase, guide, preserve=None,
         cg = g_rows.to(device=device, dtype=_F64)
         down, m = _uce_shared_solve(c, pres, lam, a_e, a_p)
         diff_t = (cg - c).T.contiguous()                                # d x n
+        # more erase vectors than the context width (an edit in context: tens of thousands of rows): the
+        # exact factors would be larger than the delta itself, so they become (delta, identity), still exact
+        compact = c.shape[0] > c.shape[1]
+        eye = torch.eye(c.shape[1], dtype=_F64, device=device) if compact else None
         if method == "lowrank":
             for name in names:
                 w = weights[name]
                 up = (w.to(_F64) @ diff_t).mul_(a_e)                    # out x n
-                deltas[name] = (up @ down).to(w.dtype)
-                factors[name] = (up, down)
+                full = up @ down
+                deltas[name] = full.to(w.dtype)
+                factors[name] = (full, eye) if compact else (up, down)
         else:
             # Literal bracket form: W_new^T = M^-1 (lam W^T + a_e C^T C* W^T + a_p G W^T),
             # one solve with all layers' columns stacked as right-hand sides.
@@ -430,9 +435,9 @@ def uce_edit(weights: Mapping[str, torch.Tensor], erase, guide, preserve=None,
                 n_out = w.shape[0]
                 deltas[name] = (w_new[off:off + n_out] - w64[off:off + n_out]).to(w.dtype)
                 up = (w64[off:off + n_out] @ diff_t).mul_(a_e)
-                factors[name] = (up, down)
+                factors[name] = (up @ down, eye) if compact else (up, down)
                 off += n_out
-    return EditResult(deltas, factors=factors, rank=int(e_rows.shape[0]),
+    return EditResult(deltas, factors=factors, rank=min(int(e_rows.shape[0]), d),
                       params={"method": "uce", "lam": lam, "erase_scale": a_e,
                               "preserve_scale": a_p, "n_erase_vectors": int(e_rows.shape[0]),
                               "n_preserve_vectors": 0 if pres is None else pres.n_vectors,
