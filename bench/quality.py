@@ -274,9 +274,12 @@ def make_edit_erasers(pipe, edits=DEFAULT_EDITS, out_dir: str | None = None, log
         t = resolve_concept(ed["concept"])
         preserve = tuple(v[0] for i, v in kind_names(t.kind).items() if i != t.index) if t and t.kind in KINDS else ()
         t0 = time.time()
+        # synonyms / context: ConceptGate's in-context edit (EditSpec), e.g. synonyms="toy" for the toy names
+        synonyms = tuple(kind_names(t.kind)[t.index][1:]) if ed.get("synonyms") == "toy" and t else ed.get("synonyms", ())
         o = compute_edit(host, method=ed["method"], concepts=(ed["concept"],), guide=ed.get("guide"),
                          preserve=preserve, concept_type=ed.get("concept_type", "object"), cache=None,
-                         name=f"{ed['method']}-{ed['concept']}")
+                         synonyms=tuple(synonyms), context=ed.get("context", ""),
+                         name=ed.get("name") or f"{ed['method']}-{ed['concept']}")
         o.eraser.gate = calibrator.calibrate(o.eraser.concepts)
         if out_dir:
             save_edit(o, os.path.join(out_dir, f"{o.eraser.name}.safetensors"))
