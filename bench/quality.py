@@ -1,8 +1,10 @@
 """Quality benchmark on the toy world (issue 3): what an eraser stack erases and what it keeps.
 
-``python -m conceptgate bench quality [--full] [--stack MANIFEST ...] [--json PATH]`` evaluates the
-base model, UCE / RECE erasers computed on the fly (one object, one style) and any stack manifests,
-and writes the ``quality`` section of ``BENCHMARKS.md`` (plus JSON).
+``python -m conceptgate bench quality [--full] [--stack MANIFEST ...] [--peers [KINDS]] [--json PATH]`` evaluates
+the base model, UCE / RECE erasers computed on the fly (one object, one style) and any stack manifests,
+and writes the ``quality`` section of ``BENCHMARKS.md`` (plus JSON). ``--peers`` adds what users would pick
+instead (negative prompt, Safe Latent Diffusion presets, ESD-x; :mod:`.peers`) on the same prompts, seeds and
+judges, the shipped erasers for the same targets, and a verdict per target.
 
 Metrics (UnlearnCanvas' definitions, adapted to the toy world; the learned judges decide):
 
@@ -290,6 +292,34 @@ def make_edit_erasers(pipe, edits=DEFAULT_EDITS, out_dir: str | None = None, log
     return erasers
 
 
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toyworld", "erasers")
+
+
+def shipped_configs(pipe, targets, folder: str = SHIPPED_DIR, log=None) -> list:
+    """``[(file stem, one-entry stack)]`` for every shipped eraser file in ``folder`` whose concepts are all
+    among ``targets`` and that fits ``pipe``'s UNet (each with its default gate, as a user loads it)."""
+    import glob
+
+    from ..adapters.diffusers_host import check_stack_fits
+    from ..adapters.files import load_eraser
+    from ..adapters.stack import EraserStack
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        try:
+            e = load_eraser(path)
+            ts = eraser_targets(e)
+            if not ts or any((t.kind, t.index) not in {(x.kind, x.index) for x in targets} for t in ts):
+                continue
+            st = check_stack_fits(EraserStack().with_eraser(e), pipe.unet)
+        except Exception as err:  # a shipped file that does not load or fit is reported, not fatal
+            if log:
+                log(f"skipping {os.path.basename(path)}: {err}")
+            continue
+        out.append((os.path.splitext(os.path.basename(path))[0], st))
+    return out
+
+
 # ------------------------------------------------------------------------------------ the report
 
 
@@ -362,8 +392,8 @@ def render_markdown(result: dict) -> str:
     rows = []
     for ci, c in enumerate(result["configs"]):
         for t in c["result"]["targets"]:
-            if ci > 0 and not t["erasers"]:
-                continue  # an eraser config is listed on its own targets (all are in the JSON)
+            if ci > 0 and not t["erasers"] and t["keyword"] != (c.get("peer") or {}).get("target"):
+                continue  # an eraser or peer config is listed on its own targets (all are in the JSON)
             for sname, m in t["sets"].items():
                 rows.append({"config": c["name"], "target": f"{t['keyword']} ({t['kind']})", "set": sname,
                              "ua": _f(m["ua"]), "ira": _f(m.get("ira")), "cra": _f(m.get("cra")), "mean": _f(m.get("mean")),
@@ -382,6 +412,11 @@ def render_markdown(result: dict) -> str:
         lines.append(table(rows, [("config", "config"), ("target", "target"), ("set", "prompts"), ("n", "target imgs"),
                                   ("ua", "UA"), ("ira", "IRA"), ("cra", "CRA"), ("mean", "mean"),
                                   ("garbage", "garbage"), ("keep", "keep"), ("repl", "replacement")]))
+    if any("peer" in c for c in result["configs"]):
+        from .peers import render_peers
+
+        lines.extend(render_peers(result))
+        lines.append("")
     rows = []
     for c in result["configs"]:
         for name, g in c["result"]["gates"].items():
@@ -451,12 +486,15 @@ def _notes(result: dict) -> list[str]:
                      f"only {100 * ag['object_agreement']:.0f}% / {100 * ag['watermark_agreement']:.0f}% of base-model "
                      "generations: generated silhouettes and glyphs are softer than renders, so the hand-crafted "
                      "checks are a sanity check on renders, not a second judge of generations.")
-    rules = sorted({g.get("rule", "?") for g in (result.get("gates") or {}).values()})
+    rules = sorted({g.get("rule", "?") for c in result.get("configs", ()) for g in (c["result"].get("gates") or {}).values()})
     notes.append("UCE/RECE erasers are computed on the fly on the committed model (guide = the neutral anchor of their "
                  "kind, preserve = the other keywords of that kind), their context gate calibrated as `edit --model toy` "
                  f"does, and applied through GatedPipeline with each eraser's default gate rule ({', '.join(rules)}). "
                  "Where the gate is 0 the images are bit-identical to the base model's, so equal IRA/CRA rows are "
                  "expected.")
+    from .peers import peer_notes
+
+    notes.extend(peer_notes(result))
     if result.get("tier") == "quick":
         notes.append("Quick tier: few prompts per set; intervals are wide. `--full` for release numbers.")
     rt = result.get("runtime")
@@ -465,6 +503,12 @@ def _notes(result: dict) -> list[str]:
                      f"({rt['seconds_per_image']:.2f} s/image, {rt['torch_threads']} torch thread(s)), "
                      f"{result['seconds']:.0f} s in all; 1-minute load average {rt['load_average_start']:.1f} at the "
                      f"start and {rt['load_average_end']:.1f} at the end (other jobs shared these 2 cores).")
+        if rt.get("peer_configs"):
+            notes.append(f"What the peers add to the run: {rt['peer_configs']} peer rows, {rt['peer_images']} images, "
+                         f"{rt['peer_seconds']:.0f} s of evaluation plus {rt['peer_setup_seconds']:.0f} s of set-up "
+                         "(ESD-x training or loading from the cache, the SLD pipelines); the shipped erasers added as "
+                         f"ConceptGate rows ({', '.join(rt.get('shipped_configs') or []) or 'none'}) are in the "
+                         "generation time above. `--peers` is opt-in; CI's quick tier runs without it.")
     return notes
 
 
@@ -506,6 +550,14 @@ def run_quality(args) -> int:
             for t in eraser_targets(e.eraser):
                 if t not in targets:
                     targets.append(t)
+    from . import peers as P
+
+    peer_kinds = P.parse_kinds(getattr(args, "peers", None))
+    shipped_names = []
+    if peer_kinds:  # ConceptGate's shipped erasers for the targets the peers are run on join as eraser rows
+        shipped = shipped_configs(pipe, targets, log=say)
+        configs.extend(shipped)
+        shipped_names = [n for n, _ in shipped]
     from ..adapters.progress import iterate
 
     results = []
@@ -514,6 +566,17 @@ def run_quality(args) -> int:
         r = evaluate_stack(pipe, judges, st, targets=targets, tier=cfg, log=say)
         r["tier"] = tier
         results.append({"name": name, "result": r})
+    peer_setup = 0.0
+    if peer_kinds:
+        cache = getattr(args, "peer_cache", None) or P.DEFAULT_CACHE
+        peer_targets = [t for t in targets if t.kind in KINDS]
+        t_setup = time.time()
+        peers = P.build_peers(pipe, peer_targets, peer_kinds, esd_iterations=getattr(args, "esd_iterations", None),
+                              esd_ddim_steps=int(cfg["steps"]), cache_dir=cache, log=say)
+        peer_setup = time.time() - t_setup
+        for c in P.evaluate_peers(pipe, judges, peers, targets, cfg, evaluate_stack, log=say):
+            c["result"]["tier"] = tier
+            results.append(c)
     base = results[0]["result"]
     say("== judges")
     judges_res = evaluate_judges(judges, cfg["judge_renders"], cfg["agreement_renders"],
@@ -526,11 +589,22 @@ def run_quality(args) -> int:
               "runtime": {"images": n_img, "generation_seconds": gen_s, "seconds_per_image": gen_s / max(n_img, 1),
                           "torch_threads": torch.get_num_threads(), "load_average_start": load_start,
                           "load_average_end": os.getloadavg()[0]}}
+    if any("peer" in c for c in results):
+        result["peer_verdicts"] = P.peer_verdicts(result["configs"])
+        result["costs"] = P.cost_rows(result["configs"])
+        pr = [r for r in results if "peer" in r]
+        result["runtime"].update(
+            peer_configs=len(pr), peer_images=sum(m["n_images"] for r in pr for m in r["result"]["sets"].values()),
+            peer_seconds=sum(r["result"]["seconds"] for r in pr), peer_setup_seconds=peer_setup,
+            shipped_configs=[c["name"] for c in results if "peer" not in c and c["name"] in shipped_names])
     result["notes"] = _notes(result)
     body = render_markdown(result)
     json_path = args.json or os.path.join(ROOT, "benchmarks.json")
     cmd = COMMAND + (" --full" if args.full else "") + "".join(f" --stack {s}" for s in args.stack or [])
-    cmd += "".join(f" --{k} {getattr(args, k)}" for k in ("seeds", "steps", "threads") if getattr(args, k, None))
+    if peer_kinds:
+        cmd += " --peers" + ("" if peer_kinds == P.PEER_KINDS else f" {','.join(peer_kinds)}")
+    cmd += "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("seeds", "steps", "threads", "esd_iterations")
+                   if getattr(args, k, None))
     result["command"] = cmd
     write_section("quality" if tier == "quick" else "quality-full",
                   f"Quality on the toy world ({tier} tier)", body, cmd, data=result, json_path=json_path)
@@ -569,6 +643,14 @@ def add_quality_cli(sub):
     s.add_argument("--seeds", type=int, default=None, help="override seeds per prompt")
     s.add_argument("--steps", type=int, default=None, help="override DDIM steps (stated in the output)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    s.add_argument("--peers", nargs="?", const="all", default=None, metavar="KINDS",
+                   help="also run the peers (issue 17) on the run's targets: negative prompt, Safe Latent Diffusion "
+                        "presets, ESD-x (published recipe and toy caption templates); 'all' (default) or a comma "
+                        "list of negative,sld,esd. Adds the shipped erasers for those targets as ConceptGate rows")
+    s.add_argument("--peer-cache", default=None, metavar="DIR",
+                   help="where trained ESD-x weights are cached (default ~/.cache/conceptgate/peers)")
+    s.add_argument("--esd-iterations", type=int, default=None,
+                   help="override ESD-x iterations (published: 1000; stated in the output)")
     s.add_argument("--from-json", default=None, help="only re-render the BENCHMARKS.md section from a saved JSON")
     s.add_argument("--json", default=None, help="also write the numbers here (default: benchmarks.json)")
     s.set_defaults(func=run_quality)
