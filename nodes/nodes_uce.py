@@ -31,7 +31,7 @@ from ..adapters.stack import EraserStack
 from ..adapters.fingerprint import _tensor_digest
 from ..adapters.rece import CONCEPT_TYPES, EditHost, EditSpec, compute_edit, is_cross_attention_kv, save_edit
 from . import comfy_glue
-from .nodes_conceptgate import FOLDER
+from .nodes_conceptgate import FOLDER, SHIPPED
 from .v3 import CATEGORY, Eraser, check_choices
 
 log = logging.getLogger("conceptgate")
@@ -199,7 +199,12 @@ class EraseConcepts(io.ComfyNode):
         name = save_name.strip() or None
         outcome = compute_edit(ComfyEditHost(model, clip), spec, progress=progress, name=name)
         if name:
-            folder = folder_paths.get_folder_paths(FOLDER)[0]
+            # the first writable conceptgate folder, never the package's shipped (read-only) one
+            folder = next((p for p in folder_paths.get_folder_paths(FOLDER)
+                           if os.path.abspath(p) != os.path.abspath(SHIPPED)), None)
+            if folder is None:
+                raise ValueError("Erase Concepts: no models/conceptgate folder to save into (only the shipped one, "
+                                 "which is read-only); clear save_name or add the folder")
             fname = name if name.endswith(".safetensors") else name + ".safetensors"
             save_edit(outcome, os.path.join(folder, os.path.basename(fname)))
         patched = edited_model(model, outcome.eraser, strength)

@@ -218,6 +218,21 @@ def test_node_in_executor_saves_a_file_the_stock_loader_matches(executor, model_
     assert "gate 0.000" in outputs["apply"]["text"][0] and torch.equal(other, other_base)
 
 
+def test_node_never_saves_into_the_shipped_folder(executor, model_dir, monkeypatch):
+    """The shipped erasers' folder is registered read-only: with it first in the list, the file still goes to
+    the user's models/conceptgate folder (a run once left a file inside the package)."""
+    import folder_paths
+
+    from conceptgate.nodes.nodes_conceptgate import SHIPPED
+
+    paths, exts = folder_paths.folder_names_and_paths["conceptgate"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "conceptgate",
+                        ([SHIPPED] + [p for p in paths if p != SHIPPED], exts))
+    run(executor, erase_graph(save_name="not_in_the_package"))
+    assert os.path.isfile(model_dir / "not_in_the_package.safetensors")
+    assert not os.path.exists(os.path.join(SHIPPED, "not_in_the_package.safetensors"))
+
+
 def test_rece_node_reports_progress(executor, model_dir):
     import comfy.utils
 
