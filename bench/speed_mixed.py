@@ -40,7 +40,7 @@ def bench_mixed(steps: int = 20, repeats: int = 5, write: bool = True, json_path
         stack = EraserStack()
         for n in names:
             stack = stack.with_eraser(erasers[n], gate=always)
-        out = N.ApplyStack().apply(model, clip, stack, positive, "per-row", "additive", negative=negative)["result"]
+        out = N.ApplyStack.execute(model, clip, stack, positive, "per-row", "additive", negative=negative).result
         return out[0], out[2]
 
     configs = {"vanilla": (lambda: (model, negative))}
