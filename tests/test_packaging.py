@@ -81,3 +81,18 @@ def test_the_wheel_leaves_the_development_scripts_out():
     deps = " ".join(cfg["project"]["dependencies"]) + open(os.path.join(ROOT, "requirements.txt")).read()
     assert "einops" not in deps and "einops" not in open(os.path.join(ROOT, "install.py")).read()
     assert "tqdm" in deps
+
+
+def test_registry_icon_is_a_file_of_this_repository():
+    """ComfyUI's registry shows ``[tool.comfy] Icon``: a raw URL of an SVG that this checkout ships."""
+    import tomllib
+    import xml.etree.ElementTree as ET
+
+    cfg = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
+    icon = cfg["tool"]["comfy"]["Icon"]
+    repo = cfg["project"]["urls"]["Repository"].removeprefix("https://github.com/")
+    prefix = f"https://raw.githubusercontent.com/{repo}/main/"
+    assert icon.startswith(prefix), icon
+    path = os.path.join(ROOT, icon[len(prefix):])
+    root = ET.parse(path).getroot()
+    assert root.tag.endswith("svg") and root.get("viewBox") == "0 0 256 256"
