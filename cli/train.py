@@ -57,7 +57,8 @@ def cmd_train_spm(args) -> int:
                        la_strength=args.la_strength, anchors=args.anchors, anchor_mode=args.anchor_mode,
                        eta=args.eta, rank=args.rank, alpha=args.alpha, warmup=args.warmup, cycles=args.cycles,
                        ddim_steps=args.ddim_steps, cfg=args.cfg, resolution=args.resolution, seed=args.seed,
-                       save_every=args.save_every, templates=_templates(args.templates, args.concept))
+                       save_every=args.save_every, templates=_templates(args.templates, args.concept),
+                       lora_backend=args.lora_backend)
     (unet, text_encoder, tokenizer, sched), seconds = _load_parts(args.model)
     trainer = LatentAnchoringTrainer(unet, text_encoder, tokenizer, sched, config, device=args.device,
                                      clip_skip=args.clip_skip)
@@ -104,6 +105,9 @@ def _add_spm(tsub) -> None:
                         '"a {} on a table|a photo of {}"; each template has one {} for the concept')
     p.add_argument("--deadline-min", type=float, default=None,
                    help="stop after this many minutes and still write --out (iterations run recorded; --resume continues)")
+    p.add_argument("--lora-backend", choices=["peft", "hooks"], default="peft",
+                   help="how the trained factors meet the frozen UNet: peft's LoRA layers on a weight-sharing view "
+                        "(default) or forward hooks; the same function and the same file")
     add_run_options(p, save_every=500, name_default="the concept")
     p.set_defaults(func=cmd_train_spm)
 
@@ -121,7 +125,8 @@ def cmd_train_abo(args) -> int:
                        iterations=args.iterations, lr=args.lr, batch=args.batch, rank=args.rank, alpha=args.alpha,
                        modules=args.modules, context=context, pool_size=args.pool_size, pool_from=args.pool_from,
                        pool_steps=args.pool_steps, pool_cfg=args.pool_cfg, warmup=args.warmup,
-                       resolution=args.resolution, seed=args.seed, save_every=args.save_every)
+                       resolution=args.resolution, seed=args.seed, save_every=args.save_every,
+                       lora_backend=args.lora_backend)
     (unet, text_encoder, tokenizer, sched), seconds = _load_parts(args.model)
     trainer = ABOTrainer(unet, text_encoder, tokenizer, sched, config, device=args.device, clip_skip=args.clip_skip)
     log(f"loaded in {seconds:.1f} s: rank-{config.rank} adapter on {len(trainer.adapter.names)} "
@@ -173,6 +178,9 @@ def _add_abo(tsub):
     p.add_argument("--warmup", type=int, default=None, help="warmup iterations (default 5%% of the iterations)")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the UNet's sample_size x 8)")
     p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--lora-backend", choices=["peft", "hooks"], default="peft",
+                   help="how the trained factors meet the frozen UNet: peft's LoRA layers on a weight-sharing view "
+                        "(default) or forward hooks; the same function and the same file")
     add_run_options(p, save_every=100, name_default="'concept -> alternative'")
     p.set_defaults(func=cmd_train_abo)
     return p

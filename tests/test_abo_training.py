@@ -190,9 +190,11 @@ def test_saved_adapter_stacks_and_gates_like_a_membrane(tokenizer, tmp_path):
     randomise_up(tr.adapter)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.full((2,), 500), torch.randn(2, 77, 64)
     with torch.no_grad(), tr.adapter.on(1.0):
-        trained = tr.unet(x, t, ctx).sample
+        trained = tr.net(x, t, ctx).sample  # the trainer's UNet with the adapter
+        untouched = tr.unet(x, t, ctx).sample  # the user's UNet: no adapter in it, even while training
     with torch.no_grad():
         base = tr.unet(x, t, ctx).sample
+    assert torch.equal(untouched, base) and (trained - base).abs().max() > 1e-3
     path = str(tmp_path / "s.safetensors")
     tr.save(path)
     tr.close()

@@ -21,10 +21,12 @@ Choices beyond the abstract (each an option; defaults measured on the toy world,
 * **the adapter**: a rank-``r`` LoRA (``lora_down`` kaiming-uniform a=sqrt(5), ``lora_up`` zeros, so
   it starts as the identity) on a module set: ``attn2_kv`` (cross-attention key/value projections:
   acts on the text tokens only), ``attn2`` (all cross-attention projections) or ``spm`` (every
-  Linear/Conv2d of every transformer, SPM's set). Applied by forward hooks
-  (:class:`~conceptgate.adapters.spm.Membranes`): the user's UNet is never written. peft's
-  ``inject_adapter_in_model`` would replace the UNet's Linear modules in place, which this project
-  does not do to a user's model, and the result has to be exported as kohya keys anyway.
+  Linear/Conv2d of every transformer, SPM's set). The factors are
+  :class:`~conceptgate.adapters.spm.Membranes`; ``lora_backend`` says how they meet the frozen UNet:
+  ``"peft"`` (default) puts peft's LoRA layers into a weight-sharing view of the UNet
+  (:mod:`~conceptgate.adapters.peft_view`: peft's ``inject_adapter_in_model`` replaces modules by
+  assignment, so it is given a copy of the module tree, never the user's), ``"hooks"`` uses forward
+  hooks. Same function, same factors (``tests/test_lora_backend.py``); the file is kohya keys either way.
 * **prompts in context**: ``c_e`` are caption templates with the concept filled in (for the toy
   world its own training templates with random colour and style, keyword and synonym names; for
   other models a small set of generic templates), ``c_a`` the *same* template with the alternative
@@ -56,6 +58,7 @@ from ..eraser import Eraser
 from ..naming import layout_from_diffusers_config
 from ..prompts import GENERIC_TEMPLATES, prompt_pairs  # noqa: F401  (re-exported)
 from ..spm import Membranes
+from ..spm.membranes import LORA_BACKENDS
 from ..training import CheckpointedTrainer, TrainResult  # noqa: F401  (TrainResult: re-exported)
 
 MODULE_SETS = ("attn2_kv", "attn2", "spm")
@@ -85,9 +88,14 @@ class ABOConfig:
     weight_decay: float = 0.0
     resolution: int | None = None  # pixels; None: unet.config.sample_size * 8
     seed: int = 0
+    # how the trainable factors meet the frozen UNet (Membranes.bind): "peft" (peft's LoRA layers on a
+    # weight-sharing view, the user's UNet untouched) or "hooks" (forward hooks); same function, same file
+    lora_backend: str = "peft"
     save_every: int = 100
 
     def __post_init__(self):
+        if self.lora_backend not in LORA_BACKENDS:
+            raise ValueError(f"unknown LoRA backend {self.lora_backend!r} ({', '.join(LORA_BACKENDS)})")
         if not str(self.concept).strip():
             raise ValueError("the concept to erase is empty")
         if self.alternative.strip().lower() == self.concept.strip().lower():
@@ -148,7 +156,7 @@ class ABOTrainer(CheckpointedTrainer):
 
     ``train()`` runs to ``config.iterations`` (resuming from ``checkpoint_dir/state.pt`` when asked),
     writing ``<name>_<i>steps.safetensors`` and the resumable state every ``save_every`` iterations.
-    The UNet and text encoder are frozen and never written (forward hooks).
+    The UNet and text encoder are frozen and never written (peft view or forward hooks, ``lora_backend``).
     """
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler_config: dict, config: ABOConfig,
@@ -158,7 +166,7 @@ class ABOTrainer(CheckpointedTrainer):
         self.setup_frozen_models(config, unet, text_encoder, tokenizer, scheduler_config, device, clip_skip)
         self.adapter = Membranes(self.unet, module_names(self.unet, config.modules), config.rank,
                                  config.scale_alpha, self.generator).to(self.device)
-        self.adapter.attach(self.unet)
+        self.net = self.adapter.bind(self.unet, config.lora_backend)  # the UNet as the loss calls it
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.lr_schedule = get_cosine_schedule_with_warmup(self.optimizer, config.warmup_steps, config.iterations)
         self.pairs = prompt_pairs(config.concept, config.alternative, config.context)
@@ -180,7 +188,7 @@ class ABOTrainer(CheckpointedTrainer):
 
     # ---------------------------------------------------------------- pieces
     def predict(self, latents: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(latents, t.to(self.device), encoder_hidden_states=context).sample
+        return self.net(latents, t.to(self.device), encoder_hidden_states=context).sample
 
     @torch.no_grad()
     def build_pool(self, log: Callable[[str], None] | None = None, batch: int = 32):

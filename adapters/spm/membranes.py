@@ -16,6 +16,10 @@ from ..hooks import Scoped
 from ..naming import layout_from_diffusers_config
 
 # ----------------------------------------------------------------------------- the membranes
+# how a trainer applies its factors to the frozen UNet (Membranes.bind): peft's LoRA layers on a
+# weight-sharing view of the UNet, or this module's forward hooks; the same function either way
+LORA_BACKENDS = ("peft", "hooks")
+
 def fill_template(template: str, text: str) -> str:
     """``template`` with ``{}`` replaced by ``text``, whitespace collapsed (an empty surrogate leaves no gap)."""
     return " ".join(template.replace("{}", text).split()).replace(" ,", ",")
@@ -58,12 +62,43 @@ class Membranes(nn.Module):
             _kaiming_uniform(down, math.sqrt(5), generator)
             self.down[_key(name)] = nn.Parameter(down)
             self.up[_key(name)] = nn.Parameter(up)
+        self._peft_layers: list = []
         self.multiplier = 0.0
         self._handles: list = []
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def multiplier(self) -> float:
+        return self._multiplier
+
+    @multiplier.setter
+    def multiplier(self, value: float):
+        self._multiplier = float(value)
+        for layer in self._peft_layers:  # the peft backend: its layers carry the scale
+            layer.scaling["default"] = self._multiplier * self.scale
+            layer._disable_adapters = self._multiplier == 0.0  # the frozen model's calls skip the factors
+
+    # ---------------------------------------------------------------- applying them
+    def bind(self, unet: nn.Module, backend: str = "hooks") -> nn.Module:
+        """The module to call for the UNet with the membranes: ``"hooks"`` attaches forward hooks to
+        ``unet`` and returns it; ``"peft"`` returns a view of ``unet`` with peft's LoRA layers in place of
+        the target modules, sharing ``unet``'s weights and these factors (:mod:`..peft_view`); ``unet``
+        itself is left as it was. Both compute the same function."""
+        if backend == "hooks":
+            self.attach(unet)
+            return unet
+        if backend != "peft":
+            raise ValueError(f"unknown LoRA backend {backend!r} (hooks, peft)")
+        from ..peft_view import inject_lora, shared_view
+
+        view = shared_view(unet, self.names)
+        self._peft_layers = inject_lora(view, {n: self.down[_key(n)] for n in self.names},
+                                        {n: self.up[_key(n)] for n in self.names}, self.rank, self.alpha)
+        self.multiplier = self._multiplier
+        return view
 
     # ---------------------------------------------------------------- hooks
     def attach(self, unet: nn.Module) -> "Membranes":

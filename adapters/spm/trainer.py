@@ -5,8 +5,9 @@ trainer.
 
 A *membrane* is a rank-1 LoRA (``lora_down`` kaiming-uniform a=sqrt(5), ``lora_up`` zeros, alpha 1) on
 every Linear/Conv2d of every transformer of a diffusers ``UNet2DConditionModel``
-(``layout.modules("spm")``, 192 modules on SD1.x). It acts through forward hooks
-(``y = W x + b + multiplier * (alpha/rank) * U(D(x))``); the UNet's weights are never written.
+(``layout.modules("spm")``, 192 modules on SD1.x): ``y = W x + b + multiplier * (alpha/rank) * U(D(x))``.
+While training it acts through peft's LoRA layers on a weight-sharing view of the UNet
+(``lora_backend="peft"``, default) or through forward hooks (``"hooks"``); the user's UNet is never written.
 
 One iteration of Latent Anchoring (reference notes, section 1.4)::
 
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 
 from ..eraser import Eraser
 from ..training import CheckpointedTrainer, TrainResult  # noqa: F401  (TrainResult: re-exported)
-from .membranes import Membranes, fill_template, latent_anchor_loss, sample_anchors, spm_module_names
+from .membranes import LORA_BACKENDS, Membranes, fill_template, latent_anchor_loss, sample_anchors, spm_module_names
 
 ANCHOR_MODES = ("fixed", "official_quirk")
 REFERENCE_ITERATIONS = 3000
@@ -82,6 +83,9 @@ class SPMConfig:
     resolution: int | None = None  # pixels; None: unet.config.sample_size * 8
     weight_decay: float = 0.01  # torch AdamW's default (bitsandbytes AdamW8bit uses the same)
     seed: int = 0
+    # how the trainable factors meet the frozen UNet (Membranes.bind): "peft" (peft's LoRA layers on a
+    # weight-sharing view, the user's UNet untouched) or "hooks" (forward hooks); same function, same file
+    lora_backend: str = "peft"
     save_every: int = 500
     # Beyond the reference (non-official): prompts with "{}" where the concept goes. Each iteration
     # picks one; the target prompt is the template with the concept, the surrogate prompt the same
@@ -90,6 +94,8 @@ class SPMConfig:
     templates: tuple = ()
 
     def __post_init__(self):
+        if self.lora_backend not in LORA_BACKENDS:
+            raise ValueError(f"unknown LoRA backend {self.lora_backend!r} ({', '.join(LORA_BACKENDS)})")
         self.templates = tuple(self.templates)
         for t in self.templates:
             if t.count("{}") != 1:
@@ -135,7 +141,7 @@ class LatentAnchoringTrainer(CheckpointedTrainer):
         self.setup_frozen_models(config, unet, text_encoder, tokenizer, scheduler_config, device, clip_skip)
         self.membranes = Membranes(self.unet, spm_module_names(self.unet), config.rank, config.alpha,
                                    self.generator).to(self.device)
-        self.membranes.attach(self.unet)
+        self.net = self.membranes.bind(self.unet, config.lora_backend)  # the UNet as the loss calls it
         self.optimizer = torch.optim.AdamW(self.membranes.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
@@ -162,7 +168,7 @@ class LatentAnchoringTrainer(CheckpointedTrainer):
     # ---------------------------------------------------------------- pieces
     def predict(self, latents: torch.Tensor, context: torch.Tensor, t) -> torch.Tensor:
         t = torch.as_tensor(t, device=self.device).reshape(-1).expand(latents.shape[0])
-        return self.unet(latents, t, encoder_hidden_states=context).sample
+        return self.net(latents, t, encoder_hidden_states=context).sample
 
     @torch.no_grad()
     def trajectory(self, k: int, noise: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
