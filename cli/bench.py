@@ -31,6 +31,11 @@ def run_speed(args) -> int:
 
         out = bench_uce_rece(json_path=json_path, repeats=args.repeats)
         print(out[1] if isinstance(out, tuple) else out)
+    if args.what in ("lora", "all"):
+        from ..bench.speed_lora import bench_lora
+
+        _, body = bench_lora(iterations=args.iterations, json_path=json_path)
+        print(body)
     return 0
 
 
@@ -45,12 +50,13 @@ def run_rece_attack(args) -> int:
 
 def _add_speed(sub):
     s = sub.add_parser("speed", help=HELP["speed"])
-    s.add_argument("what", nargs="?", default="all", choices=["spm", "uce", "mixed", "all"],
+    s.add_argument("what", nargs="?", default="all", choices=["spm", "uce", "mixed", "lora", "all"],
                    help="spm: membrane stack on full SD1.5; uce: UCE/RECE solves; mixed: one stack of four kinds on the "
-                        "toy model against the sum of its parts")
+                        "toy model against the sum of its parts; lora: the trainers' peft and hooks backends")
     s.add_argument("--steps", type=int, default=20, help="sampling steps (spm)")
     s.add_argument("--latent", type=int, default=32, help="latent side (spm); 32 = 256x256 pixels")
     s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--iterations", type=int, default=12, help="training iterations per backend (lora)")
     s.add_argument("--json", default=None, help="also write the numbers here (default: benchmarks.json)")
     s.set_defaults(func=run_speed)
     return s
