@@ -23,11 +23,16 @@ def machine() -> str:
 
 
 def write_section(key: str, title: str, body: str, command: str, path: str | None = None, data: dict | None = None,
-                  json_path: str | None = None) -> str:
+                  json_path: str | None = None, measured: dict | None = None) -> str:
+    """``measured``: the ``measured`` / ``machine`` of an earlier run when a section is re-rendered from its stored
+    figures (the text then says when and where they were measured, not when they were written again)."""
     # CONCEPTGATE_BENCHMARKS redirects every section (tests run the real benchmarks without touching the repo's file)
     path = path or os.environ.get("CONCEPTGATE_BENCHMARKS") or os.path.join(ROOT, "BENCHMARKS.md")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    block = (f"<!-- bench:{key}:start -->\n## {title}\n\n_Measured {stamp} on {machine()}; "
+    where = machine()
+    if measured:
+        stamp, where = measured["measured"], measured["machine"]
+    block = (f"<!-- bench:{key}:start -->\n## {title}\n\n_Measured {stamp} on {where}; "
              f"command: `{command}`._\n\n{body.strip()}\n<!-- bench:{key}:end -->\n")
     text = open(path).read() if os.path.exists(path) else HEADER
     start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
@@ -39,7 +44,7 @@ def write_section(key: str, title: str, body: str, command: str, path: str | Non
         f.write(text)
     if json_path and data is not None:
         existing = json.load(open(json_path)) if os.path.exists(json_path) else {}
-        existing[key] = {"measured": stamp, "machine": machine(), **data}
+        existing[key] = {**data, "measured": stamp, "machine": where}
         with open(json_path, "w") as f:
             json.dump(existing, f, indent=2, default=float)
     return path

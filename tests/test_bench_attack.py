@@ -216,3 +216,22 @@ def test_bench_attack_subset_returns_every_condition(pipe, monkeypatch, tmp_path
         A.bench_attack(n=1, seeds=1, write=False, attacks=["nope"])
     with pytest.raises(ValueError, match="base"):
         A.bench_attack(n=1, seeds=1, write=False, attacks=["average"], conditions={"base": ("b", None)})
+
+
+def test_verdict_sorts_the_misses_by_cause():
+    """The verdict under the table is computed from the figures: a gated row above always-on at the no-attack
+    control, a row the eraser itself lets through, and the edited-states comparison."""
+    from conceptgate.bench.attack import verdict
+
+    def r(gated, always, states):
+        return {"default_gate": gated, "always_on": always, "states_read": states}
+
+    result = {"erasers": {"e": {"concept": "triangle", "control_base": 0.25, "attacks": {
+        "synonym": r(0.0, 0.0, 0.0), "negative_only": r(0.25, 0.0, 0.25), "soft_prompt": r(0.5, 0.5, 0.5),
+        "ring_a_bell_eta1": r(0.0, 0.0, 0.75)}}}}
+    text = " ".join(verdict(result))
+    assert "within 2 points of always-on: 3 of 4 rows" in text
+    assert "e negative_only 25 vs 0" in text and "1 of them at or below the no-attack control" in text
+    assert "<= 10% with the default gate: 2 of 4 rows" in text and "1 are above 10% with the eraser always on" in text
+    assert "e soft_prompt 50 vs 50" in text and "1 not: e negative_only" in text
+    assert "+25.0 points against always-on, worst +75" in text
