@@ -89,6 +89,29 @@ def demo_rows(targets, n_unrelated: int = 2) -> list[dict]:
     return rows
 
 
+def erases_watermark(eraser) -> bool:
+    return any(c.strip().lower() == "watermark" for c in eraser.concepts)
+
+
+def watermark_row(pipe, judges, rows, seed: int, steps: int, cfg: float, tries: int = 12):
+    """A row for the Geom-Erasing column: the toy model draws its watermark on some seeds only (it is never
+    captioned), so the first unrelated prompt is generated on the base model with seeds ``seed + 1 ...``
+    (one batch) and the first seed whose image the judges see the watermark and the prompted object in is
+    kept. ``None`` when no seed of ``tries`` shows one."""
+    from ..toyworld import captions as C
+    from ..toyworld.judges import classify
+
+    base = next((r for r in rows if r["kind"] == "unrelated"), None)
+    prompt, labels = (base["prompt"], base["labels"]) if base else (C.prompt(6, 0, 1), [6, 0, 1])
+    seeds = [seed + 1 + k for k in range(tries)]
+    imgs, _ = generate_with_stack(pipe, [prompt] * tries, seeds, None, steps=steps, cfg=cfg, batch=64)
+    p = classify(judges, imgs)
+    for k, s in enumerate(seeds):
+        if JUDGE_HEADS["watermark"][int(p["watermark"][k])] == "present" and int(p["object"][k]) == labels[0]:
+            return {"kind": "watermark", "target": "watermark", "prompt": prompt, "labels": list(labels), "seed": s}
+    return None
+
+
 def column_labels(erasers) -> list[str]:
     """Unique column labels: the eraser's name, prefixed with its method when the name does not say
     it (a shipped SPM file named "triangle" becomes "spm triangle"); repeats get the file name."""
@@ -158,6 +181,8 @@ def score_cell(row: dict, judged: dict, erases, targets) -> tuple[str, bool]:
     """What the column should do on ``row`` and whether it did: ``("erased", ok)`` on the rows of the targets in
     ``erases`` (the judge no longer sees the target, and sees something), else ``("kept", ok)`` (object and
     style judged as prompted)."""
+    if row["kind"] == "watermark" and erases and "watermark" in erases:  # Geom: the glyph gone, the object drawn
+        return "erased", judged["watermark"] == "absent" and judged["object"] != "none"
     if erases and row["kind"] in ("target", "synonym") and row["target"] in erases:
         t = next(t for t in targets if t.keyword == row["target"])
         seen = judged[t.kind]
@@ -174,7 +199,9 @@ def verdict_text(expect: str, ok: bool) -> str:
 FOOTER = ("Rows: 'target' names a concept an eraser erases, 'synonym' another word for it, 'unrelated' none of them. "
           "Under each cell: the gate of the column's eraser (1 = acts, 0 = leaves the prompt alone; the stack "
           "column lists the erasers that fired), what the judges see (object, style), and the verdict: 'erased' = "
-          "the column's own target is gone, 'kept' = drawn as prompted; red = the column did not do that.")
+          "the column's own target is gone, 'kept' = drawn as prompted; red = the column did not do that. "
+          "'watermark' = an unrelated prompt with a seed on which the toy model draws its watermark (no caption ever "
+          "names it; the Geom-Erasing column's target).")
 
 
 def draw_grid(path: str, rows: list[dict], columns: list[dict], footer: str = FOOTER) -> None:
@@ -208,7 +235,7 @@ def draw_grid(path: str, rows: list[dict], columns: list[dict], footer: str = FO
             d.text((x, 6 + 15 * k), line, fill=(0, 0, 0), font=fb)
         for k, line in enumerate(col.get("legend", ())):
             d.text((x, legend_y + LINE_H * k), line, fill=(70, 70, 70), font=f)
-    colours = {"target": (170, 20, 20), "synonym": (170, 90, 0), "unrelated": (20, 100, 20)}
+    colours = {"target": (170, 20, 20), "synonym": (170, 90, 0), "unrelated": (20, 100, 20), "watermark": (40, 40, 160)}
     for i, row in enumerate(rows):
         y = header_h + i * row_h
         d.text((6, y + 4), row["kind"] + (f" ({row['target']})" if row.get("target") else ""),
@@ -278,8 +305,15 @@ def run_demo(out_dir: str = OUT_DIR, steps: int = 25, cfg: float = 5.0, seed: in
     if max_targets is not None:
         targets = targets[:max_targets]
     rows = demo_rows(targets, n_unrelated)
+    if any(erases_watermark(e) for e in erasers):
+        row = watermark_row(pipe, judges, rows, seed, steps, cfg)
+        if row:
+            rows.append(row)
+            log(f"watermark row: '{row['prompt']}', seed {row['seed']} (the base model draws the watermark there)")
+        else:
+            log("watermark row: no seed of 12 shows the toy model's watermark; the grid has no watermark row")
     prompts = [r["prompt"] for r in rows]
-    seeds = [seed] * len(rows)
+    seeds = [r.get("seed", seed) for r in rows]
     full = EraserStack()
     for e in erasers:
         full = full.with_eraser(e)
@@ -347,6 +381,7 @@ def run_demo(out_dir: str = OUT_DIR, steps: int = 25, cfg: float = 5.0, seed: in
             continue
         col["judged"] = judged(col["images"])
         erases = {t.keyword for n in col["erasers"] for t in eraser_targets(by_name[n])}
+        erases |= {"watermark" for n in col["erasers"] if erases_watermark(by_name[n])}
         col["notes"], col["verdicts"], col["scores"] = [], [], []
         for i, (r, jd) in enumerate(zip(rows, col["judged"])):
             g = [float(gates[i, names.index(n)]) for n in col["erasers"]]
@@ -359,7 +394,8 @@ def run_demo(out_dir: str = OUT_DIR, steps: int = 25, cfg: float = 5.0, seed: in
                          for n, v in zip(col["erasers"], g) if v > 0]
                 gate_txt = "fired: " + (" ".join(fired) if fired else "none")
             expect, ok = score_cell(r, jd, erases, targets)
-            col["notes"].append([gate_txt, f"{jd['object']}, {jd['style']}"])
+            col["notes"].append([gate_txt, f"{jd['object']}, {jd['style']}" + (", watermark" if jd["watermark"] == "present"
+                                                                               else "")])
             col["verdicts"].append((verdict_text(expect, ok), ok))
             col["scores"].append({"expect": expect, "ok": bool(ok)})
         erased = [s["ok"] for s in col["scores"] if s["expect"] == "erased"]

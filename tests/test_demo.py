@@ -99,3 +99,26 @@ def test_grid_fits_every_label(tmp_path):
 
     width = ImageDraw.Draw(img).textlength(long, font=D._font(11))
     assert img.width >= D.LEFT_W + 2 * D.GAP + 64 * D.SCALE + width
+
+
+@pytest.mark.slow
+def test_watermark_row_is_a_seed_where_the_base_model_draws_it():
+    """The Geom column's row: a seed on which the base model draws the (never captioned) watermark."""
+    from conceptgate import toyworld as tw
+    from conceptgate.bench.generation import generate_with_stack
+    from conceptgate.bench.quality import resolve_concept
+    from conceptgate.toyworld.judges import classify
+
+    pipe, judges = tw.load_pipeline(), tw.load_judges()
+    rows = D.demo_rows([resolve_concept("triangle")], n_unrelated=1)
+    row = D.watermark_row(pipe, judges, rows, seed=1000, steps=25, cfg=5.0)
+    assert row is not None and row["kind"] == "watermark" and row["prompt"] == rows[-1]["prompt"]
+    imgs, _ = generate_with_stack(pipe, [row["prompt"]], [row["seed"]], None, steps=25, cfg=5.0)
+    p = classify(judges, imgs)
+    assert int(p["watermark"][0]) == 1 and int(p["object"][0]) == row["labels"][0]
+    drawn = {"object": D.JUDGE_HEADS["object"][row["labels"][0]], "style": D.JUDGE_HEADS["style"][row["labels"][1]],
+             "colour": "red"}
+    targets = [resolve_concept("triangle")]
+    assert D.score_cell(row, dict(drawn, watermark="absent"), {"watermark"}, targets) == ("erased", True)
+    assert D.score_cell(row, dict(drawn, watermark="present"), {"watermark"}, targets) == ("erased", False)
+    assert D.score_cell(row, dict(drawn, watermark="present"), {"triangle"}, targets) == ("kept", True)
