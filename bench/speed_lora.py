@@ -47,7 +47,7 @@ def _factors(trainer):
     return m.module_deltas()
 
 
-def bench_lora(iterations: int = 12, write: bool = True, json_path=None, log=print):
+def bench_lora(iterations: int = 40, write: bool = True, json_path=None, log=print):
     from ..adapters.progress import iterate
     from ..toyworld import load_pipeline
 

@@ -56,7 +56,7 @@ def _add_speed(sub):
     s.add_argument("--steps", type=int, default=20, help="sampling steps (spm)")
     s.add_argument("--latent", type=int, default=32, help="latent side (spm); 32 = 256x256 pixels")
     s.add_argument("--repeats", type=int, default=2)
-    s.add_argument("--iterations", type=int, default=12, help="training iterations per backend (lora)")
+    s.add_argument("--iterations", type=int, default=40, help="training iterations per backend (lora)")
     s.add_argument("--json", default=None, help="also write the numbers here (default: benchmarks.json)")
     s.set_defaults(func=run_speed)
     return s
