@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import struct
 from collections import defaultdict
 
@@ -230,6 +232,75 @@ def modules_from_kohya(path, tensors: dict[str, torch.Tensor], known: dict[str, 
     return modules
 
 
+PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+PEFT_METADATA = "lora_adapter_metadata"  # diffusers' save_lora_weights: the LoraConfig, keys "unet.<field>"
+
+
+def is_peft_layout(tensors) -> bool:
+    return any(k.endswith(PEFT_SUFFIXES) for k in tensors)
+
+
+def _peft_pattern(patterns: dict, module: str):
+    """peft's rule for ``rank_pattern`` / ``alpha_pattern``: a key matches a module name that ends with it
+    (as a regular expression, after a dot or at the start); the first match wins."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return None
+
+
+def peft_to_kohya(path, tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    """A LoRA in peft's layout (``<module>.lora_A.weight`` / ``lora_B``: what peft's
+    ``get_peft_model_state_dict`` and diffusers' ``save_lora_weights`` write) as kohya tensors, keys converted
+    by diffusers' own ``convert_state_dict_to_kohya``. The scale peft applies, ``lora_alpha / r`` (``/ sqrt(r)``
+    with rsLoRA; ``alpha_pattern`` per module), comes from the LoraConfig diffusers stores in the metadata and
+    is written as each module's kohya ``alpha``; without that metadata the scale is 1 (alpha = r), as diffusers
+    loads such files. Text-encoder and DoRA weights are refused, naming the file."""
+    try:
+        from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    except ImportError as e:
+        raise EraserFileError(path, "a peft-layout LoRA: reading it needs the 'diffusers' package") from e
+    lora, other = {}, []
+    for key, t in tensors.items():
+        if key.startswith(TENSOR_PREFIX):
+            continue
+        k = key.removeprefix("base_model.model.")
+        if k.startswith(("text_encoder.", "text_encoder_2.")):
+            raise EraserFileError(path, f"text-encoder LoRA key {key!r}: ConceptGate erasers act on the UNet only")
+        if not k.endswith(PEFT_SUFFIXES):
+            other.append(key)
+            continue
+        lora[k if k.startswith("unet.") else "unet." + k] = t
+    if other:
+        hint = " (DoRA: not supported)" if any("lora_magnitude_vector" in k for k in other) else ""
+        raise EraserFileError(path, f"{len(other)} key(s) of a peft LoRA that are not lora_A/lora_B factors, "
+                                    f"e.g. {other[0]!r}{hint}")
+    config = {}
+    if meta.get(PEFT_METADATA):
+        try:
+            raw = json.loads(meta[PEFT_METADATA])
+        except ValueError:
+            raise EraserFileError(path, f"metadata {PEFT_METADATA!r} is not JSON") from None
+        if not isinstance(raw, dict):
+            raise EraserFileError(path, f"metadata {PEFT_METADATA!r} is not a JSON object")
+        config = {k.removeprefix("unet."): v for k, v in raw.items() if not k.startswith("text_encoder")}
+    if config.get("use_dora"):
+        raise EraserFileError(path, "a DoRA adapter (use_dora): not supported")
+    kohya = convert_state_dict_to_kohya(lora)
+    if config.get("lora_alpha") is not None:
+        # kohya names flatten the dots, so the patterns are matched on the peft keys' module paths
+        paths = {KOHYA_UNET_PREFIX + k[len("unet."):-len(".lora_A.weight")].replace(".", "_"):
+                 k[len("unet."):-len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")}
+        for key in [k for k in kohya if k.endswith(".alpha")]:
+            prefix = key[: -len(".alpha")]
+            r = int(kohya[prefix + ".lora_down.weight"].shape[0])
+            alpha = _peft_pattern(config.get("alpha_pattern"), paths.get(prefix, prefix))
+            alpha = float(config["lora_alpha"] if alpha is None else alpha)
+            scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+            kohya[key] = torch.tensor(scale * r, dtype=torch.float32)
+    return kohya
+
+
 def family_from_modules(modules: dict[str, ModuleDelta]) -> str | None:
     """Guess the base family from the cross-attention context width (768/1024/2048)."""
     for name, d in modules.items():
@@ -283,6 +354,8 @@ def _load_eraser(path, concepts: list[str] | None = None, known: dict[str, str] 
     else:
         kind, method = "weight", "spm" if "prompts" in meta else "lora"
         file_concepts = [c.strip() for c in meta.get("prompts", "").split(",") if c.strip()]
+        if is_peft_layout(tensors):  # a peft / diffusers LoRA: the same factors under other names
+            tensors = peft_to_kohya(path, tensors, meta)
     if kind_expected is not None and kind != kind_expected:
         raise EraserFileError(path, _wrong_kind(kind, method, kind_expected))
     concepts = list(concepts) if concepts else file_concepts
