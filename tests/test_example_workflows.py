@@ -67,3 +67,39 @@ def test_workflow_has_a_thumbnail(path):
     for node in json.load(open(path))["nodes"]:  # the notes say nothing needs copying any more
         if node["type"] == "Note":
             assert "into ComfyUI/models/conceptgate" not in node["widgets_values"][0]
+
+
+@pytest.mark.slow
+def test_the_rece_example_erases_its_star(executor, monkeypatch):
+    """uce_toy_rece_gated.json: the star prompt's images hold no star with the eraser (at most 1 of 4, judged by
+    the toy world's judge) and stars without it (issue 17: it kept all four with the published convention)."""
+    import copy
+
+    import nodes
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import folder_paths
+    from conceptgate import toyworld as tw
+    from conceptgate.toyworld.judges import classify
+    from workflow_api import to_api
+
+    monkeypatch.setenv("CONCEPTGATE_POLICY", "")
+    judges = tw.load_judges()
+    wf = json.load(open(os.path.join(REPO, "example_workflows", "uce_toy_rece_gated.json")))
+
+    def stars(enabled):
+        w = copy.deepcopy(wf)
+        next(n for n in w["nodes"] if n["type"] == "ConceptGateAddToStack")["widgets_values"][0] = enabled
+        executor.executor.reset()  # an earlier test ran this graph: cached nodes would show no images
+        out = executor.run(to_api(w, nodes.NODE_CLASS_MAPPINGS))
+        files = [os.path.join(folder_paths.get_directory_by_type(i.get("type", "temp")), i.get("subfolder", ""),
+                              i["filename"]) for o in out.values() for i in o.get("images", [])]
+        x = torch.tensor(np.stack([np.asarray(Image.open(f).convert("RGB").resize((64, 64), Image.BILINEAR))
+                                   for f in files])).permute(0, 3, 1, 2).float() / 255
+        return int((classify(judges, x)["object"] == 3).sum()), len(files)
+
+    erased, n = stars(True)
+    kept, _ = stars(False)
+    assert n == 4 and erased <= 1 and kept >= 2, (erased, kept)
