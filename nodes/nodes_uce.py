@@ -35,6 +35,7 @@ from .nodes_conceptgate import FOLDER, SHIPPED
 from .v3 import CATEGORY, Eraser, check_choices
 
 log = logging.getLogger("conceptgate")
+EDIT_CONTEXTS = ("bare", "generic", "toy")  # EditSpec.context ("bare" = the published edit)
 
 
 class ComfyEditHost(EditHost):
@@ -161,6 +162,14 @@ class EraseConcepts(io.ComfyNode):
                 io.String.Input("save_name", default="", optional=True, tooltip="If set, the eraser is also saved as "
                                 "models/conceptgate/<save_name>.safetensors (loads in Load Eraser and in stock LoRA "
                                 "loaders)."),
+                # ConceptGate's in-context edit (not in the papers); last, so saved graphs keep their widget order
+                io.String.Input("synonyms", multiline=True, default="", optional=True, tooltip="Other names of the "
+                                "concepts, one per line: erased with them and named to their gate (ConceptGate's "
+                                "addition, not in the papers)."),
+                io.Combo.Input("context", options=list(EDIT_CONTEXTS), default="bare", optional=True,
+                               tooltip="bare: the published edit of the words alone. generic: also erase every name, "
+                               "and keep every preserve word, inside generic caption sentences (stronger on prompts "
+                               "that mention the concept in a sentence). toy: the toy world's captions (toy model)."),
             ],
             outputs=[
                 io.Model.Output("model_out", display_name="model",
@@ -174,13 +183,13 @@ class EraseConcepts(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, method=None, concept_type=None, convention=None) -> bool | str:
-        return check_choices(cls, method=method, concept_type=concept_type, convention=convention)
+    def validate_inputs(cls, method=None, concept_type=None, convention=None, context=None) -> bool | str:
+        return check_choices(cls, method=method, concept_type=concept_type, convention=convention, context=context)
 
     @classmethod
     def execute(cls, model, clip, method, concepts, concept_type, guide, preserve, epochs, lam, strength,
                 lam_reg=0.0, erase_scale=1.0, preserve_scale=0.0, convention="aligned_tail",
-                save_name="") -> io.NodeOutput:
+                save_name="", synonyms="", context="bare") -> io.NodeOutput:
         names = _lines(concepts)
         if not names:
             raise ValueError("Erase Concepts: enter at least one concept (one per line)")
@@ -188,7 +197,9 @@ class EraseConcepts(io.ComfyNode):
                         preserve=tuple(_lines(preserve)), concept_type=concept_type,
                         epochs=int(epochs) or None, lam=float(lam), erase_scale=float(erase_scale),
                         preserve_scale=float(preserve_scale) or None, lam_reg=float(lam_reg) or None,
-                        convention=convention)
+                        convention=convention, synonyms=tuple(_lines(synonyms)), context=context)
+        if context == "toy":
+            from .. import toyworld  # noqa: F401  (importing it registers the toy prompt context)
         total = 1 + spec.resolved().get("rece", {}).get("epochs", 0)
         bar = comfy.utils.ProgressBar(total, node_id=cls.hidden.unique_id if cls.hidden is not None else None)
 

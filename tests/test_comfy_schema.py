@@ -42,7 +42,9 @@ INTERFACE = {
         ("r", "preserve", "STRING", ""), ("r", "epochs", "INT", 0), ("r", "lam", "FLOAT", 0.5),
         ("r", "strength", "FLOAT", 1.0), ("o", "lam_reg", "FLOAT", 0.0), ("o", "erase_scale", "FLOAT", 1.0),
         ("o", "preserve_scale", "FLOAT", 0.0), ("o", "convention", "COMBO", "aligned_tail"),
-        ("o", "save_name", "STRING", "")],
+        ("o", "save_name", "STRING", ""),
+        # added after the V1 listing (issue 17's in-context edit), last so saved graphs keep their widget order
+        ("o", "synonyms", "STRING", ""), ("o", "context", "COMBO", "bare")],
         ["MODEL", C, "STRING"], ["model", "eraser", "report"]),
     "ConceptGateGeomNegative": ("Geom-Erasing Negative (ConceptGate)", False, [
         ("r", "clip", "CLIP", None), ("r", "source", "COMBO", None), ("r", "token_set", "COMBO", "observed"),

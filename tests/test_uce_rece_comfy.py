@@ -267,3 +267,23 @@ def test_example_workflows_use_the_node_with_all_widgets(comfy):
         ids = {n["id"] for n in wf["nodes"]}
         for link in wf["links"]:
             assert link[1] in ids and link[3] in ids
+
+
+def test_node_in_context_edit_reaches_the_eraser(executor, model_dir):
+    """synonyms + context (ConceptGate's in-context edit, as `edit --synonym --context` in the CLI): the saved
+    eraser records them, names the synonym to its gate, and erases more vectors than the bare edit."""
+    g = erase_graph(save_name="tri_ctx")
+    g["erase"]["inputs"].update(synonyms="scarlet trigon", context="generic")
+    _, outputs = run(executor, g)
+    e = load_eraser(model_dir / "tri_ctx.safetensors")
+    assert e.settings["synonyms"] == ["scarlet trigon"] and e.settings["context"] == "generic"
+    assert "scarlet trigon" in e.concepts
+    run(executor, erase_graph(save_name="tri_bare"))
+    assert e.rank > load_eraser(model_dir / "tri_bare.safetensors").rank
+
+
+def test_node_refuses_an_unknown_context(executor):
+    g = erase_graph()
+    g["erase"]["inputs"]["context"] = "poetry"
+    with pytest.raises(AssertionError, match="context: 'poetry' not in"):
+        executor.run(g)
