@@ -336,14 +336,6 @@ def _judge_kind(concept: str):
 
 #: the closed-form edits also in ConceptGate's in-context form (issue 17: the toy names as synonyms, the
 #: concept erased and the preserve words kept inside the toy captions), next to the published bare-word edits
-IN_CONTEXT_EDITS = (
-    dict(method="uce", concept="triangle", guide="shape", concept_type="object", synonyms="toy", context="toy",
-         name="uce-triangle (in context)"),
-    dict(method="rece", concept="striped", guide="plain", concept_type="style", synonyms="toy", context="toy",
-         name="rece-striped (in context)"),
-)
-
-
 def _edit_label(ed: dict) -> str:
     return ed.get("name") or f"{ed['method']}-{ed['concept']}"
 
@@ -351,7 +343,7 @@ def _edit_label(ed: dict) -> str:
 def _erasers(pipe, log, only=None):
     from ..adapters.files import load_eraser
     from ..toyworld.erasers import __file__ as erasers_init
-    from .quality import DEFAULT_EDITS, make_edit_erasers
+    from .quality import DEFAULT_EDITS, IN_CONTEXT_EDITS, make_edit_erasers
 
     here = os.path.dirname(erasers_init)
     edits = [ed for ed in DEFAULT_EDITS + IN_CONTEXT_EDITS if only is None or _edit_label(ed) in only]

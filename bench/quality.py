@@ -256,6 +256,14 @@ DEFAULT_EDITS = (
     dict(method="uce", concept="triangle", guide="shape", concept_type="object"),
     dict(method="rece", concept="striped", guide="plain", concept_type="style"),
 )
+# the same edits in ConceptGate's in-context form (EditSpec synonyms / context; not in the papers): the toy
+# world's synonyms erased with the keyword, erase and preserve words also inside the toy captions
+IN_CONTEXT_EDITS = (
+    dict(method="uce", concept="triangle", guide="shape", concept_type="object", synonyms="toy", context="toy",
+         name="uce-triangle (in context)"),
+    dict(method="rece", concept="striped", guide="plain", concept_type="style", synonyms="toy", context="toy",
+         name="rece-striped (in context)"),
+)
 
 
 def make_edit_erasers(pipe, edits=DEFAULT_EDITS, out_dir: str | None = None, log=None) -> list:
@@ -534,7 +542,8 @@ def run_quality(args) -> int:
     pipe, judges = load_pipeline(), load_judges()
     configs = [("base", None)]
     if not args.no_edits:
-        erasers = make_edit_erasers(pipe, log=say)
+        edits = DEFAULT_EDITS + (IN_CONTEXT_EDITS if getattr(args, "in_context", False) else ())
+        erasers = make_edit_erasers(pipe, edits, log=say)
         for e in erasers:
             configs.append((e.name, EraserStack().with_eraser(e)))
         if args.full and len(erasers) > 1:
@@ -600,7 +609,8 @@ def run_quality(args) -> int:
     result["notes"] = _notes(result)
     body = render_markdown(result)
     json_path = args.json or os.path.join(ROOT, "benchmarks.json")
-    cmd = COMMAND + (" --full" if args.full else "") + "".join(f" --stack {s}" for s in args.stack or [])
+    cmd = COMMAND + (" --full" if args.full else "") + (" --in-context" if getattr(args, "in_context", False) else "") \
+        + "".join(f" --stack {s}" for s in args.stack or [])
     if peer_kinds:
         cmd += " --peers" + ("" if peer_kinds == P.PEER_KINDS else f" {','.join(peer_kinds)}")
     cmd += "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("seeds", "steps", "threads", "esd_iterations")
@@ -640,6 +650,9 @@ def add_quality_cli(sub):
     s.add_argument("--full", action="store_true", help="release tier (more prompts; slow on CPU)")
     s.add_argument("--stack", action="append", help="a stack manifest (.json) to evaluate as well (repeatable)")
     s.add_argument("--no-edits", action="store_true", help="skip the on-the-fly UCE/RECE erasers")
+    s.add_argument("--in-context", action="store_true",
+                   help="also the UCE/RECE edits in ConceptGate's in-context form (toy synonyms and captions), as rows "
+                        "next to the published bare-word edits")
     s.add_argument("--seeds", type=int, default=None, help="override seeds per prompt")
     s.add_argument("--steps", type=int, default=None, help="override DDIM steps (stated in the output)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

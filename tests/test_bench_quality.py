@@ -284,6 +284,9 @@ def test_cli_registration():
     p = cli.build_parser()
     a = p.parse_args(["bench", "quality", "--full", "--stack", "a.json", "--json", "x.json"])
     assert a.func is Q.run_quality and a.full and a.stack == ["a.json"] and a.json == "x.json"
+    assert not a.in_context and p.parse_args(["bench", "quality", "--in-context"]).in_context
+    assert [e["name"] for e in Q.IN_CONTEXT_EDITS] == ["uce-triangle (in context)", "rece-striped (in context)"]
+    assert all(e["context"] == "toy" and e["synonyms"] == "toy" for e in Q.IN_CONTEXT_EDITS)
     d = p.parse_args(["demo"])
     from conceptgate.cli import demo
 
