@@ -61,10 +61,12 @@ def resolve_concept(text: str) -> Target | None:
 
 
 def eraser_targets(eraser) -> list[Target]:
+    """The toy classes an eraser's concepts name, one target per class (an in-context edit names its keyword and
+    its synonyms: one target, under the first name)."""
     out = []
     for c in eraser.concepts:
         t = resolve_concept(c)
-        if t is not None and t not in out:
+        if t is not None and all((t.kind, t.index) != (u.kind, u.index) for u in out):
             out.append(t)
     return out
 

@@ -557,7 +557,7 @@ def run_quality(args) -> int:
     for _, st in configs:
         for e in (st.entries if st is not None else ()):
             for t in eraser_targets(e.eraser):
-                if t not in targets:
+                if all((t.kind, t.index) != (u.kind, u.index) for u in targets):  # one per class
                     targets.append(t)
     from . import peers as P
 
