@@ -72,9 +72,14 @@ COMMAND = "python -m conceptgate bench quality"
 TIERS = {
     "quick": dict(keyword=8, synonym=4, heldout=4, per_target=3, seeds=4, steps=25, cfg=5.0,
                   gate_prompts=24, judge_renders=1000, agreement_renders=300, boot=1000, batch=48),
+    # the quick tier's sets with every target named by 4 prompts per set and 8 seeds: >= 32 target images per set,
+    # so that 95% and 88% are told apart (issue 17); about 3x the quick tier's images
+    "release": dict(keyword=8, synonym=4, heldout=4, per_target=4, seeds=8, steps=25, cfg=5.0,
+                    gate_prompts=48, judge_renders=1000, agreement_renders=300, boot=2000, batch=64),
     "full": dict(keyword=96, synonym=48, heldout=48, per_target=12, seeds=4, steps=25, cfg=5.0,
                  gate_prompts=96, judge_renders=2000, agreement_renders=1000, boot=2000, batch=64),
 }
+SECTIONS = {"quick": "quality", "release": "quality-release", "full": "quality-full"}  # BENCHMARKS.md keys
 SEED_BASE = 1000  # prompt p, seed k -> SEED_BASE + k (identical seeds for every prompt and stack)
 BARS = {"object": 0.90, "style": 0.90, "colour": 0.90, "watermark_rate": 0.15}
 
@@ -504,7 +509,8 @@ def _notes(result: dict) -> list[str]:
 
     notes.extend(peer_notes(result))
     if result.get("tier") == "quick":
-        notes.append("Quick tier: few prompts per set; intervals are wide. `--full` for release numbers.")
+        notes.append("Quick tier: few prompts per set; intervals are wide. `--tier release` for >= 32 target images "
+                     "per set.")
     rt = result.get("runtime")
     if rt:
         notes.append(f"Runtime: {rt['images']} images in {rt['generation_seconds']:.0f} s of generation "
@@ -528,7 +534,7 @@ def run_quality(args) -> int:
     if getattr(args, "from_json", None):
         return _rewrite_from_json(args.from_json)
     t0 = time.time()
-    tier = "full" if args.full else "quick"
+    tier = "full" if args.full else (getattr(args, "tier", None) or "quick")
     cfg = dict(TIERS[tier])
     if getattr(args, "seeds", None):
         cfg["seeds"] = int(args.seeds)
@@ -563,7 +569,7 @@ def run_quality(args) -> int:
 
     peer_kinds = P.parse_kinds(getattr(args, "peers", None))
     shipped_names = []
-    if peer_kinds:  # ConceptGate's shipped erasers for the targets the peers are run on join as eraser rows
+    if peer_kinds or getattr(args, "shipped", False):  # the shipped erasers for these targets join as eraser rows
         shipped = shipped_configs(pipe, targets, log=say)
         configs.extend(shipped)
         shipped_names = [n for n, _ in shipped]
@@ -609,14 +615,16 @@ def run_quality(args) -> int:
     result["notes"] = _notes(result)
     body = render_markdown(result)
     json_path = args.json or os.path.join(ROOT, "benchmarks.json")
-    cmd = COMMAND + (" --full" if args.full else "") + (" --in-context" if getattr(args, "in_context", False) else "") \
+    cmd = COMMAND + (" --full" if args.full else "") + (f" --tier {tier}" if tier == "release" else "") \
+        + (" --in-context" if getattr(args, "in_context", False) else "") \
+        + (" --shipped" if getattr(args, "shipped", False) and not peer_kinds else "") \
         + "".join(f" --stack {s}" for s in args.stack or [])
     if peer_kinds:
         cmd += " --peers" + ("" if peer_kinds == P.PEER_KINDS else f" {','.join(peer_kinds)}")
     cmd += "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("seeds", "steps", "threads", "esd_iterations")
                    if getattr(args, k, None))
     result["command"] = cmd
-    write_section("quality" if tier == "quick" else "quality-full",
+    write_section(SECTIONS[tier],
                   f"Quality on the toy world ({tier} tier)", body, cmd, data=result, json_path=json_path)
     print(body)
     print(f"\nquality benchmark: {time.time() - t0:.0f} s")
@@ -631,7 +639,7 @@ def _rewrite_from_json(path: str) -> int:
 
     with open(path) as f:
         data = json.load(f)
-    for key in ("quality", "quality-full"):
+    for key in SECTIONS.values():
         if key in data:
             result = data[key]
             result["bars"] = base_bars(result["configs"][0]["result"])
@@ -647,7 +655,12 @@ def _rewrite_from_json(path: str) -> int:
 
 def add_quality_cli(sub):
     s = sub.add_parser("quality", help="erasure quality on the toy world (UA/IRA/CRA, gates, judges) -> BENCHMARKS.md")
-    s.add_argument("--full", action="store_true", help="release tier (more prompts; slow on CPU)")
+    s.add_argument("--tier", choices=["quick", "release"], default="quick",
+                   help="quick: few prompts (CI runs it); release: >= 32 target images per prompt set, about 3x the "
+                        "images, its own BENCHMARKS.md section")
+    s.add_argument("--shipped", action="store_true",
+                   help="also every shipped toy eraser for the run's targets (always on with --peers)")
+    s.add_argument("--full", action="store_true", help="the full tier (96 prompts per set; hours on CPU)")
     s.add_argument("--stack", action="append", help="a stack manifest (.json) to evaluate as well (repeatable)")
     s.add_argument("--no-edits", action="store_true", help="skip the on-the-fly UCE/RECE erasers")
     s.add_argument("--in-context", action="store_true",

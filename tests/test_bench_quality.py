@@ -156,6 +156,16 @@ def test_prompt_sets_cover_targets_and_are_deterministic():
     assert not any((lab[0], lab[1]) in set(HELDOUT_PAIRS) for v in a.values() for _, lab in v)
 
 
+def test_release_tier_has_32_target_images_per_set():
+    """Issue 17: the release tier tells 95% from 88%: every target has >= 32 images in every prompt set."""
+    tier = Q.TIERS["release"]
+    sets = Q.build_prompt_sets(tier, [TRI, STRIPED])
+    for items in sets.values():
+        assert sum(lab[0] == 2 for _, lab in items) * tier["seeds"] >= 32
+        assert sum(lab[1] == 1 for _, lab in items) * tier["seeds"] >= 32
+    assert Q.SECTIONS["release"] == "quality-release" and Q.SECTIONS["quick"] == "quality"
+
+
 def test_gate_prompt_sets():
     s = Q.gate_prompt_sets(TRI, 16)
     assert set(s) == {"target", "synonym", "neighbour", "unrelated"}
@@ -285,6 +295,7 @@ def test_cli_registration():
     a = p.parse_args(["bench", "quality", "--full", "--stack", "a.json", "--json", "x.json"])
     assert a.func is Q.run_quality and a.full and a.stack == ["a.json"] and a.json == "x.json"
     assert not a.in_context and p.parse_args(["bench", "quality", "--in-context"]).in_context
+    assert a.tier == "quick" and p.parse_args(["bench", "quality", "--tier", "release"]).tier == "release"
     assert [e["name"] for e in Q.IN_CONTEXT_EDITS] == ["uce-triangle (in context)", "rece-striped (in context)"]
     assert all(e["context"] == "toy" and e["synonyms"] == "toy" for e in Q.IN_CONTEXT_EDITS)
     d = p.parse_args(["demo"])
