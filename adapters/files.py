@@ -289,8 +289,8 @@ def peft_to_kohya(path, tensors: dict[str, torch.Tensor], meta: dict) -> dict[st
     kohya = convert_state_dict_to_kohya(lora)
     if config.get("lora_alpha") is not None:
         # kohya names flatten the dots, so the patterns are matched on the peft keys' module paths
-        paths = {KOHYA_UNET_PREFIX + k[len("unet."):-len(".lora_A.weight")].replace(".", "_"):
-                 k[len("unet."):-len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")}
+        modules = [k[len("unet."):-len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")]
+        paths = {KOHYA_UNET_PREFIX + m.replace(".", "_"): m for m in modules}
         for key in [k for k in kohya if k.endswith(".alpha")]:
             prefix = key[: -len(".alpha")]
             r = int(kohya[prefix + ".lora_down.weight"].shape[0])

@@ -60,14 +60,18 @@ def resolve_concept(text: str) -> Target | None:
     return None
 
 
+def add_target(targets: list, t: Target | None) -> None:
+    """Append ``t`` unless a target of the same class is there: an in-context edit names its keyword and its
+    synonyms (triangle, trigon), one target under the first name."""
+    if t is not None and all((t.kind, t.index) != (u.kind, u.index) for u in targets):
+        targets.append(t)
+
+
 def eraser_targets(eraser) -> list[Target]:
-    """The toy classes an eraser's concepts name, one target per class (an in-context edit names its keyword and
-    its synonyms: one target, under the first name)."""
+    """The toy classes an eraser's concepts name, one target per class."""
     out = []
     for c in eraser.concepts:
-        t = resolve_concept(c)
-        if t is not None and all((t.kind, t.index) != (u.kind, u.index) for u in out):
-            out.append(t)
+        add_target(out, resolve_concept(c))
     return out
 
 

@@ -59,7 +59,7 @@ import torch
 from .generation import _latents, _raw_gates, generate_with_stack  # noqa: F401
 from .metrics import (GATE_THRESHOLD, _per_prompt, cluster_bootstrap, fire_rates, frechet,  # noqa: F401
                       set_metrics, target_metrics)
-from .prompts import (KINDS, Target, build_prompt_sets, eraser_alternative, eraser_targets,  # noqa: F401
+from .prompts import (KINDS, Target, add_target, build_prompt_sets, eraser_alternative, eraser_targets,  # noqa: F401
                       gate_prompt_sets, kind_names, resolve_concept)
 from ..adapters.errors import UnsupportedEraser  # noqa: F401,E402
 from ..adapters.registry import (CONDITIONING_HANDLERS, GUIDANCE_HANDLERS, register_conditioning,  # noqa: F401,E402
@@ -563,8 +563,7 @@ def run_quality(args) -> int:
     for _, st in configs:
         for e in (st.entries if st is not None else ()):
             for t in eraser_targets(e.eraser):
-                if all((t.kind, t.index) != (u.kind, u.index) for u in targets):  # one per class
-                    targets.append(t)
+                add_target(targets, t)
     from . import peers as P
 
     peer_kinds = P.parse_kinds(getattr(args, "peers", None))

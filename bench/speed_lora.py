@@ -42,11 +42,6 @@ def _trainers(kind: str, pipe, iterations: int):
     return out
 
 
-def _factors(trainer):
-    m = trainer.membranes if hasattr(trainer, "membranes") else trainer.adapter
-    return m.module_deltas()
-
-
 def bench_lora(iterations: int = 40, write: bool = True, json_path=None, log=print):
     from ..adapters.progress import iterate
     from ..toyworld import load_pipeline
@@ -67,13 +62,10 @@ def bench_lora(iterations: int = 40, write: bool = True, json_path=None, log=pri
                 times[backend].append(time.perf_counter() - t0)
                 losses[backend].append(rec["loss"])
         for tr in trainers.values():
-            if hasattr(tr, "close"):
-                tr.close()
-            else:
-                tr.membranes.detach()
+            tr.trained_module().detach()  # the hooks trainer's hooks off its UNet (a no-op for the peft view)
         ratios = sorted(p / h for p, h in zip(times["peft"], times["hooks"]))
         q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
-        dh, dp = _factors(trainers["hooks"]), _factors(trainers["peft"])
+        dh, dp = (trainers[b].trained_module().module_deltas() for b in ("hooks", "peft"))
         factor_diff = max(max((dh[n].up - dp[n].up).abs().max().item(), (dh[n].down - dp[n].down).abs().max().item())
                           for n in dh)
         factor_size = max(dh[n].up.abs().max().item() for n in dh)
