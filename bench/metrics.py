@@ -80,6 +80,9 @@ def target_metrics(pred: dict, labels: np.ndarray, prompt_ids: np.ndarray, targe
         cra_v = np.mean([np.asarray(pred[kk]) == labels[:, KINDS.index(kk)] for kk in other], 0)
         cra_mask = ~is_t
         rep_v = (p == alternative).astype(float) if alternative is not None else None
+        # the alternative drawn with the prompt's other attributes (All-but-One's "replacement with colour and style")
+        kept = np.all([np.asarray(pred[kk]) == labels[:, KINDS.index(kk)] for kk in other], 0)
+        rep_full_v = rep_v * kept if rep_v is not None else None
     ua_s, ua_r = _stat(*_per_prompt(prompt_ids, ua, is_t, n_p), n_boot, seed)
     res["ua"] = ua_s
     res["garbage_rate"] = _stat(*_per_prompt(prompt_ids, garbage, is_t, n_p), n_boot, seed)[0]
@@ -98,6 +101,7 @@ def target_metrics(pred: dict, labels: np.ndarray, prompt_ids: np.ndarray, targe
         res["retain_kinds"] = other
     if rep_v is not None:
         res["replacement_accuracy"] = _stat(*_per_prompt(prompt_ids, rep_v, is_t, n_p), n_boot, seed)[0]
+        res["replacement_with_attributes"] = _stat(*_per_prompt(prompt_ids, rep_full_v, is_t, n_p), n_boot, seed)[0]
         res["alternative"] = kind_names(target.kind)[alternative][0]
     res["n_target_images"] = int(is_t.sum())
     res["n_other_images"] = int((~is_t).sum())

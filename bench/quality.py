@@ -411,14 +411,15 @@ def render_markdown(result: dict) -> str:
                 rows.append({"config": c["name"], "target": f"{t['keyword']} ({t['kind']})", "set": sname,
                              "ua": _f(m["ua"]), "ira": _f(m.get("ira")), "cra": _f(m.get("cra")), "mean": _f(m.get("mean")),
                              "garbage": _f(m["garbage_rate"]), "keep": _f(m.get("retain_on_target")),
-                             "repl": (_f(m["replacement_accuracy"]) + f" ({m['alternative']})") if "replacement_accuracy" in m else "–",
+                             "repl": _replacement_cell(m),
                              "n": m["n_target_images"]})
     if rows:
         lines.append("**Erasure** (UnlearnCanvas metrics per target and prompt set. UA: target-prompt images judged as "
                      "another *real* class of the target's kind ('none' is not a success; garbage reported apart); "
                      "IRA: same-kind accuracy on prompts naming other concepts; CRA: the other kinds' accuracy on "
                      "prompts not naming the target; mean = (UA+IRA+CRA)/3; keep: the other kinds' accuracy on the "
-                     "target prompts; replacement: target images judged as the eraser's named alternative. The base "
+                     "target prompts; replacement: target images judged as the eraser's named alternative, then (+attrs) "
+                     "those also keeping the prompt's other attributes. The base "
                      "model's rows are the no-erasure baseline; each eraser is listed on its own target, its effect "
                      "on the other target is in the JSON):")
         lines.append("")
@@ -449,6 +450,15 @@ def render_markdown(result: dict) -> str:
         lines.append("")
         lines.extend(f"- {n}" for n in result["notes"])
     return "\n".join(lines)
+
+
+def _replacement_cell(m: dict) -> str:
+    if "replacement_accuracy" not in m:
+        return "–"
+    cell = _f(m["replacement_accuracy"]) + f" ({m['alternative']})"
+    if "replacement_with_attributes" in m:  # runs before the column existed lack it
+        cell += f"; +attrs {_f(m['replacement_with_attributes'])}"
+    return cell
 
 
 def _strip_images(d):
@@ -564,6 +574,15 @@ def run_quality(args) -> int:
         for e in (st.entries if st is not None else ()):
             for t in eraser_targets(e.eraser):
                 add_target(targets, t)
+    part = None
+    if getattr(args, "targets", None):  # a named part of a tier: its own targets (and shipped erasers), its own section
+        names = [n.strip() for n in args.targets.split(",") if n.strip()]
+        for n in names:
+            t = resolve_concept(n)
+            if t is None:
+                raise SystemExit(f"bench quality --targets: {n!r} is not a toy concept")
+            add_target(targets, t)
+        part = "-".join(names)
     from . import peers as P
 
     peer_kinds = P.parse_kinds(getattr(args, "peers", None))
@@ -623,11 +642,26 @@ def run_quality(args) -> int:
     cmd += "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("seeds", "steps", "threads", "esd_iterations")
                    if getattr(args, k, None))
     result["command"] = cmd
-    write_section(SECTIONS[tier],
-                  f"Quality on the toy world ({tier} tier)", body, cmd, data=result, json_path=json_path)
+    if part:
+        cmd += f" --targets {args.targets}"
+        result["part"] = part
+    write_section(section_key(tier, part), section_title(tier, part), body, cmd, data=result, json_path=json_path)
+    if tier == "release":
+        from .headline import write_headline
+
+        write_headline(json_path)
     print(body)
     print(f"\nquality benchmark: {time.time() - t0:.0f} s")
     return 0
+
+
+def section_key(tier: str, part: str | None = None) -> str:
+    """BENCHMARKS.md / JSON key of a tier's run, or of a named part of it (``--targets``)."""
+    return SECTIONS[tier] + (f"-{part}" if part else "")
+
+
+def section_title(tier: str, part: str | None = None) -> str:
+    return f"Quality on the toy world ({tier} tier" + (f", targets {part.replace('-', ', ')})" if part else ")")
 
 
 def _rewrite_from_json(path: str) -> int:
@@ -638,17 +672,20 @@ def _rewrite_from_json(path: str) -> int:
 
     with open(path) as f:
         data = json.load(f)
-    for key in SECTIONS.values():
-        if key in data:
-            result = data[key]
-            result["bars"] = base_bars(result["configs"][0]["result"])
-            result["notes"] = _notes(result) + [f"Re-rendered from the JSON of the run measured {result.get('measured')}."]
-            if result.get("runtime"):
-                torch.set_num_threads(int(result["runtime"]["torch_threads"]))
-            body = render_markdown(result)
-            write_section(key, f"Quality on the toy world ({result['tier']} tier)", body,
-                          result.get("command", COMMAND), data=result, json_path=path)
-            print(body)
+    for key, result in data.items():
+        # the tiers' sections and their named parts (--targets)
+        if not isinstance(result, dict) or "configs" not in result:
+            continue
+        if key not in SECTIONS.values() and not (key.startswith("quality-") and result.get("part")):
+            continue
+        result["bars"] = base_bars(result["configs"][0]["result"])
+        result["notes"] = _notes(result) + [f"Re-rendered from the JSON of the run measured {result.get('measured')}."]
+        if result.get("runtime"):
+            torch.set_num_threads(int(result["runtime"]["torch_threads"]))
+        body = render_markdown(result)
+        write_section(key, section_title(result["tier"], result.get("part")), body,
+                      result.get("command", COMMAND), data=result, json_path=path)
+        print(body)
     return 0
 
 
@@ -659,6 +696,9 @@ def add_quality_cli(sub):
                         "images, its own BENCHMARKS.md section")
     s.add_argument("--shipped", action="store_true",
                    help="also every shipped toy eraser for the run's targets (always on with --peers)")
+    s.add_argument("--targets", default=None, metavar="NAMES",
+                   help="also score these toy concepts (comma list, e.g. star,circle) and, with --shipped, the shipped "
+                        "erasers for them; the run is a part of its tier with its own section (quality-release-star-circle)")
     s.add_argument("--full", action="store_true", help="the full tier (96 prompts per set; hours on CPU)")
     s.add_argument("--stack", action="append", help="a stack manifest (.json) to evaluate as well (repeatable)")
     s.add_argument("--no-edits", action="store_true", help="skip the on-the-fly UCE/RECE erasers")

@@ -23,21 +23,26 @@ def machine() -> str:
 
 
 def write_section(key: str, title: str, body: str, command: str, path: str | None = None, data: dict | None = None,
-                  json_path: str | None = None, measured: dict | None = None) -> str:
+                  json_path: str | None = None, measured: dict | None = None, first: bool = False) -> str:
     """``measured``: the ``measured`` / ``machine`` of an earlier run when a section is re-rendered from its stored
-    figures (the text then says when and where they were measured, not when they were written again)."""
+    figures (the text then says when and where they were measured, not when they were written again).
+    ``first``: a summary of other sections' figures (the headline): placed first, and said to be rendered, not measured."""
     # CONCEPTGATE_BENCHMARKS redirects every section (tests run the real benchmarks without touching the repo's file)
     path = path or os.environ.get("CONCEPTGATE_BENCHMARKS") or os.path.join(ROOT, "BENCHMARKS.md")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     where = machine()
     if measured:
         stamp, where = measured["measured"], measured["machine"]
-    block = (f"<!-- bench:{key}:start -->\n## {title}\n\n_Measured {stamp} on {where}; "
+    said = f"Rendered {stamp} from benchmarks.json (no generation)" if first else f"Measured {stamp} on {where}"
+    block = (f"<!-- bench:{key}:start -->\n## {title}\n\n_{said}; "
              f"command: `{command}`._\n\n{body.strip()}\n<!-- bench:{key}:end -->\n")
     text = open(path).read() if os.path.exists(path) else HEADER
     start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) + 1:]
+    elif first and "<!-- bench:" in text:
+        at = text.index("<!-- bench:")
+        text = text[:at] + block + "\n" + text[at:]
     else:
         text = text.rstrip("\n") + "\n\n" + block
     with open(path, "w") as f:

@@ -90,6 +90,7 @@ HELP = {
     "quality": "erasure quality on the toy world (UA/IRA/CRA, gates, judges) -> BENCHMARKS.md",
     "abo": "All-but-One guidance on the toy world: replacement, UA/IRA/CRA, layout, speed",
     "geom": "Geom-Erasing in the toy world: watermark rate, accuracy, Fréchet, cost",
+    "headline": "re-render BENCHMARKS.md's headline table (release tier vs the targets) from benchmarks.json",
 }
 BUILDERS = {
     "speed": _add_speed,
@@ -100,6 +101,7 @@ BUILDERS = {
     "quality": _from_module("quality", "add_quality_cli"),
     "abo": _from_module("abo", "add_abo_cli"),
     "geom": _from_module("geom", "add_cli"),
+    "headline": _from_module("headline", "add_cli"),
 }
 
 

@@ -272,6 +272,11 @@ def cmd_train_geom(args) -> int:
     used = [b for b, n in enumerate(trainer.bin_counts) if n]
     log(f"grid {config.grid}x{config.grid}, alpha {config.alpha}, {len(trainer.pos)} training images, bins covered: "
         + ", ".join(f"{G.token_name(b, config.grid)} x{trainer.bin_counts[b]}" for b in used))
+    if getattr(args, "init_from", None) and not args.resume:
+        from ..adapters.files import load_eraser
+
+        trainer.init_from(load_eraser(args.init_from, kind="conditioning"))
+        log(f"starting from {args.init_from} at iteration {trainer.iteration}")
     eraser, seconds, n = trainer.train(args.out, ckdir, args.resume, not args.no_progress, log, args.name)
     if not args.no_calibrate:
         from ..adapters.diffusers_host import DiffusersTextEncoder
@@ -297,6 +302,9 @@ def _add_geom(tsub) -> None:
     p.add_argument("--category", default=None, help="COCO category name to use (default: every annotation)")
     p.add_argument("--data", default=None, help="folder of images + captions (data removal); default: generate (model removal)")
     p.add_argument("--data-only", action="store_true", help="generate and label the training data, then stop")
+    p.add_argument("--init-from", default=None, metavar="FILE",
+                   help="continue from a saved Geom token file of the same grid and text encoder (fresh optimiser; "
+                        "--iterations counts from the file's)")
     p.add_argument("--prompts", default=None, help="text file of prompts to generate training images from (non-toy models)")
     p.add_argument("--generate", type=int, default=384, help="images to generate in model-removal mode")
     p.add_argument("--gen-steps", type=int, default=25)

@@ -52,6 +52,10 @@ def test_ira_cra_mean_retain_and_replacement():
     assert m["retain_kinds"] == ["style", "colour"]
     assert m["retain_on_target"]["value"] == pytest.approx((1 + 1 + 1 + 0.5) / 4)  # style wrong once
     assert m["replacement_accuracy"]["value"] == pytest.approx(2 / 4) and m["alternative"] == "circle"
+    # both circles keep the prompt's style and colour
+    assert m["replacement_with_attributes"]["value"] == pytest.approx(2 / 4)
+    m2 = Q.target_metrics(_pred(obj, [0] + sty[1:], col), labels, pids, TRI, alternative=0, n_boot=50)
+    assert m2["replacement_with_attributes"]["value"] == pytest.approx(1 / 4)  # one circle lost its style
     assert m["mean"]["value"] == pytest.approx((m["ua"]["value"] + m["ira"]["value"] + m["cra"]["value"]) / 3)
 
 

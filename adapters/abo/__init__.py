@@ -11,8 +11,8 @@ Only the abstract is public: both forms here are reconstructions, documented in 
 
 from ..registry import Mechanism, register_check, register_guidance, register_guidance_session, register_mechanism
 from .guidance import (KIND, METHOD, RULE, AboPlan, Term, abo_entries, abo_eraser, abo_rule, alternative_of,
-                       check_abo_eraser, denoised_from_eps, encode_texts, eps_from_denoised, guidance_terms, is_abo,
-                       load_abo, save_abo, terms_from_gates)
+                       check_abo_eraser, denoised_from_eps, encode_texts, eps_from_denoised, guidance_terms,
+                       in_prompt_terms, is_abo, load_abo, save_abo, swap_in_prompt, terms_from_gates, uses_prompt)
 from .pipeline import AboGuidedPipeline, AboSession, AboUNetHooks, abo_generate, diffusers_handler
 
 register_mechanism(Mechanism("abo", "All-but-One (Hong et al., AAAI 2024; reconstructed)",
@@ -23,5 +23,5 @@ register_guidance_session(METHOD, AboSession)
 
 __all__ = ["KIND", "METHOD", "RULE", "AboGuidedPipeline", "AboPlan", "AboUNetHooks", "Term", "abo_entries",
            "abo_eraser", "abo_generate", "abo_rule", "alternative_of", "check_abo_eraser", "denoised_from_eps",
-           "diffusers_handler", "encode_texts", "eps_from_denoised", "guidance_terms", "is_abo", "load_abo",
-           "save_abo", "terms_from_gates"]
+           "diffusers_handler", "encode_texts", "eps_from_denoised", "guidance_terms", "in_prompt_terms", "is_abo",
+           "load_abo", "save_abo", "swap_in_prompt", "terms_from_gates", "uses_prompt"]

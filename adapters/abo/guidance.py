@@ -212,6 +212,54 @@ def terms_from_gates(entries: Sequence[StackEntry], gates: torch.Tensor,
     return out
 
 
+def uses_prompt(eraser: Eraser) -> bool:
+    """Whether the eraser asks for ConceptGate's in-prompt form (``settings["in_prompt"]``, see :func:`in_prompt_terms`)."""
+    return bool((eraser.settings or {}).get("in_prompt", False))
+
+
+def swap_in_prompt(prompt: str, concepts: Sequence[str], alternative: str) -> str | None:
+    """``prompt`` with the first written concept (whole words, any case; longer names first) replaced by
+    ``alternative`` (removed when it is empty); None when the prompt names none of ``concepts``."""
+    import re
+
+    for c in sorted((c for c in concepts if c.strip()), key=len, reverse=True):
+        pattern = re.compile(r"(?<![\w])" + re.escape(c.strip()) + r"(?![\w])", re.IGNORECASE)
+        if pattern.search(prompt):
+            swapped = pattern.sub(alternative, prompt)
+            return re.sub(r"\s{2,}", " ", swapped).strip()
+    return None
+
+
+def in_prompt_terms(terms: list[list[Term]], prompts: Sequence[str] | None, stack: EraserStack | Sequence[StackEntry]) -> list[list[Term]]:
+    """ConceptGate's **in-prompt** form of the rule (not the reconstruction's default; per eraser,
+    ``settings["in_prompt"] = True``): where the prompt text is known and names the erased concept, the
+    term uses the prompt itself as ``e_erase`` and the prompt with the concept replaced by the alternative
+    as ``e_alt``::
+
+        eps_hat = eps_n + w [eps(x, e_p) - eps(x, e_n)] - w gamma [eps(x, e_p) - eps(x, e_p[erase -> alt])]
+
+    so at ``gamma = 1`` the conditional prediction is the swapped prompt's: the alternative is drawn with
+    the prompt's own colour, style and layout cues, where the bare-word difference ``eps("triangle") -
+    eps("square")`` carries the bare words' defaults. The erase row is the conditional row itself, so a
+    firing prompt costs one extra row, not two. Prompts that do not spell the concept (a synonym the
+    eraser does not list, an embedding-level attack) and hosts that do not know the text (ComfyUI's
+    conditionings) keep the bare-word term: nothing is left unerased by the swap."""
+    if not prompts:
+        return terms
+    entries = stack.entries if isinstance(stack, EraserStack) else list(stack)
+    by_name = {e.eraser.name: e.eraser for e in entries if is_abo(e.eraser)}
+    out = []
+    for i, row in enumerate(terms):
+        new_row = []
+        for t in row:
+            e = by_name.get(t.eraser)
+            swapped = swap_in_prompt(prompts[i], e.concepts, t.alternative) if e is not None and uses_prompt(e) else None
+            new_row.append(Term(t.gamma, prompts[i], swapped, t.eraser) if swapped is not None and swapped != prompts[i]
+                           else t)
+        out.append(new_row)
+    return out
+
+
 # ---------------------------------------------------------------------------------------- batch plan
 
 

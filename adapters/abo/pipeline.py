@@ -32,7 +32,7 @@ from ..diffusers_host import DiffusersTextEncoder, GatedPipeline, gate_encoder_f
 from ..errors import UnsupportedEraser
 from ..gate import entry_gates
 from ..gate import BankCache
-from .guidance import AboPlan, Term, abo_entries, encode_texts, guidance_terms, terms_from_gates
+from .guidance import AboPlan, Term, abo_entries, encode_texts, guidance_terms, in_prompt_terms, terms_from_gates
 
 
 class AboUNetHooks(HookSet):
@@ -195,6 +195,7 @@ class AboSession:
             entries = [e for _, e in abo_entries(self.gated.stack)]
             full = terms_from_gates(entries, torch.ones(len(terms), len(entries)))
             terms = [full[i] if bool(edited[i]) else t for i, t in enumerate(terms)]
+        terms = in_prompt_terms(terms, prompts, self.gated.stack)
         self.last_terms = terms
         texts = encode_texts(self.gated.encoder, terms, self._texts)
         pooled = encode_pooled(self.gated.encoder, texts, self._pooled)
@@ -254,7 +255,7 @@ def diffusers_handler(pipe, entries, prompts, seeds, gates, steps, cfg, sample):
     best = torch.zeros(len(prompts), len(entries), dtype=torch.long)
     for j, e in enumerate(entries):
         best[:, j] = entry_gates(enc, e.eraser, e.gate, banks).scores.argmax(1)
-    terms = terms_from_gates(entries, gates, best)
+    terms = in_prompt_terms(terms_from_gates(entries, gates, best), list(prompts), entries)
     texts = encode_texts(encoder, terms)
     unet_hooks = AboUNetHooks(pipe.unet).attach()
     try:

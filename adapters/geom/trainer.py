@@ -265,6 +265,23 @@ class GeomTrainer:
             e.settings["top_k"] = 0
         return e
 
+    def init_from(self, eraser) -> None:
+        """Start from a saved Geom eraser's vectors (continued training, e.g. of a shipped file); the
+        iteration count continues from the file's. The optimiser starts fresh (files hold no Adam state)."""
+        where = eraser.source or eraser.name
+        loc, s = eraser.tensors["locations"], eraser.settings
+        if s.get("grid") != self.config.grid or tuple(loc.shape) != tuple(self.locations.shape):
+            raise ValueError(f"{where}: grid {s.get('grid')} / locations {tuple(loc.shape)} do not match --grid "
+                             f"{self.config.grid} ({tuple(self.locations.shape)})")
+        if eraser.text_fingerprint and eraser.text_fingerprint != self.text_fp:
+            raise ValueError(f"{where}: learned for another text encoder (fingerprint {eraser.text_fingerprint}, "
+                             f"this model's {self.text_fp})")
+        with torch.no_grad():
+            self.locations.copy_(loc)
+            if self.config.learn_concept and "concept" in eraser.tensors:
+                self.concept.copy_(eraser.tensors["concept"].reshape(self.concept.shape))
+        self.iteration = int(s.get("iterations", 0))
+
     def state(self, gen) -> dict:
         return {"iteration": self.iteration, "locations": self.locations.detach().clone(),
                 "concept": self.concept.detach().clone(), "opt": self.opt.state_dict(), "gen": gen.get_state(),

@@ -1,0 +1,82 @@
+"""BENCHMARKS.md's headline (bench/headline.py): each release-tier eraser row against issue 17's targets, from the
+stored figures; the section is placed first and says it is rendered, not measured. Also the named parts of a tier
+(`bench quality --targets`): their section keys and titles."""
+
+import json
+
+from conceptgate.bench import headline as H
+from conceptgate.bench import quality as Q
+
+
+def _s(v, n=40):
+    return {"value": v, "lo": max(v - 0.05, 0.0), "hi": min(v + 0.05, 1.0), "n": n}
+
+
+def _sets(ua, garbage=0.0, ira=0.95, cra=0.9, rep=None):
+    out = {}
+    for s in H.SETS:
+        m = {"ua": _s(ua), "garbage_rate": _s(garbage), "ira": _s(ira), "cra": _s(cra), "n_target_images": 40}
+        if rep is not None:
+            m["replacement_accuracy"] = _s(rep)
+            m["replacement_with_attributes"] = _s(rep)
+            m["alternative"] = "square"
+        out[s] = m
+    return out
+
+
+def _target(sets, erasers=()):
+    return {"concept": "triangle", "keyword": "triangle", "kind": "object", "erasers": list(erasers), "sets": sets}
+
+
+def _section(rows):
+    configs = [{"name": "base", "result": {"targets": [_target(_sets(0.0, garbage=0.02))]}}]
+    for name, sets in rows:
+        configs.append({"name": name, "result": {"targets": [_target(sets, [name])]}})
+    return {"tier": "release", "configs": configs}
+
+
+def test_rows_meet_or_name_each_missed_target():
+    data = {"quality-release": _section([
+        ("good", _sets(0.97, garbage=0.03)),
+        ("weak", _sets(0.92, garbage=0.08, ira=0.9)),
+        ("abo", _sets(1.0, rep=0.80)),
+    ])}
+    rows = {r["eraser"]: r for r in H.eraser_rows("quality-release", data["quality-release"])}
+    assert rows["good"]["status"] == "met"
+    weak = rows["weak"]["status"]
+    assert weak.startswith("**missed**") and "UA keyword 92" in weak and "garbage synonym +6.0" in weak
+    assert "IRA heldout -5.0" in weak
+    assert "replacement+attrs keyword 80" in rows["abo"]["status"] and "synonym 80" not in rows["abo"]["status"]
+    text = H.render(data)
+    assert "**1 of 3 rows meet every target.**" in text and "were not run at the release tier" in text
+
+
+def test_geom_row_from_its_own_section():
+    def metrics(wm, colour):
+        return {k: _s(v, 128) for k, v in dict(object=0.9, style=0.97, colour=colour, garbage_rate=0.02,
+                                                  watermark_rate=wm).items()} | {"n_images": 128}
+
+    geom = {"rows": [{"name": "base", "metrics": metrics(0.34, 0.84)},
+                     {"name": "geom_watermark", "metrics": metrics(0.08, 0.83), "wm_reduction": 0.76},
+                     {"name": "geom_watermark_alpha1", "metrics": metrics(0.3, 0.8), "wm_reduction": 0.1}]}
+    rows = H.geom_rows(geom)
+    assert [r["eraser"] for r in rows] == ["geom_watermark"] and rows[0]["status"] == "met"
+    geom["rows"][1]["wm_reduction"] = 0.41
+    assert "watermark reduction 41%" in H.geom_rows(geom)[0]["status"]
+
+
+def test_headline_goes_first_and_parts_have_their_own_keys(tmp_path, monkeypatch):
+    md, js = tmp_path / "BENCHMARKS.md", tmp_path / "b.json"
+    md.write_text("# ConceptGate benchmarks\n\nintro\n\n<!-- bench:quality:start -->\n## Q\nx\n<!-- bench:quality:end -->\n")
+    monkeypatch.setenv("CONCEPTGATE_BENCHMARKS", str(md))
+    part = _section([("uce_star", _sets(0.97))])
+    part["part"] = "star-circle"
+    js.write_text(json.dumps({"quality-release-star-circle": part}))
+    H.write_headline(str(js))
+    text = md.read_text()
+    assert text.index("<!-- bench:headline:start -->") < text.index("<!-- bench:quality:start -->")
+    assert "Rendered " in text and "(no generation)" in text and "| uce_star |" in text
+    H.write_headline(str(js))                                       # replaced in place, not added twice
+    assert md.read_text().count("<!-- bench:headline:start -->") == 1
+    assert Q.section_key("release", "star-circle") == "quality-release-star-circle"
+    assert Q.section_title("release", "star-circle") == "Quality on the toy world (release tier, targets star, circle)"
