@@ -24,6 +24,20 @@ def _train_group(subparsers):
                                               "tokens", "spm|abo|geom")
 
 
+def _synonyms(spec: str | None, concept: str) -> tuple:
+    """``--synonyms``: a comma list, or "toy" (the toy vocabulary's other names of the concept)."""
+    if not spec:
+        return ()
+    if spec.strip() == "toy":
+        from ..bench.prompts import kind_names, resolve_concept
+
+        t = resolve_concept(concept)
+        if t is None or t.index is None:
+            raise ValueError(f"--synonyms toy: {concept!r} is not a toy object, style or colour")
+        return tuple(kind_names(t.kind)[t.index][1:])
+    return tuple(s.strip() for s in spec.split(",") if s.strip())
+
+
 def _templates(spec: str | None, concept: str) -> tuple:
     """``--templates``: "toy" (the toy world's caption templates for this concept), a text file with one
     template per line, or templates separated by "|"; each has one "{}" where the concept goes."""
@@ -58,6 +72,7 @@ def cmd_train_spm(args) -> int:
                        eta=args.eta, rank=args.rank, alpha=args.alpha, warmup=args.warmup, cycles=args.cycles,
                        ddim_steps=args.ddim_steps, cfg=args.cfg, resolution=args.resolution, seed=args.seed,
                        save_every=args.save_every, templates=_templates(args.templates, args.concept),
+                       synonyms=_synonyms(getattr(args, "synonyms", None), args.concept),
                        lora_backend=args.lora_backend)
     (unet, text_encoder, tokenizer, sched), seconds = _load_parts(args.model)
     trainer = LatentAnchoringTrainer(unet, text_encoder, tokenizer, sched, config, device=args.device,
@@ -103,6 +118,9 @@ def _add_spm(tsub) -> None:
     p.add_argument("--templates", default=None,
                    help='non-official: train the concept inside prompts: "toy", a file (one template per line) or '
                         '"a {} on a table|a photo of {}"; each template has one {} for the concept')
+    p.add_argument("--synonyms", default=None,
+                   help='non-official, with --templates: other names of the concept trained in the same templates '
+                        '(comma list, or "toy" for the toy vocabulary\'s), so the membrane erases them fully')
     p.add_argument("--deadline-min", type=float, default=None,
                    help="stop after this many minutes and still write --out (iterations run recorded; --resume continues)")
     p.add_argument("--lora-backend", choices=["peft", "hooks"], default="peft",

@@ -258,6 +258,25 @@ def test_templated_step_uses_template_prompts(tokenizer, monkeypatch):
     assert tr.hyperparameters()["templates"] == list(templates)
 
 
+def test_synonyms_are_extra_target_prompts_in_the_same_templates(tokenizer):
+    templates = ("a red {} in striped style", "a {} on a table")
+    tr = make_trainer(tokenizer, templates=templates, synonyms=("pentagram", " "), surrogate="")
+    assert tr.config.synonyms == ("pentagram",)
+    want = tr.encoder(["a red star in striped style", "a red pentagram in striped style",
+                       "a star on a table", "a pentagram on a table"]).hidden
+    assert torch.allclose(tr.template_pos.cpu(), want)
+    # each synonym prompt is paired with its template's surrogate prompt
+    neu = tr.encoder(["a red in striped style", "a on a table"]).hidden
+    assert torch.allclose(tr.template_neu.cpu(), neu.repeat_interleave(2, 0))
+    assert tr.hyperparameters()["synonyms"] == ["pentagram"]
+    tr.step()
+    with pytest.raises(ValueError, match="inside templates"):
+        SPMConfig(concept="star", synonyms=("pentagram",))
+    # no synonyms: the same prompt table as before the option existed (so the shipped recipe is unchanged)
+    plain = make_trainer(tokenizer, templates=templates, surrogate="")
+    assert plain.template_pos.shape[0] == 2
+
+
 def test_templates_resume_identically_and_deadline_still_writes(tokenizer, tmp_path):
     t = ("a {} in flat style", "a blue {}")
     straight = make_trainer(tokenizer, templates=t)

@@ -92,8 +92,15 @@ class SPMConfig:
     # template with the surrogate, so the membrane learns the concept inside full prompts and keeps
     # the rest of the prompt. Empty = the reference (bare concept and surrogate).
     templates: tuple = ()
+    # Beyond the reference (non-official, needs templates): other names of the concept (synonyms,
+    # paraphrases) filled into the same templates as extra target prompts, each paired with the template's
+    # surrogate prompt, so the membrane maps them fully (a partly erased synonym leaves a blob).
+    synonyms: tuple = ()
 
     def __post_init__(self):
+        self.synonyms = tuple(s.strip() for s in self.synonyms if s and s.strip())
+        if self.synonyms and not self.templates:
+            raise ValueError("synonyms are trained inside templates: give templates too")
         if self.lora_backend not in LORA_BACKENDS:
             raise ValueError(f"unknown LoRA backend {self.lora_backend!r} ({', '.join(LORA_BACKENDS)})")
         self.templates = tuple(self.templates)
@@ -118,6 +125,7 @@ class SPMConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["templates"] = list(self.templates)
+        d["synonyms"] = list(self.synonyms)
         d["warmup_steps"] = self.warmup_steps
         return d
 
@@ -125,6 +133,8 @@ class SPMConfig:
     def trajectory_key(self) -> dict:
         d = self.to_dict()
         d.pop("save_every")
+        if not d["synonyms"]:
+            d.pop("synonyms")  # checkpoints written before the option resume as before
         return d
 
 
@@ -155,8 +165,9 @@ class LatentAnchoringTrainer(CheckpointedTrainer):
         # templated prompts: (target, surrogate) embeddings per template, encoded once
         self.template_pos = self.template_neu = None
         if config.templates:
-            pos = [fill_template(t, config.concept) for t in config.templates]
-            neu = [fill_template(t, config.surrogate) for t in config.templates]
+            names = (config.concept,) + config.synonyms
+            pairs = [(fill_template(t, n), fill_template(t, config.surrogate)) for t in config.templates for n in names]
+            pos, neu = [p for p, _ in pairs], [q for _, q in pairs]
             with torch.no_grad():
                 self.template_pos = self.encoder(pos).hidden.to(self.device)
                 self.template_neu = self.encoder(neu).hidden.to(self.device)
@@ -198,7 +209,7 @@ class LatentAnchoringTrainer(CheckpointedTrainer):
         anchors = sample_anchors(self.e_tgt, cfg.anchors, g).to(self.device)
         e_pos, e_neu = self.e_pos, self.e_neu
         if self.template_pos is not None:
-            j = int(torch.randint(0, len(cfg.templates), (1,), generator=g))
+            j = int(torch.randint(0, self.template_pos.shape[0], (1,), generator=g))  # templates x names
             e_pos, e_neu = self.template_pos[j: j + 1], self.template_neu[j: j + 1]
         x_t = self.trajectory(k, noise, e_pos)
         t = self.timestep_1000(k)
