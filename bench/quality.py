@@ -552,6 +552,7 @@ def run_quality(args) -> int:
         cfg["steps"] = int(args.steps)
     if getattr(args, "threads", None):
         torch.set_num_threads(int(args.threads))
+    extra_targets, part = parse_targets(getattr(args, "targets", None))
     load_start = os.getloadavg()[0]
     torch.manual_seed(0)
     say = print
@@ -574,15 +575,8 @@ def run_quality(args) -> int:
         for e in (st.entries if st is not None else ()):
             for t in eraser_targets(e.eraser):
                 add_target(targets, t)
-    part = None
-    if getattr(args, "targets", None):  # a named part of a tier: its own targets (and shipped erasers), its own section
-        names = [n.strip() for n in args.targets.split(",") if n.strip()]
-        for n in names:
-            t = resolve_concept(n)
-            if t is None:
-                raise SystemExit(f"bench quality --targets: {n!r} is not a toy concept")
-            add_target(targets, t)
-        part = "-".join(names)
+    for t in extra_targets:
+        add_target(targets, t)
     from . import peers as P
 
     peer_kinds = P.parse_kinds(getattr(args, "peers", None))
@@ -653,6 +647,22 @@ def run_quality(args) -> int:
     print(body)
     print(f"\nquality benchmark: {time.time() - t0:.0f} s")
     return 0
+
+
+def parse_targets(spec: str | None) -> tuple[list, str | None]:
+    """``--targets star,circle``: the toy targets and the part's name (a named part of a tier: its own
+    targets and shipped erasers, its own section); ``([], None)`` without it."""
+    if not spec:
+        return [], None
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    targets = []
+    for n in names:
+        t = resolve_concept(n)
+        if t is None:
+            raise SystemExit(f"bench quality --targets: {n!r} is not a toy concept (an object, style, colour or "
+                             "the watermark)")
+        add_target(targets, t)
+    return targets, "-".join(names)
 
 
 def section_key(tier: str, part: str | None = None) -> str:

@@ -4,6 +4,8 @@ stored figures; the section is placed first and says it is rendered, not measure
 
 import json
 
+import pytest
+
 from conceptgate.bench import headline as H
 from conceptgate.bench import quality as Q
 
@@ -80,3 +82,11 @@ def test_headline_goes_first_and_parts_have_their_own_keys(tmp_path, monkeypatch
     assert md.read_text().count("<!-- bench:headline:start -->") == 1
     assert Q.section_key("release", "star-circle") == "quality-release-star-circle"
     assert Q.section_title("release", "star-circle") == "Quality on the toy world (release tier, targets star, circle)"
+
+
+def test_targets_option_names_the_part():
+    targets, part = Q.parse_targets(" star, circle ")
+    assert [(t.kind, t.index) for t in targets] == [("object", 3), ("object", 0)] and part == "star-circle"
+    assert Q.parse_targets(None) == ([], None)
+    with pytest.raises(SystemExit, match="'blorp' is not a toy concept"):
+        Q.parse_targets("star,blorp")
