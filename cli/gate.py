@@ -113,12 +113,13 @@ def cmd_calibrate(args) -> int:
 
 def _calibrate_each(args, calibrator, shown) -> int:
     from ..adapters.files import load_eraser, save_eraser
+    from ..adapters.gate.calibrate import names_to_avoid
     from ..adapters.progress import write
 
     status = 0
     for path in args.erasers:
         eraser = load_eraser(path)
-        eraser.gate = calibrator.calibrate(eraser.concepts, args.synonym or ())
+        eraser.gate = calibrator.calibrate(eraser.concepts, args.synonym or (), avoid=names_to_avoid(eraser))
         shown.update(1)
         out = args.out if args.out and len(args.erasers) == 1 else path
         save_eraser(eraser, out, hyperparameters=_hyperparameters(eraser))
@@ -139,7 +140,7 @@ def calibrate_saved(path: str, encoder, model: str, synonyms=()) -> None:
     """The last step of the train / edit commands: fit the new eraser's context gate on the text encoder it
     was made with and store it in the file (``--no-calibrate`` skips it; the gate then calibrates on first use)."""
     from ..adapters.files import load_eraser, save_eraser
-    from ..adapters.gate.calibrate import Calibrator
+    from ..adapters.gate.calibrate import Calibrator, names_to_avoid
     from ..adapters.progress import bar
 
     eraser = load_eraser(path)
@@ -147,7 +148,7 @@ def calibrate_saved(path: str, encoder, model: str, synonyms=()) -> None:
     try:
         calibrator = Calibrator(encoder, **_domain(model))
         shown.update(1)
-        eraser.gate = calibrator.calibrate(eraser.concepts, synonyms)
+        eraser.gate = calibrator.calibrate(eraser.concepts, synonyms, avoid=names_to_avoid(eraser))
         shown.update(1)
     except ValueError as e:  # e.g. an encoder that reports no token positions: the gate calibrates on first use
         log(f"context gate not calibrated: {e}")

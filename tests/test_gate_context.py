@@ -162,6 +162,29 @@ def test_calibration_is_written_and_read_back(encoder, tmp_path):
     assert len(back.modules) == len(e.modules)   # stock loaders' keys are untouched
 
 
+def test_avoided_names_do_not_fire_the_gate(encoder):
+    """An All-but-One eraser's alternative is calibrated as a negative (names_to_avoid): the shipped circle ->
+    square files no longer fire on a held-out prompt asking for a square, which the plain calibration did."""
+    import os
+
+    from conceptgate.adapters.gate.calibrate import names_to_avoid
+    from conceptgate.toyworld.erasers import __file__ as erasers_init
+
+    folder = os.path.dirname(erasers_init)
+    square = ["an illustration showing a square coloured purple with a checkered texture", "a purple square"]
+    circle = ["a red circle", "an illustration showing a disc coloured purple with a checkered texture"]
+    for f in ("abo_circle_to_square.safetensors", "abo_circle_to_square_in_prompt.safetensors"):
+        e = load_eraser(os.path.join(folder, f))
+        assert names_to_avoid(e) == ["square"] and e.gate.rates["avoid"] == ["square"]
+        g = EraserStack().with_eraser(e).gates(encoder(square + circle), banks=BankCache(encoder))[0][:, 0]
+        assert (g[:2] < 0.5).all() and (g[2:] > 0.5).all(), g.tolist()
+    cal = Calibrator(encoder, pool_size=120)
+    plain = cal.calibrate(["circle"])
+    avoided = cal.calibrate(["circle"], avoid=["square", "circle"])   # a name of the concept itself is not avoided
+    assert avoided.rates["avoid"] == ["square"] and avoided.rates["avoid_fired"] <= 0.02
+    assert "avoid" not in plain.rates and plain.rates["negatives"] == avoided.rates["negatives"]
+
+
 def test_unrelated_prompts_get_exactly_zero_and_stay_bit_identical(encoder):
     """Unrelated prompts get gate 0 exactly under the default rule, so the UNet output with the eraser
     hooked is bit-identical to the unerased one for them, while a target row changes."""

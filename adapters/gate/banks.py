@@ -89,7 +89,9 @@ class BankCache:
             if self._calibrator is None:
                 self._calibrator = shared_calibrator(encoder, now=self._check, **self.calibrator_options)
             synonyms = [n for n in (stored.names if stored is not None else []) if n not in eraser.concepts]
-            det = self._calibrator.calibrate(eraser.concepts, synonyms)
+            from .calibrate import names_to_avoid
+
+            det = self._calibrator.calibrate(eraser.concepts, synonyms, avoid=names_to_avoid(eraser))
             note = ("calibrated on this text encoder (the file's calibration belongs to another one)"
                     if stored is not None else "calibrated on this text encoder (the file has none)")
         det = self._share_space(det)

@@ -143,18 +143,30 @@ class Calibrator:
     def _not_naming(self, k: int, names: Sequence[str]) -> torch.Tensor:
         return torch.tensor([not mentions(p, names) for p in self.pools[k]])
 
-    def calibrate(self, concepts: Sequence[str], synonyms: Sequence[str] = ()) -> ContextDetector:
+    def calibrate(self, concepts: Sequence[str], synonyms: Sequence[str] = (), avoid: Sequence[str] = ()
+                  ) -> ContextDetector:
+        """``avoid``: names the gate must not fire on although they sit close to the concept, e.g. an
+        All-but-One eraser's alternative (steering "circle" toward "square" on a prompt that asks for a square
+        changes what the user asked for). Their carrier prompts join the probe's negatives (weighted to a
+        quarter of them) and the calibration's."""
         t0 = time.perf_counter()
         if self.domain_synonyms is not None:
             synonyms = [*synonyms, *(s for c in concepts for s in self.domain_synonyms(c))]
         names = list(dict.fromkeys([*concepts, *synonyms]))
         if not names:
             raise ValueError("gate calibration needs at least one concept")
+        avoid = [a for a in dict.fromkeys(a.strip() for a in avoid) if a and not mentions(a, names)]
         patterns = {n: name_token_ids(self.encoder, n) for n in names}
         bank_t = carriers(np.random.default_rng(self.seed + 11), 48, self.words, self.domain_carriers, concepts[0])
         cal_t = carriers(np.random.default_rng(self.seed + 12), 48, self.words, self.domain_carriers, concepts[0])
         (rows, owner), (rows2, owner2) = self.rows
         negatives = self.space(rows[self._not_naming(0, names)[owner]])
+        if avoid:
+            hard = torch.cat([name_states(encode_all(self.encoder, [t.format(a) for t in bank_t]),
+                                          name_token_ids(self.encoder, a)) for a in avoid])
+            if len(hard):
+                repeat = max(1, len(negatives) // (3 * len(hard)))
+                negatives = torch.cat([negatives, self.space(hard).repeat(repeat, 1)])
         probes, biases = [], []
         for concept in concepts:
             group = list(dict.fromkeys([concept, *synonyms]))
@@ -173,16 +185,28 @@ class Calibrator:
         logits = detector.concept_scores_whitened(self.space(rows2)[:, None], torch.ones(len(rows2), 1, dtype=torch.bool))
         per_prompt = torch.full((len(self.pools[1]),), -1e4).scatter_reduce(0, owner2, logits.max(1).values, "amax")
         s_neg = per_prompt[keep2]
+        n_neutral = len(s_neg)
+        if avoid:
+            hard = encode_all(self.encoder, [t.format(a) for t in cal_t for a in avoid])
+            s_neg = torch.cat([s_neg, detector.scores(hard.hidden, hard.mask)])
         detector.calibration = fit_calibration(s_pos, s_neg, max_fpr=self.max_fpr)
         detector.reference = self.reference
         # the carriers name the concept, so the whole gate fires on all of them; the probe half alone is what
         # reaches prompts that never name it (paraphrases, embedding-level attacks)
         detector.rates = {
-            "positives": int(len(s_pos)), "negatives": int(len(s_neg)),
+            "positives": int(len(s_pos)), "negatives": n_neutral,
             "probe_positives_fired": round(float((detector.calibration(s_pos) > 0.5).float().mean()), 4),
-            "negatives_fired": round(float((detector.calibration(s_neg) > 0.5).float().mean()), 4),
+            "negatives_fired": round(float((detector.calibration(s_neg[:n_neutral]) > 0.5).float().mean()), 4),
+            **({"avoid": avoid, "avoid_fired": round(float((detector.calibration(s_neg[n_neutral:]) > 0.5).float().mean()), 4)}
+               if avoid else {}),
             "max_fpr": self.max_fpr, "seconds": round(time.perf_counter() - t0, 2)}
         return detector
+
+
+def names_to_avoid(eraser) -> list[str]:
+    """What an eraser steers toward and so must not gate on: an All-but-One alternative (``settings["alternative"]``)."""
+    alt = (getattr(eraser, "settings", None) or {}).get("alternative")
+    return [alt.strip()] if isinstance(alt, str) and alt.strip() else []
 
 
 _SHARED: list[tuple[torch.Tensor, tuple, "Calibrator"]] = []
