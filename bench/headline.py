@@ -151,7 +151,9 @@ def write_headline(json_path: str | None = None) -> str:
 
 
 def add_cli(sub):
-    s = sub.add_parser("headline", help="re-render BENCHMARKS.md's headline table from benchmarks.json")
+    from ..cli.bench import HELP
+
+    s = sub.add_parser("headline", help=HELP["headline"])
     s.add_argument("--json", default=None, help="the figures (default: benchmarks.json)")
     s.set_defaults(func=lambda args: print(write_headline(args.json)) or 0)
     return s

@@ -486,6 +486,9 @@ def test_forge_per_row_weights_give_each_image_its_own_gate(world, kinds, kind):
                 _field(out.infotexts[i], "ConceptGate")))
             assert gates["tri"] == f"{tri:.3f}", out.infotexts[i]
             assert torch.allclose(out.images[i], singles[i], atol=1e-3), (i, (out.images[i] - singles[i]).abs().max())
-        assert torch.allclose(out.images[1], plain.images[1], atol=1e-4)  # the unrelated image is untouched
+        # the unrelated image is untouched: gate 0, only the batch's float rounding differs (a batch of 4 through
+        # per-row hooks vs the plain one: above 1e-4 with the PyPI stack of 2026-12-01, also at the previous commit)
+        diff = float((out.images[1] - plain.images[1]).abs().max())
+        assert diff < 1e-3, diff
         dm = h.sd_model.forge_objects.unet.model.diffusion_model
         assert all(not m._forward_hooks and not m._forward_pre_hooks for m in dm.modules())  # removed afterwards
