@@ -41,7 +41,7 @@ from ..adapters.gate import EncodedText, GateReport, positions_mask, to_window
 from ..adapters.gate import BankCache
 from ..adapters.stack import EraserStack
 from . import ldm
-from .abo import A1111Guidance, image_terms
+from .abo import A1111Guidance, image_terms, swapped_texts
 from .geom import GeomTokens
 from .text import HostTextEncoder, conditioning_hidden, subprompts
 
@@ -70,7 +70,7 @@ class A1111Runtime:
     def __init__(self, stack: EraserStack, sd_model):
         self.stack = stack
         self.attach_to(sd_model)
-        self.prompt_rows: dict[bool, tuple[list[set[int]], list[int]] | None] = {False: None, True: None}
+        self.prompt_rows: dict[bool, tuple | None]  # (tokens, image_of_row, counts, texts) per pass = {False: None, True: None}
         self.is_hr = lambda: False
         self.cfg_scale = lambda: 7.0
         self.table: RowTable | None = None
@@ -133,7 +133,9 @@ class A1111Runtime:
                 texts.append(part)
                 image_of_row.append(i)
         tokens, counts = self.encoder.token_rows(texts)
-        return tokens, image_of_row, counts
+        if self.abo:  # in-prompt All-but-One: the swapped parts are encoded now, before sampling
+            self.abo.conds.add(swapped_texts(self.stack, texts))
+        return tokens, image_of_row, counts, texts
 
     # ------------------------------------------------------------- CFG step
     def on_cfg_denoiser(self, params):
@@ -143,12 +145,12 @@ class A1111Runtime:
         n_images = (uncond["crossattn"] if isinstance(uncond, dict) else uncond).shape[0]
         rows = self.prompt_rows.get(bool(self.is_hr())) or self.prompt_rows.get(False)
         if rows is not None and len(rows[1]) == n_cond and max(rows[1]) < n_images:
-            tokens, image_of_row, counts = rows
+            tokens, image_of_row, counts, texts = rows
             known = self.encoder.tokens_known
-        else:  # the rows do not match the prompts (another extension changed them): cosine only
+        else:  # the rows do not match the prompts (another extension changed them): cosine only, bare-word terms
             tokens = [set() for _ in range(n_cond)]
             image_of_row = [min(r * n_images // max(n_cond, 1), n_images - 1) for r in range(n_cond)]
-            known, counts = False, None
+            known, counts, texts = False, None, None
         window = to_window(hidden)
         mask = positions_mask(counts, window.shape[1]) if counts is not None else None  # None: the rule fails closed
         encoded = EncodedText(window, tokens, mask=mask)
@@ -158,10 +160,10 @@ class A1111Runtime:
             params.text_uncond = self.geom.append(params.text_uncond, per_image)
         sources, terms = [], [[] for _ in range(n_images)]
         if self.abo:  # All-but-One: rows between the conditional and the unconditional ones
-            terms = image_terms(self.stack, encoded, self.banks, known, image_of_row, n_images)
+            terms = image_terms(self.stack, encoded, self.banks, known, image_of_row, n_images, texts)
             first_row = [image_of_row.index(i) if i in image_of_row else 0 for i in range(n_images)]
             single = [image_of_row.count(i) == 1 for i in range(n_images)]
-            sources = self.abo.extend(params, terms, n_cond, first_row, single)
+            sources = self.abo.extend(params, terms, n_cond, first_row, single, texts)
         uncond_rows = per_image.clone()
         for j, entry in enumerate(self.stack.entries):
             if entry.gate.cond_only:

@@ -12,6 +12,14 @@ the webui combined with (1 where it skipped the unconditional rows: NGMS / skip-
 An image gets the terms of its strongest AND part (per eraser); the erased concept is that part's
 best-matching one.
 
+Erasers saved with ``settings["in_prompt"]`` use ConceptGate's in-prompt form
+(:func:`~conceptgate.adapters.abo.guidance.in_prompt_terms`): where the AND part spells the concept, the
+term subtracts ``d(x, part) - d(x, part with the concept swapped for the alternative)``. The part's
+prediction is its own conditional row (A1111 reuses it; Forge predicts it again in its extra chunks), the
+swapped text is encoded with the webui's model before sampling. Parts with prompt-editing syntax
+(``[a:b:N]``, ``[a|b]``: the webui schedules them per step, a plain encoding would not) and parts that do
+not spell the concept (a synonym, an embedding) keep the bare-word term, so nothing is left unerased.
+
 The erase / alternative rows join the webui's own CFG batch (one UNet call per step, as in diffusers and
 ComfyUI); an image whose gate is 0 adds no rows, and a step where no image fires is not touched
 (bit-identical):
@@ -39,18 +47,33 @@ import math
 
 import torch
 
-from ..adapters.abo.guidance import AboPlan, Term, abo_entries, alternative_of, guidance_terms
+import re
+
+from ..adapters.abo.guidance import (AboPlan, Term, abo_entries, alternative_of, guidance_terms, in_prompt_terms,
+                                     swap_in_prompt, uses_prompt)
 from ..adapters.gate import EncodedText
 from ..adapters.stack import EraserStack
 from .text import autocast
 
 
 # ------------------------------------------------------------------ shared
+_SCHEDULED = re.compile(r"\[[^\]]*[:|][^\]]*\]")  # [from:to:when], [a|b]: the webui varies them per step
+
+
+def swappable(text: str) -> str:
+    """The AND part's text for the in-prompt form, or "" (bare-word term) when the webui schedules it."""
+    return "" if _SCHEDULED.search(text or "") else (text or "")
+
+
 def image_terms(stack: EraserStack, encoded: EncodedText, banks, tokens_known: bool, image_of_row: list[int],
-                n_images: int) -> list[list[Term]]:
-    """Per image, the firing ABO terms of its strongest AND part (per eraser, the largest |gamma|)."""
+                n_images: int, texts: list[str] | None = None) -> list[list[Term]]:
+    """Per image, the firing ABO terms of its strongest AND part (per eraser, the largest |gamma|).
+    ``texts``: each row's AND-part text where the host knows it (in-prompt erasers use it)."""
     best: list[dict[str, Term]] = [{} for _ in range(n_images)]
-    for r, terms in enumerate(guidance_terms(stack, encoded, banks, tokens_known)):
+    rows = guidance_terms(stack, encoded, banks, tokens_known)
+    if texts is not None and len(texts) == len(rows):
+        rows = in_prompt_terms(rows, [swappable(t) for t in texts], stack)
+    for r, terms in enumerate(rows):
         i = image_of_row[r]
         for t in terms:
             if t.eraser not in best[i] or abs(t.gamma) > abs(best[i][t.eraser].gamma):
@@ -65,22 +88,45 @@ class TextConditionings:
     cross-attention part and the pooled ``vector`` are kept."""
 
     def __init__(self, stack: EraserStack, sd_model):
+        self.sd_model = sd_model
         self.texts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         needed = []
         for _, e in abo_entries(stack):
             for t in list(e.eraser.concepts) + [alternative_of(e.eraser)]:
                 if t not in needed:
                     needed.append(t)
-        if needed:
-            with torch.no_grad(), autocast():
-                out = sd_model.get_learned_conditioning(needed)
-            ctx = out["crossattn"] if isinstance(out, dict) else out
-            vec = out.get("vector") if isinstance(out, dict) else None
-            for k, t in enumerate(needed):
-                self.texts[t] = (ctx[k].detach(), vec[k].detach() if vec is not None else None)
+        if needed:  # short words: one call (the webui pads a batch to its longest text)
+            self._encode(needed)
+
+    def _encode(self, texts: list[str]) -> None:
+        with torch.no_grad(), autocast():
+            out = self.sd_model.get_learned_conditioning(texts)
+        ctx = out["crossattn"] if isinstance(out, dict) else out
+        vec = out.get("vector") if isinstance(out, dict) else None
+        for k, t in enumerate(texts):
+            self.texts[t] = (ctx[k].detach(), vec[k].detach() if vec is not None else None)
+
+    def add(self, texts) -> None:
+        """Encode ``texts`` not held yet (prompts of in-prompt terms; called before sampling)."""
+        for t in dict.fromkeys(texts):
+            if t not in self.texts:  # one by one: a prompt's encoding must not be padded to a longer one's
+                self._encode([t])
 
     def hidden(self) -> dict[str, torch.Tensor]:
         return {t: h for t, (h, _) in self.texts.items()}
+
+
+def swapped_texts(stack: EraserStack, texts) -> list[str]:
+    """The in-prompt alternatives the stack's erasers could need for these AND parts (encoded before
+    sampling: the gate decides per step which of them fire)."""
+    out = []
+    for _, e in abo_entries(stack):
+        if uses_prompt(e.eraser):
+            for text in texts:
+                s = swap_in_prompt(swappable(text), e.eraser.concepts, alternative_of(e.eraser))
+                if s is not None:
+                    out.append(s)
+    return out
 
 
 def _fit_length(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -117,8 +163,10 @@ class A1111Guidance:
     def __bool__(self):
         return bool(self.entries)
 
-    def extend(self, params, terms: list[list[Term]], n_cond: int, first_row: list[int], single_part: list[bool]):
+    def extend(self, params, terms: list[list[Term]], n_cond: int, first_row: list[int], single_part: list[bool],
+               row_texts: list[str] | None = None):
         """Add the rows the firing terms need to this step's CFG batch (``params``: CFGDenoiserParams).
+        ``row_texts``: each conditional row's AND-part text (in-prompt terms erase with the row itself).
         Returns the images the extra rows belong to (for the per-row weight coefficients)."""
         self.step = None
         self.last_terms = terms
@@ -126,7 +174,17 @@ class A1111Guidance:
             return []
         cond = params.text_cond
         ctx = cond["crossattn"] if isinstance(cond, dict) else cond
-        texts = self.conds.hidden()
+        vectors = cond.get("vector") if isinstance(cond, dict) else None
+        held = dict(self.conds.texts)
+        for r, text in enumerate(row_texts or []):  # the part as the UNet sees it this step
+            if text not in held:
+                held[text] = (ctx[r], vectors[r] if vectors is not None else None)
+        needed = list(dict.fromkeys(t for row in terms for term in row for t in (term.erase, term.alternative)))
+        missing = [t for t in needed if t not in held]
+        if missing:  # not encoded before sampling (prompts changed by another extension): encode now
+            self.conds.add(missing)
+            held.update({t: self.conds.texts[t] for t in missing})
+        texts = {t: held[t][0] for t in needed}
         own = [ctx[first_row[i]].float() if single_part[i] else torch.empty(0) for i in range(len(terms))]
         length = _lcm(ctx.shape[1], *(h.shape[0] for h in texts.values()))
         hidden = {t: _fit_length(h.float(), length) for t, h in texts.items()}
@@ -146,7 +204,7 @@ class A1111Guidance:
                 new["crossattn"] = new_ctx
                 vec = cond.get("vector")
                 if vec is not None:
-                    own_vec = [self.conds.texts[t][1] for t in plan.texts]
+                    own_vec = [held[t][1] for t in plan.texts]
                     new["vector"] = torch.cat([vec, torch.stack(own_vec).to(vec)])
                 if getattr(new, "_shape", None) is not None:
                     new._shape = new_ctx.shape

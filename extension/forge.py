@@ -109,6 +109,7 @@ class BatchGates:
     encoded: EncodedText
     image_of_row: list[int]
     tokens_known: bool
+    texts: list[str] | None = None  # each row's AND-part text
 
 
 def batch_gates(stack: EraserStack, sd_model, prompts, banks: BankCache | None = None) -> BatchGates:
@@ -128,7 +129,7 @@ def batch_gates(stack: EraserStack, sd_model, prompts, banks: BankCache | None =
     for row, entry in zip(report.rows, stack.entries):
         if entry.gate.cond_only and entry.eraser.kind == "weight" and not per_row_enabled():
             row["detail"] = (row["detail"] + "; " if row["detail"] else "") + "cond_only not possible with Forge weight patches"
-    return BatchGates(batch, report, per_image, encoded, image_of_row, encoder.tokens_known)
+    return BatchGates(batch, report, per_image, encoded, image_of_row, encoder.tokens_known, texts)
 
 
 PER_ROW_OPTION = "conceptgate_forge_per_row"

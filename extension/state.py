@@ -264,7 +264,9 @@ class GenerationState:
             unet, files = unet.clone(), []
         terms = [[] for _ in prompts]
         if guidance:
-            terms = image_terms(stack, gates.encoded, banks, gates.tokens_known, gates.image_of_row, len(prompts))
+            terms = image_terms(stack, gates.encoded, banks, gates.tokens_known, gates.image_of_row, len(prompts),
+                                gates.texts)
+            guidance.conds.add(t for row in terms for term in row for t in (term.erase, term.alternative))
             guidance.install(unet, terms)
         sd_model.forge_objects.unet = unet
         self.forge_files = files
@@ -340,8 +342,8 @@ class GenerationState:
                 out[KEY_GEOM][offset + i] = None
             abo = info.get("abo")
             if abo and i < len(abo) and abo[i]:
-                out[KEY_ABO][offset + i] = ", ".join(f"{escape_name(t.eraser)}:{escape_name(t.erase)}>"
-                                                     f"{escape_name(t.alternative) or 'nothing'}" for t in abo[i])
+                out[KEY_ABO][offset + i] = ", ".join(f"{escape_name(t.eraser)}:{escape_name(t.label[0])}>"
+                                                     f"{escape_name(t.label[1]) or 'nothing'}" for t in abo[i])
             else:
                 out[KEY_ABO][offset + i] = None
         return out

@@ -45,6 +45,8 @@ def kinds(world):
     save_abo(abo, os.path.join(world["folder"], "abo_tri.safetensors"))
     abo_nothing = abo_eraser("circle", "", name="abo_circ")
     save_abo(abo_nothing, os.path.join(world["folder"], "abo_circ.safetensors"))
+    in_prompt = abo_eraser("triangle", "square", name="abo_tri_ip", in_prompt=True)
+    save_abo(in_prompt, os.path.join(world["folder"], "abo_tri_ip.safetensors"))
     return {"geom": geom, "abo": abo}
 
 
@@ -330,6 +332,71 @@ def test_abo_every_forge_step_equals_the_rule_by_hand(world, kinds, kind, layout
         for i, terms in enumerate(FORGE_TERMS[layout]):
             assert ("ConceptGate All-but-One:" in processed.infotexts[i]) == bool(terms), processed.infotexts[i]
 
+
+
+# ------------------------------------------------------------------ All-but-One, in-prompt form
+# abo_tri_ip (triangle -> square, settings in_prompt) swaps the word in the AND part that fires; abo_circ keeps
+# the bare-word rule. Per image: (gamma, erase text, alternative text).
+IN_PROMPT_A1111 = {
+    "batched": (dict(prompt=["a red triangle", "a green square"], batch_size=2),
+                [[(0.8, "a red triangle", "a red square")], []]),
+    "and-parts": (dict(prompt=["a green square AND a red triangle in dotted style :0.7", "a blue circle"], batch_size=2),
+                  [[(0.8, "a red triangle in dotted style", "a red square in dotted style")], [(1.0, "circle", "")]]),
+    "sdxl-dict": (dict(prompt=["a red triangle", "a green square"], batch_size=2, sdxl=True),
+                  [[(0.8, "a red triangle", "a red square")], []]),
+}
+
+
+@pytest.mark.parametrize("layout", list(IN_PROMPT_A1111))
+@torch.no_grad()
+def test_abo_in_prompt_every_a1111_step_equals_the_rule_by_hand(world, kinds, layout):
+    sc, want_terms = dict(IN_PROMPT_A1111[layout][0]), IN_PROMPT_A1111[layout][1]
+    with a1111_stub.installed("a1111") as processing:
+        h = Host(world, processing, sdxl=sc.pop("sdxl", False))
+        spy = Spy(sys.modules["modules.script_callbacks"])
+        p, processed = h.run(sc.pop("prompt"), args("abo_tri_ip:0.8, abo_circ:1", "tokens"), **sc)
+        errors = reference_a1111(h, p, spy, want_terms)
+        assert max(errors) < TOL, errors
+        n_cond = sum(len(parts) for parts in p.c[0])
+        extra = spy.denoiser[0][0].shape[0] - n_cond - 2
+        # one AND part: the erase row is the image's own conditional row (+1 row: the swapped prompt);
+        # several parts: the firing part is predicted again with the image's latent (+2); the bare circle -> ""
+        # term: +2 (A1111 may skip the unconditional rows, so they are never reused)
+        assert extra == {"batched": 1, "and-parts": 4, "sdxl-dict": 1}[layout], extra
+        assert _field(processed.infotexts[0], "ConceptGate All-but-One") == "abo_tri_ip:triangle>square"
+
+
+@pytest.mark.parametrize("kind", ["forge", "forge-legacy"])
+@pytest.mark.parametrize("layout", ["one-call", "and-parts"])
+@torch.no_grad()
+def test_abo_in_prompt_every_forge_step_equals_the_rule_by_hand(world, kinds, kind, layout):
+    prompts = {"one-call": ["a red triangle", "a green square"],
+               "and-parts": ["a green square AND a red triangle :0.7", "a blue circle AND a table"]}[layout]
+    want_terms = [[(0.8, "a red triangle", "a red square")], [] if layout == "one-call" else [(1.0, "circle", "")]]
+    with a1111_stub.installed(kind) as processing:
+        h = ForgeHost(world, processing, legacy=kind == "forge-legacy")
+        p, processed = h.run(prompts, args("abo_tri_ip:0.8, abo_circ:1", "tokens"), batch_size=2)
+        errors = reference_forge(h, p, want_terms)
+        assert max(errors) < TOL, errors
+        assert _field(processed.infotexts[0], "ConceptGate All-but-One") == "abo_tri_ip:triangle>square"
+
+
+@torch.no_grad()
+def test_abo_in_prompt_differs_from_the_bare_rule_and_keeps_it_where_it_cannot_swap(world, kinds):
+    """The in-prompt form changes the image (it subtracts other predictions); a prompt-editing part, which the
+    webui schedules per step, and a part the gate fires on without the word keep the bare-word term."""
+    from conceptgate.extension.abo import swappable, swapped_texts
+
+    with a1111_stub.installed("a1111") as processing:
+        h = Host(world, processing)
+        _, bare = h.run(["a red triangle"], args("abo_tri:0.8", "tokens"))
+        _, swap = h.run(["a red triangle"], args("abo_tri_ip:0.8", "tokens"))
+        assert (bare.images[0] - swap.images[0]).abs().max() > 1e-3
+    assert swappable("a red [triangle:circle:5]") == "" and swappable("a [red|blue] triangle") == ""
+    assert swappable("a (red:1.2) [triangle]") == "a (red:1.2) [triangle]"  # emphasis is the encoder's own syntax
+    stack = EraserStack().with_eraser(kinds["abo"]).with_eraser(
+        abo_eraser("triangle", "square", name="ip", in_prompt=True))
+    assert swapped_texts(stack, ["a (red:1.2) triangle", "a [triangle:circle:5]", "a trigon"]) == ["a (red:1.2) square"]
 
 
 # ------------------------------------------------------------------ several kinds at once

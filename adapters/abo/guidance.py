@@ -33,8 +33,8 @@ hold (``e_erase`` equal to the prompt reuses the conditional row; ``e_alt = ""``
 unconditional row when the negative prompt is empty and CFG > 1). So: +1 row with an empty
 alternative, +2 with a named one, +0 when no row fires (bit-identical to plain CFG).
 
-API (host-agnostic; the diffusers glue :mod:`.pipeline` and the ComfyUI glue ``nodes/nodes_abo.py`` use it;
-the A1111/Forge glue does not reach guidance erasers yet):
+API (host-agnostic; the diffusers glue :mod:`.pipeline`, the ComfyUI glue ``nodes/nodes_abo.py`` and the
+webui glue ``extension/abo.py`` use it):
 
 * :func:`abo_eraser` (constructor), :func:`is_abo`, :func:`check_abo_eraser`; files via
   :func:`~conceptgate.adapters.files.save_eraser` / ``load_eraser(path, kind="guidance")``
@@ -48,6 +48,7 @@ the A1111/Forge glue does not reach guidance erasers yet):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -169,12 +170,22 @@ def _sigma_like(sigma, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Term:
-    """One firing eraser on one prompt: ``gamma`` (gate x strength), what is erased, toward what."""
+    """One firing eraser on one prompt: ``gamma`` (gate x strength), what is erased, toward what.
+
+    ``erase`` / ``alternative`` are the texts whose predictions the rule subtracts; ``words`` is set by
+    :func:`in_prompt_terms` (the texts are then whole prompts): the concept and alternative it swapped,
+    for reports and infotexts."""
 
     gamma: float
     erase: str
     alternative: str
     eraser: str = ""
+    words: tuple[str, str] | None = field(default=None, compare=False)
+
+    @property
+    def label(self) -> tuple[str, str]:
+        """(erased concept, alternative) in words, whichever form of the rule the term uses."""
+        return self.words if self.words is not None else (self.erase, self.alternative)
 
 
 def guidance_terms(stack: EraserStack, prompt: EncodedText, banks: BankCache,
@@ -220,13 +231,19 @@ def uses_prompt(eraser: Eraser) -> bool:
 def swap_in_prompt(prompt: str, concepts: Sequence[str], alternative: str) -> str | None:
     """``prompt`` with the first written concept (whole words, any case; longer names first) replaced by
     ``alternative`` (removed when it is empty); None when the prompt names none of ``concepts``."""
-    import re
+    found = _find_concept(prompt, concepts)
+    if found is None:
+        return None
+    swapped = found[1].sub(alternative, prompt)
+    return re.sub(r"\s{2,}", " ", swapped).strip()
 
+
+def _find_concept(prompt: str, concepts: Sequence[str]):
+    """(concept, its whole-word pattern) of the longest of ``concepts`` that ``prompt`` spells, or None."""
     for c in sorted((c for c in concepts if c.strip()), key=len, reverse=True):
         pattern = re.compile(r"(?<![\w])" + re.escape(c.strip()) + r"(?![\w])", re.IGNORECASE)
-        if pattern.search(prompt):
-            swapped = pattern.sub(alternative, prompt)
-            return re.sub(r"\s{2,}", " ", swapped).strip()
+        if pattern.search(prompt or ""):
+            return c.strip(), pattern
     return None
 
 
@@ -254,8 +271,11 @@ def in_prompt_terms(terms: list[list[Term]], prompts: Sequence[str] | None, stac
         for t in row:
             e = by_name.get(t.eraser)
             swapped = swap_in_prompt(prompts[i], e.concepts, t.alternative) if e is not None and uses_prompt(e) else None
-            new_row.append(Term(t.gamma, prompts[i], swapped, t.eraser) if swapped is not None and swapped != prompts[i]
-                           else t)
+            if swapped is not None and swapped != prompts[i]:
+                new_row.append(Term(t.gamma, prompts[i], swapped, t.eraser,
+                                    words=(_find_concept(prompts[i], e.concepts)[0], t.alternative)))
+            else:
+                new_row.append(t)
         out.append(new_row)
     return out
 
