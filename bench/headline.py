@@ -113,11 +113,51 @@ def geom_rows(geom: dict | None) -> list[dict]:
     return out
 
 
+def latest_rows(sections: list[tuple[str, dict]]) -> tuple[list[dict], list[str]]:
+    """Every section's rows, where one eraser on one target was measured in several release runs only the
+    most recent (a part re-run after a file was retrained); and the superseded measurements, named."""
+    rows, when = {}, {}
+    superseded = []
+    for key, section in sections:
+        for r in eraser_rows(key, section):
+            k = (r["eraser"], r["target"])
+            m = section.get("measured") or ""
+            if k in rows:
+                older, newer = (rows[k], r) if m >= when[k] else (r, rows[k])
+                superseded.append(f"{older['eraser']} on {older['target']} in `{older['section']}` "
+                                  f"(replaced by `{newer['section']}`)")
+                if newer is rows[k]:
+                    continue
+            rows[k], when[k] = r, m
+    return list(rows.values()), superseded
+
+
+def verdict_rows(sections: list[tuple[str, dict]]) -> list[dict]:
+    """Per target with peers in a release run: ConceptGate's best row against the best peer row."""
+    from .peers import peer_verdicts
+
+    out = []
+    for key, section in sections:
+        configs = section["configs"]
+        if not any(c.get("peer") for c in configs):
+            continue
+        for v in section.get("peer_verdicts") or peer_verdicts(configs):
+            best, top = v.get("best") or {}, v.get("best_peer") or {}
+            out.append({"target": v["target"], "section": key, "base": _pct(v.get("base")),
+                        "best": f"{best.get('name', '–')} {_pct(best.get('score'))}" if best else "–",
+                        "peer": f"{top.get('name', '–')} {_pct(top.get('score'))}" if top else "–",
+                        "peers": str(len(v.get("peers") or ())),
+                        "status": "met" if v.get("ahead") else "**missed**" + (
+                            f": not behind: {', '.join(v.get('peers_not_behind') or ())}" if v.get("ahead") is False else
+                            ": no ConceptGate row")})
+    return out
+
+
 def render(data: dict) -> str:
-    rows = []
-    for key, section in release_sections(data):
-        rows += eraser_rows(key, section)
+    sections = release_sections(data)
+    rows, superseded = latest_rows(sections)
     rows += geom_rows(data.get("geom"))
+    verdicts = verdict_rows(sections)
     met = sum(r["status"] == "met" for r in rows)
     lines = [
         "Every eraser of the release-tier quality runs (>= 32 target images per prompt set) on its own target, "
@@ -134,10 +174,22 @@ def render(data: dict) -> str:
         f"**{met} of {len(rows)} rows meet every target.** The figures are copied from the sections named in "
         "'from' (each says when and how it was measured); a missed target is listed with its measured figure.",
     ]
-    if not any(c.get("peer") for _, s in release_sections(data) for c in s["configs"]):
-        lines.append("")
-        lines.append("The peers (negative prompt, Safe Latent Diffusion, ESD-x) were not run at the release tier; "
-                     "the quick tier's section `quality` compares them on the same prompts and seeds.")
+    if superseded:
+        lines += ["", "Measured again in a later release run, so left out above: " + "; ".join(superseded) + "."]
+    if verdicts:
+        ahead = sum(v["status"] == "met" for v in verdicts)
+        lines += ["", "**Against the peers** (same run, prompts, seeds and judges; score = mean over the prompt sets of "
+                  "(UA + IRA + CRA) / 3; target: ConceptGate's best eraser ahead of every peer row):", "",
+                  table(verdicts, [("target", "target"), ("base", "base model"), ("best", "best ConceptGate row"),
+                                   ("peer", "best peer row"), ("peers", "peer rows"), ("section", "from"),
+                                   ("status", "status")]),
+                  f"ConceptGate ahead on {ahead} of {len(verdicts)} targets with peers at the release tier."]
+    peer_targets = {v["target"] for v in verdicts}
+    without = sorted({r["target"].split(" (")[0] for r in rows if r["section"] != "geom"} - peer_targets)
+    if without:
+        lines += ["", "The peers (negative prompt, Safe Latent Diffusion, ESD-x) were not run at the release tier for "
+                  + ", ".join(without) + "; the quick tier's section `quality` compares them on the same prompts "
+                  "and seeds."]
     return "\n".join(lines)
 
 

@@ -53,6 +53,36 @@ def test_rows_meet_or_name_each_missed_target():
     assert "**1 of 3 rows meet every target.**" in text and "were not run at the release tier" in text
 
 
+def test_a_later_release_run_supersedes_an_eraser_measured_before():
+    old = _section([("spm", _sets(0.92)), ("abo", _sets(1.0))]) | {"measured": "2026-12-01 18:58 UTC"}
+    new = _section([("spm", _sets(0.97))]) | {"measured": "2026-12-02 05:30 UTC"}
+    rows, superseded = H.latest_rows([("quality-release", old), ("quality-release-triangle", new)])
+    by = {r["eraser"]: r for r in rows}
+    assert by["spm"]["section"] == "quality-release-triangle" and by["spm"]["status"] == "met"
+    assert by["abo"]["section"] == "quality-release" and len(rows) == 2
+    assert superseded == ["spm on triangle (object) in `quality-release` (replaced by `quality-release-triangle`)"]
+    rows, _ = H.latest_rows([("quality-release-triangle", new), ("quality-release", old)])  # file order does not matter
+    assert {r["eraser"]: r["section"] for r in rows}["spm"] == "quality-release-triangle"
+    assert "Measured again in a later release run" in H.render({"quality-release": old, "quality-release-triangle": new})
+
+
+def test_peer_verdicts_of_a_release_run_join_the_headline():
+    section = _section([("spm", _sets(0.97))])
+    peer = {"name": "neg-triangle", "peer": {"target": "triangle", "kind": "object", "method": "negative"},
+            "result": {"targets": [_target(_sets(0.3))]}}
+    section["configs"].append(peer)
+    section["peer_verdicts"] = [{"target": "triangle", "kind": "object", "base": 0.6, "best": {"name": "spm", "score": 0.94},
+                                 "best_peer": {"name": "neg-triangle", "score": 0.72}, "ahead": True,
+                                 "peers": [{"name": "neg-triangle", "score": 0.72}], "peers_not_behind": []}]
+    rows = H.verdict_rows([("quality-release-triangle", section)])
+    assert rows == [{"target": "triangle", "section": "quality-release-triangle", "base": "60", "best": "spm 94",
+                     "peer": "neg-triangle 72", "peers": "1", "status": "met"}]
+    text = H.render({"quality-release-triangle": section})
+    assert "ConceptGate ahead on 1 of 1 targets" in text and "were not run at the release tier" not in text
+    section["peer_verdicts"][0].update(ahead=False, peers_not_behind=["neg-triangle"])
+    assert H.verdict_rows([("x", section)])[0]["status"] == "**missed**: not behind: neg-triangle"
+
+
 def test_geom_row_from_its_own_section():
     def metrics(wm, colour):
         return {k: _s(v, 128) for k, v in dict(object=0.9, style=0.97, colour=colour, garbage_rate=0.02,
