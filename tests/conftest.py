@@ -10,6 +10,17 @@ if HERE not in sys.path:
 import comfy_host  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def pipe():
+    """The committed toy model's diffusers pipeline (one per test module: tests may attach hooks to it;
+    modules that need another model define their own ``pipe``)."""
+    from conceptgate import toyworld
+
+    p = toyworld.load_pipeline()
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
 @pytest.fixture(scope="session")
 def comfy():
     """The real ComfyUI 0.3.75, booted for CPU (skips nothing: a missing ComfyUI is an error)."""

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from toy_inputs import latents
 
 from conceptgate import toyworld
 from conceptgate.adapters import EraserStack, GateSettings, layout_from_diffusers_config
@@ -15,24 +16,13 @@ from conceptgate.adapters.abo.guidance import (
 from conceptgate.adapters.abo.pipeline import AboGuidedPipeline
 from conceptgate.adapters.diffusers_host import DiffusersTextEncoder, GatedPipeline
 from conceptgate.adapters.errors import EraserFileError
-from conceptgate.adapters.files import load_eraser, save_eraser
+from conceptgate.adapters.files import load_eraser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 6
 SPM_FILE = os.path.join(os.path.dirname(toyworld.WEIGHTS_DIR.rstrip("/")), "erasers", "spm_triangle.safetensors")
 CAL = GateSettings(threshold=0.91, temperature=0.0)  # the toy calibration (toyworld/erasers/README.md)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    p = toyworld.load_pipeline()
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-def latents(seeds):
-    return torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 def run(call, prompts, cfg=5.0, seeds=None, negative=None):

@@ -4,8 +4,8 @@ and the fall-back to the bare-word term where the prompt does not spell the conc
 
 import pytest
 import torch
+from toy_inputs import latents
 
-from conceptgate import toyworld
 from conceptgate.adapters import EraserStack, GateSettings
 from conceptgate.adapters.abo.guidance import Term, abo_eraser, in_prompt_terms, swap_in_prompt, uses_prompt
 from conceptgate.adapters.abo.pipeline import AboGuidedPipeline
@@ -14,17 +14,6 @@ from conceptgate.adapters.files import load_eraser, save_eraser
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 5
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    p = toyworld.load_pipeline()
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-def latents(seeds):
-    return torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 def run(call, prompts, seeds, cfg=5.0):

@@ -16,13 +16,6 @@ PROMPTS = ["a red triangle in striped style", "a blue circle", "a green star in 
 SEEDS = [1000, 1001, 1002]
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    from conceptgate import toyworld as tw
-
-    return tw.load_pipeline()
-
-
 def _state(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from conceptgate import toyworld
 from conceptgate.adapters import geom as G
 from conceptgate.adapters.geom import trainer as GT
 from conceptgate.adapters.errors import EraserFileError, IncompatibleModelError
 from conceptgate.adapters.files import load_eraser, save_eraser
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return toyworld.load_pipeline()
 
 
 @pytest.fixture(scope="module")
