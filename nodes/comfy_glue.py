@@ -35,6 +35,7 @@ log = logging.getLogger("conceptgate")
 KEY = "conceptgate"
 TOKENS_KEY = "conceptgate_tokens"  # set on conditionings by our text-encode node: content token ids
 WINDOW_IDS_KEY = "conceptgate_window_ids"  # and the token id at every position of the first 77-token window
+TEXT_KEY = "conceptgate_text"  # and the prompt text (the in-prompt All-but-One form swaps a word in it)
 
 
 # ------------------------------------------------------------------ text

@@ -23,6 +23,12 @@ Encode (ConceptGate)' (with the stock text encoder, the token half of Facilitate
 skipped, as in the other ConceptGate nodes). With several positive entries the largest gate wins,
 and the extra conditionings copy the first entry's area / mask / ControlNet. Gate 0: nothing is
 added, the output is bit-identical to the unpatched model.
+
+In-prompt erasers (``settings["in_prompt"]``, the eraser node's ``in_prompt`` switch): 'CLIP Text Encode
+(ConceptGate)' records the prompt text on its conditioning; while the entry's tensor is still exactly that
+text's encoding with this CLIP, the term subtracts ``eps(prompt) - eps(prompt with the concept swapped)``
+(the positive row is reused for the first, so +1 row). Otherwise (stock encoder, concatenated or combined
+conditionings) the bare-word term runs.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..adapters.abo.guidance import (
-    Term, abo_eraser, abo_entries, alternative_of, denoised_from_eps, eps_from_denoised, guidance_terms, save_abo,
+    Term, abo_eraser, abo_entries, alternative_of, denoised_from_eps, eps_from_denoised, guidance_terms, in_prompt_terms,
+    save_abo, swap_in_prompt, uses_prompt,
 )
 from ..adapters.errors import EraserFileError
 from ..adapters.gate import GateReport
@@ -79,13 +86,37 @@ class AboRuntime:
         self.extra_rows = 0
 
     # ------------------------------------------------------------- text
-    def texts(self) -> list[str]:
+    def texts(self, positive: list | None = None) -> list[str]:
+        """Every text a term can need: the erasers' words and, for in-prompt erasers, the prompts of
+        ``positive`` (a CONDITIONING or processed conds) with their swapped forms."""
         out = []
         for _, e in abo_entries(self.stack):
             for t in list(e.eraser.concepts) + [alternative_of(e.eraser)]:
                 if t not in out:
                     out.append(t)
+        for c in positive or ():
+            prompt = self.prompt_text(c)
+            if prompt is None:
+                continue
+            for _, e in abo_entries(self.stack):
+                swapped = swap_in_prompt(prompt, e.eraser.concepts, alternative_of(e.eraser)) if uses_prompt(e.eraser) else None
+                for t in ((prompt, swapped) if swapped is not None else ()):
+                    if t not in out:
+                        out.append(t)
         return out
+
+    def prompt_text(self, c) -> str | None:
+        """The text 'CLIP Text Encode (ConceptGate)' recorded on a conditioning entry (a processed dict or a
+        ``[tensor, dict]`` pair), when the stack has an in-prompt eraser and the entry's tensor is still exactly
+        that text's encoding with this CLIP (not concatenated or combined since): else None, bare-word terms."""
+        if not any(uses_prompt(e.eraser) for _, e in abo_entries(self.stack)):
+            return None
+        extra, ctx = (c, c.get("cross_attn")) if isinstance(c, dict) else (c[1], c[0])
+        text = extra.get(comfy_glue.TEXT_KEY)
+        if not isinstance(text, str) or ctx is None:
+            return None
+        mine = self.conditioning(text)[0][0]
+        return text if ctx.shape == mine.shape and torch.equal(ctx.to(mine), mine) else None
 
     def conditioning(self, text: str) -> list:
         """``text`` as a CONDITIONING encoded by this CLIP (what CLIPTextEncode would give)."""
@@ -111,7 +142,11 @@ class AboRuntime:
                 continue
             tokens = c.get(comfy_glue.TOKENS_KEY)
             enc = comfy_glue.encoded_conditioning(comfy_glue._specials(self.clip), ctx, c)
-            for t in guidance_terms(self.stack, enc, self.banks, tokens_known=tokens is not None)[0]:
+            terms = guidance_terms(self.stack, enc, self.banks, tokens_known=tokens is not None)
+            prompt = self.prompt_text(c)
+            if prompt is not None:  # in-prompt erasers: the prompt and its swapped form
+                terms = in_prompt_terms(terms, [prompt], self.stack)
+            for t in terms[0]:
                 if t.eraser not in best or t.gamma > best[t.eraser].gamma:
                     best[t.eraser] = t
             _, report = self.stack.gates(enc, banks=self.banks, tokens_known=tokens is not None)
@@ -149,6 +184,7 @@ class AboRuntime:
         new["uuid"] = uuid.uuid4()
         new.pop(comfy_glue.TOKENS_KEY, None)
         new.pop(comfy_glue.WINDOW_IDS_KEY, None)
+        new.pop(comfy_glue.TEXT_KEY, None)
         self._terms[key] = new
         return new
 
@@ -255,8 +291,9 @@ class AboGuider(comfy.samplers.CFGGuider):
 
     def set_abo(self, runtime: AboRuntime):
         self.runtime = runtime
-        extra = {f"abo:{i}": runtime.conditioning(t) for i, t in enumerate(runtime.texts())}
-        self._abo_keys = {t: f"abo:{i}" for i, t in enumerate(runtime.texts())}
+        texts = runtime.texts(self.original_conds.get("positive"))
+        extra = {f"abo:{i}": runtime.conditioning(t) for i, t in enumerate(texts)}
+        self._abo_keys = {t: f"abo:{i}" for i, t in enumerate(texts)}
         self.inner_set_conds(extra)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -312,6 +349,11 @@ class AboEraser(io.ComfyNode):
                                 "nothing, i.e. toward the empty prompt)."),
                 io.String.Input("save_name", default="", optional=True, tooltip="Also save it as "
                                 "models/conceptgate/NAME.safetensors (empty: do not save)."),
+                io.Boolean.Input("in_prompt", default=False, optional=True, tooltip=(
+                    "ConceptGate's in-prompt form (not the paper's): where the prompt spells the concept, the "
+                    "guidance difference is taken between the prompt and the prompt with the concept replaced by "
+                    "the alternative, so the alternative keeps the prompt's colour and style. Needs the prompt "
+                    "from 'CLIP Text Encode (ConceptGate)'; other prompts keep the bare-word rule.")),
             ],
             outputs=[
                 Eraser.Output("eraser", display_name="eraser", tooltip="A guidance eraser, to add to a stack."),
@@ -320,16 +362,17 @@ class AboEraser(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, erase, alternative, save_name="") -> io.NodeOutput:
+    def execute(cls, erase, alternative, save_name="", in_prompt=False) -> io.NodeOutput:
         concepts = [c.strip() for c in erase.split(",") if c.strip()]
-        eraser = abo_eraser(concepts, alternative)
+        eraser = abo_eraser(concepts, alternative, **({"in_prompt": True} if in_prompt else {}))
         if save_name.strip():
             folder = folder_paths.get_folder_paths(FOLDER)[0]
             import os
 
             os.makedirs(folder, exist_ok=True)
             save_abo(eraser, os.path.join(folder, save_name.strip() + ".safetensors"))
-        info = f"{eraser.name}: erase {', '.join(eraser.concepts)} -> {alternative.strip() or 'nothing'} (guidance)"
+        info = (f"{eraser.name}: erase {', '.join(eraser.concepts)} -> {alternative.strip() or 'nothing'} (guidance"
+                + (", in-prompt form)" if in_prompt else ")"))
         return io.NodeOutput(eraser, info)
 
 

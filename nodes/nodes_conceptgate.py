@@ -311,7 +311,8 @@ class TextEncode(io.ComfyNode):
             display_name="CLIP Text Encode (ConceptGate)",
             category=CATEGORY,
             description=("CLIP Text Encode that also records the prompt's tokens, so ConceptGate gates can use the "
-                         "token-overlap half of Facilitated Transport. Otherwise identical to CLIP Text Encode."),
+                         "token-overlap half of Facilitated Transport, and its text, for All-but-One erasers in the "
+                         "in-prompt form. Otherwise identical to CLIP Text Encode."),
             inputs=[
                 io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The prompt."),
                 io.Clip.Input("clip", tooltip="The CLIP model used for encoding the text."),
@@ -326,7 +327,7 @@ class TextEncode(io.ComfyNode):
         conditioning = clip.encode_from_tokens_scheduled(tokens)
         ids = comfy_glue.window_ids(clip, tokens)
         tokens = comfy_glue.content_tokens(clip, tokens)
-        tags = {comfy_glue.TOKENS_KEY: sorted(tokens), comfy_glue.WINDOW_IDS_KEY: ids}
+        tags = {comfy_glue.TOKENS_KEY: sorted(tokens), comfy_glue.WINDOW_IDS_KEY: ids, comfy_glue.TEXT_KEY: text}
         return io.NodeOutput([[c, dict(extra, **tags)] for c, extra in conditioning])
 
 

@@ -224,6 +224,45 @@ def test_identity_and_batched_calls(toy):
     assert torch.equal(a, base) and torch.equal(b, base) and runtime.extra_rows == 0
 
 
+def test_in_prompt_form_equals_sampling_the_swapped_prompt_in_both_paths(toy):
+    """In-prompt eraser at gate 1: eps_n + w (eps_p - eps_n) - w (eps_p - eps_swapped) is stock CFG sampling of
+    the prompt with the concept replaced by the alternative; the erase row is the positive's own (3 rows per
+    step). Without the recorded text (stock CLIP Text Encode) or with a conditioning changed after encoding,
+    the bare-word rule runs instead."""
+    from conceptgate.nodes.nodes_abo import AboGuider, AboRuntime, patched_model
+
+    model, clip, _ = toy
+    neg = _encode(clip, "", tokens=False)
+    stack = EraserStack().with_eraser(abo_eraser("triangle", "square", in_prompt=True), gate=GateSettings(rule="always"))
+    pos = _encode(clip, ERASED)
+    patched, runtime = patched_model(model, stack, clip)
+    counter = Counter(model)
+    try:
+        ours = _sample(patched, pos, neg)
+        assert counter.calls == STEPS and counter.rows == STEPS * 3
+    finally:
+        counter.h.remove()
+    guider = AboGuider(model)
+    guider.set_conds(pos, neg)
+    guider.set_cfg(CFG)
+    guider.set_abo(AboRuntime(stack, clip))
+    via_guider = _sample(model, pos, neg, guider=guider)
+    oracle = _sample(model, _encode(clip, "a red square in striped style", tokens=False), neg)
+    assert close(ours, oracle, 1e-4) and close(via_guider, oracle, 1e-4)
+    assert [t.label for t in runtime.terms_for(guider.original_conds["positive"])] == [("triangle", "square")]
+    # the bare-word rule where the text is not known or no longer matches the tensor
+    bare_stack = EraserStack().with_eraser(abo_eraser("triangle", "square"), gate=GateSettings(rule="always"))
+    bare = _sample(patched_model(model, bare_stack, clip)[0], pos, neg)
+    assert (bare - oracle).abs().max() > 1e-2
+    assert close(_sample(patched_model(model, stack, clip)[0], _encode(clip, ERASED, tokens=False), neg), bare, 1e-5)
+    changed = [[c * 1.01, extra] for c, extra in pos]
+    rt = AboRuntime(stack, clip)
+    assert rt.prompt_text(pos[0]) == ERASED and rt.prompt_text(changed[0]) is None
+    from comfy.sampler_helpers import convert_cond
+
+    assert [(t.erase, t.alternative) for t in rt.terms_for(convert_cond(changed))] == [("triangle", "square")]
+
+
 def test_patch_is_stackable_and_refuses_stacks_without_abo(toy):
     import nodes as comfy_nodes
 

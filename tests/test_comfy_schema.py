@@ -16,7 +16,8 @@ C = "CONCEPTGATE_ERASER"
 S = "CONCEPTGATE_STACK"
 INTERFACE = {
     "ConceptGateAboEraser": ("All-but-One Eraser (guidance)", False, [
-        ("r", "erase", "STRING", "triangle"), ("r", "alternative", "STRING", "square"), ("o", "save_name", "STRING", "")],
+        ("r", "erase", "STRING", "triangle"), ("r", "alternative", "STRING", "square"), ("o", "save_name", "STRING", ""),
+        ("o", "in_prompt", "BOOLEAN", False)],
         [C, "STRING"], ["eraser", "info"]),
     "ConceptGateAboGuidance": ("All-but-One Guidance (KSampler)", True, [
         ("r", "model", "MODEL", None), ("r", "clip", "CLIP", None), ("r", "stack", S, None),

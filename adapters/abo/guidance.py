@@ -260,7 +260,7 @@ def in_prompt_terms(terms: list[list[Term]], prompts: Sequence[str] | None, stac
     eps("square")`` carries the bare words' defaults. The erase row is the conditional row itself, so a
     firing prompt costs one extra row, not two. Prompts that do not spell the concept (a synonym the
     eraser does not list, an embedding-level attack) and hosts that do not know the text (ComfyUI's
-    conditionings) keep the bare-word term: nothing is left unerased by the swap."""
+    conditionings without a recorded text) keep the bare-word term: nothing is left unerased by the swap."""
     if not prompts:
         return terms
     entries = stack.entries if isinstance(stack, EraserStack) else list(stack)
