@@ -70,7 +70,8 @@ class A1111Runtime:
     def __init__(self, stack: EraserStack, sd_model):
         self.stack = stack
         self.attach_to(sd_model)
-        self.prompt_rows: dict[bool, tuple | None]  # (tokens, image_of_row, counts, texts) per pass = {False: None, True: None}
+        # per pass (hires or not): (tokens, image_of_row, counts, texts) of the prompts' AND parts
+        self.prompt_rows: dict[bool, tuple | None] = {False: None, True: None}
         self.is_hr = lambda: False
         self.cfg_scale = lambda: 7.0
         self.table: RowTable | None = None

@@ -44,10 +44,9 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import torch
-
-import re
 
 from ..adapters.abo.guidance import (AboPlan, Term, abo_entries, alternative_of, guidance_terms, in_prompt_terms,
                                      swap_in_prompt, uses_prompt)

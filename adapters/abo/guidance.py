@@ -232,10 +232,11 @@ def swap_in_prompt(prompt: str, concepts: Sequence[str], alternative: str) -> st
     """``prompt`` with the first written concept (whole words, any case; longer names first) replaced by
     ``alternative`` (removed when it is empty); None when the prompt names none of ``concepts``."""
     found = _find_concept(prompt, concepts)
-    if found is None:
-        return None
-    swapped = found[1].sub(alternative, prompt)
-    return re.sub(r"\s{2,}", " ", swapped).strip()
+    return None if found is None else _swap(prompt, found[1], alternative)
+
+
+def _swap(prompt: str, pattern: re.Pattern, alternative: str) -> str:
+    return re.sub(r"\s{2,}", " ", pattern.sub(alternative, prompt)).strip()
 
 
 def _find_concept(prompt: str, concepts: Sequence[str]):
@@ -270,10 +271,10 @@ def in_prompt_terms(terms: list[list[Term]], prompts: Sequence[str] | None, stac
         new_row = []
         for t in row:
             e = by_name.get(t.eraser)
-            swapped = swap_in_prompt(prompts[i], e.concepts, t.alternative) if e is not None and uses_prompt(e) else None
+            found = _find_concept(prompts[i], e.concepts) if e is not None and uses_prompt(e) else None
+            swapped = _swap(prompts[i], found[1], t.alternative) if found is not None else None
             if swapped is not None and swapped != prompts[i]:
-                new_row.append(Term(t.gamma, prompts[i], swapped, t.eraser,
-                                    words=(_find_concept(prompts[i], e.concepts)[0], t.alternative)))
+                new_row.append(Term(t.gamma, prompts[i], swapped, t.eraser, words=(found[0], t.alternative)))
             else:
                 new_row.append(t)
         out.append(new_row)
