@@ -1,7 +1,6 @@
 """Quality benchmark (issue 3): metric definitions on synthetic judge outputs, prompt and gate sets,
 the extension points for other eraser kinds, and one small real run on the committed toy model."""
 
-import argparse
 
 import numpy as np
 import pytest

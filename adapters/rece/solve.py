@@ -348,7 +348,6 @@ def apply_deltas(weights: Mapping[str, torch.Tensor], deltas: Mapping[str, torch
 
 def _uce_shared_solve(erase64, preserve: PreserveGram | None, lam, a_e, a_p):
     """``D = C M^-1`` with ``M = lam I + a_e C^T C + a_p G_P`` (float64, solve)."""
-    d = erase64.shape[1]
     m = a_e * (erase64.T @ erase64)
     m.diagonal().add_(lam)
     if preserve is not None:
