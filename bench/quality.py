@@ -629,6 +629,7 @@ def run_quality(args) -> int:
     json_path = args.json or os.path.join(ROOT, "benchmarks.json")
     cmd = COMMAND + (" --full" if args.full else "") + (f" --tier {tier}" if tier == "release" else "") \
         + (" --in-context" if getattr(args, "in_context", False) else "") \
+        + (" --no-edits" if getattr(args, "no_edits", False) else "") \
         + (" --shipped" if getattr(args, "shipped", False) and not peer_kinds else "") \
         + "".join(f" --stack {s}" for s in args.stack or [])
     if peer_kinds:
