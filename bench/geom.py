@@ -173,6 +173,8 @@ def describe(e, token_set=None) -> str:
     else:
         parts.append("no location tokens")
     parts.append(f"alpha {s.get('alpha')}" + (" (no re-weighting)" if s.get("alpha") == 1.0 else ""))
+    if s.get("max_norm"):
+        parts.append(f"vectors capped at length {s['max_norm']:.3g}")
     parts.append(f"{s.get('iterations')} it")
     return ", ".join(parts)
 
@@ -208,8 +210,8 @@ def render_markdown(r: dict) -> str:
         miss = []
         if row["wm_reduction"] < 0.70:
             miss.append(f"watermark reduction {100 * row['wm_reduction']:.0f}% < 70%")
-        for k in ("object", "style", "colour"):
-            if m[k]["value"] < base[k]["value"] - 0.02:
+        for k in ("object", "style", "colour"):  # "within 2 points" both ways, as the headline reads it
+            if abs(m[k]["value"] - base[k]["value"]) > 0.02 + 1e-9:
                 miss.append(f"{k} {100 * (m[k]['value'] - base[k]['value']):+.1f} points")
         if m["frechet"] > plain["frechet"]:
             miss.append(f"Fréchet {m['frechet']:.1f} > plain {plain['frechet']:.1f}")

@@ -270,7 +270,7 @@ def cmd_train_geom(args) -> int:
 
     setup_torch(args)
     config = GT.GeomConfig(concept=args.concept, grid=args.grid, alpha=args.alpha, iterations=args.iterations,
-                           batch=args.batch, lr=args.lr, learn_concept=not args.fixed_concept,
+                           batch=args.batch, lr=args.lr, learn_concept=not args.fixed_concept, max_norm=args.max_norm,
                            use_locations=not args.no_locations, seed=args.seed, save_every=args.save_every,
                            generate=args.generate, gen_steps=args.gen_steps, gen_cfg=args.gen_cfg)
     ckdir = args.checkpoint_dir or os.path.splitext(args.out)[0] + ".checkpoints"
@@ -334,6 +334,9 @@ def _add_geom(tsub) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--fixed-concept", action="store_true", help="use the concept's word as is (do not learn a concept token)")
     p.add_argument("--no-locations", action="store_true", help="ablation: learn the concept token only")
+    p.add_argument("--max-norm", type=lambda v: -1.0 if v == "vocab" else float(v), default=0.0,
+                   help="cap each learned vector's length after every step: a number, or 'vocab' for the longest "
+                        "row of the token-embedding table (default 0: no cap, as published)")
     p.add_argument("--export", default=None, help="also write textual-inversion embedding(s) into this folder")
     p.add_argument("--per-token", action="store_true", help="with --export: one file per location token too")
     add_run_options(p, save_every=250, name_default="geom_<concept>")

@@ -271,6 +271,23 @@ def test_training_steps_touch_only_the_tokens_and_resume(pipe, data_folder, tmp_
     assert torch.allclose(resumed.tensors["concept"], straight.tensors["concept"], atol=1e-6)
 
 
+def test_max_norm_keeps_learned_vectors_within_the_vocabulary_length(pipe, data_folder, tmp_path):
+    folder, _ = data_folder
+    torch.set_num_threads(1)
+    data = GT.label_folder(folder, G.CocoDetector(os.path.join(folder, "annotations.json")))
+    longest = float(G.embedding_table(pipe.text_encoder).weight.detach().norm(dim=-1).max())
+    free, _, _ = GT.GeomTrainer(pipe, data, GT.GeomConfig(iterations=3, batch=2, lr=0.2)).train(
+        str(tmp_path / "free.safetensors"), progress=False)
+    tr = GT.GeomTrainer(pipe, data, GT.GeomConfig(iterations=3, batch=2, lr=0.2, max_norm=-1))
+    capped, _, _ = tr.train(str(tmp_path / "capped.safetensors"), progress=False)
+    assert tr.max_norm == pytest.approx(longest)
+    assert float(free.tensors["concept"].norm(dim=-1).max()) > longest  # a large step leaves the range uncapped
+    for k in ("concept", "locations"):
+        assert float(capped.tensors[k].norm(dim=-1).max()) <= longest * (1 + 1e-5)
+    assert capped.settings["max_norm"] == pytest.approx(longest) and "max_norm" not in free.settings
+    assert not torch.equal(capped.tensors["concept"], free.tensors["concept"])
+
+
 def test_cli_train_geom_data_folder(data_folder, tmp_path, capsys):
     from conceptgate.cli import main
 

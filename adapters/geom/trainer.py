@@ -48,6 +48,10 @@ class GeomConfig:
     lr: float = 2e-3
     learn_concept: bool = True
     use_locations: bool = True
+    # > 0: after each step, learned vectors longer than this are scaled back to it; -1: the longest row of
+    # the model's token-embedding table (textual-inversion vectors otherwise drift to several times a word's
+    # length, and an out-of-range vector in the negative prompt moves more than the concept); 0: off (paper)
+    max_norm: float = 0.0
     seed: int = 0
     save_every: int = 250
     # model-removal data generation
@@ -199,6 +203,7 @@ class GeomTrainer:
         self.concept = torch.nn.Parameter(table.detach().float()[word].mean(0, keepdim=True).clone().cpu())
         params = ([self.concept] if config.learn_concept else []) + ([self.locations] if config.use_locations else [])
         self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        self.max_norm = float(table.detach().float().norm(dim=-1).max()) if config.max_norm < 0 else config.max_norm
         self.iteration = 0
         self.losses: list = []
         self.pos = data.positives
@@ -252,11 +257,17 @@ class GeomTrainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.max_norm > 0:
+            with torch.no_grad():
+                for v in (self.concept, self.locations):
+                    n = v.norm(dim=-1, keepdim=True)
+                    v.mul_(torch.where(n > self.max_norm, self.max_norm / n.clamp_min(1e-12), torch.ones_like(n)))
         return float(loss.detach())
 
     def eraser(self, name: str | None = None):
         c = self.config
         settings = {"alpha": c.alpha, "use_locations": c.use_locations, "iterations": self.iteration,
+                    **({"max_norm": self.max_norm} if self.max_norm > 0 else {}),
                     "train_images": len(self.data.files), "positives": len(self.pos)}
         e = G.make_eraser(c.concept, self.locations.detach(), self.concept.detach() if c.learn_concept else None,
                           c.grid, self.bin_counts if c.use_locations else [0] * (c.grid ** 2), self.text_fp, settings, name)
