@@ -308,24 +308,38 @@ def make_edit_erasers(pipe, edits=DEFAULT_EDITS, out_dir: str | None = None, log
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toyworld", "erasers")
 
 
-def shipped_configs(pipe, targets, folder: str = SHIPPED_DIR, log=None) -> list:
+def shipped_configs(pipe, targets, folder: str = SHIPPED_DIR, log=None, only=None) -> list:
     """``[(file stem, one-entry stack)]`` for every shipped eraser file in ``folder`` whose concepts are all
-    among ``targets`` and that fits ``pipe``'s UNet (each with its default gate, as a user loads it)."""
+    among ``targets`` and that fits ``pipe``'s UNet (each with its default gate, as a user loads it).
+    ``only``: file stems to take (a file added since a part's last run is measured without re-running the
+    others: same prompts and seeds give the others' images again)."""
     import glob
 
     from ..adapters.diffusers_host import check_stack_fits
     from ..adapters.files import load_eraser
     from ..adapters.stack import EraserStack
 
+    paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if only is not None:
+        stems = {os.path.splitext(os.path.basename(p))[0]: p for p in paths}
+        unknown = [n for n in only if n not in stems]
+        if unknown:
+            raise SystemExit(f"bench quality --shipped: no shipped eraser {', '.join(map(repr, unknown))} in {folder} "
+                             f"(there are: {', '.join(sorted(stems))})")
+        paths = [stems[n] for n in only]
     out = []
-    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+    for path in paths:
         try:
             e = load_eraser(path)
             ts = eraser_targets(e)
             if not ts or any((t.kind, t.index) not in {(x.kind, x.index) for x in targets} for t in ts):
+                if only is not None:  # asked for by name: say why it is not measured
+                    raise ValueError(f"it erases {', '.join(e.concepts)}, not among the run's targets")
                 continue
             st = check_stack_fits(EraserStack().with_eraser(e), pipe.unet)
         except Exception as err:  # a shipped file that does not load or fit is reported, not fatal
+            if only is not None:
+                raise SystemExit(f"bench quality --shipped: {os.path.basename(path)}: {err}") from err
             if log:
                 log(f"skipping {os.path.basename(path)}: {err}")
             continue
@@ -553,6 +567,11 @@ def run_quality(args) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(int(args.threads))
     extra_targets, part = parse_targets(getattr(args, "targets", None))
+    part_targets = part
+    if getattr(args, "part", None):
+        if not part:
+            raise SystemExit("bench quality --part names a part of --targets: give --targets too")
+        part = parse_part(args.part)
     load_start = os.getloadavg()[0]
     torch.manual_seed(0)
     say = print
@@ -581,8 +600,9 @@ def run_quality(args) -> int:
 
     peer_kinds = P.parse_kinds(getattr(args, "peers", None))
     shipped_names = []
-    if peer_kinds or getattr(args, "shipped", False):  # the shipped erasers for these targets join as eraser rows
-        shipped = shipped_configs(pipe, targets, log=say)
+    shipped_only = parse_shipped(getattr(args, "shipped", None))
+    if peer_kinds or getattr(args, "shipped", None):  # the shipped erasers for these targets join as eraser rows
+        shipped = shipped_configs(pipe, targets, log=say, only=None if peer_kinds else shipped_only)
         configs.extend(shipped)
         shipped_names = [n for n, _ in shipped]
     from ..adapters.progress import iterate
@@ -630,7 +650,8 @@ def run_quality(args) -> int:
     cmd = COMMAND + (" --full" if args.full else "") + (f" --tier {tier}" if tier == "release" else "") \
         + (" --in-context" if getattr(args, "in_context", False) else "") \
         + (" --no-edits" if getattr(args, "no_edits", False) else "") \
-        + (" --shipped" if getattr(args, "shipped", False) and not peer_kinds else "") \
+        + (" --shipped" + (f" {','.join(shipped_only)}" if shipped_only else "")
+           if getattr(args, "shipped", None) and not peer_kinds else "") \
         + "".join(f" --stack {s}" for s in args.stack or [])
     if peer_kinds:
         cmd += " --peers" + ("" if peer_kinds == P.PEER_KINDS else f" {','.join(peer_kinds)}")
@@ -638,9 +659,12 @@ def run_quality(args) -> int:
                    if getattr(args, k, None))
     result["command"] = cmd
     if part:
-        cmd += f" --targets {args.targets}"
+        cmd += f" --targets {args.targets}" + (f" --part {part}" if getattr(args, "part", None) else "")
         result["part"] = part
-    write_section(section_key(tier, part), section_title(tier, part), body, cmd, data=result, json_path=json_path)
+        if part != part_targets:
+            result["part_targets"] = part_targets
+    write_section(section_key(tier, part), section_title(tier, part, part_targets), body, cmd, data=result,
+                  json_path=json_path)
     if tier == "release":
         from .headline import write_headline
 
@@ -666,13 +690,35 @@ def parse_targets(spec: str | None) -> tuple[list, str | None]:
     return targets, "-".join(names)
 
 
+def parse_shipped(spec) -> list | None:
+    """``--shipped`` alone (``"all"``): every shipped eraser for the targets (None); ``--shipped a,b``: those file
+    stems only."""
+    if not spec or spec == "all":
+        return None
+    return [n.strip() for n in str(spec).split(",") if n.strip()] or None
+
+
+def parse_part(name: str) -> str:
+    """``--part``: the name of a part's section (default: its targets joined by '-')."""
+    import re
+
+    if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name or ""):
+        raise SystemExit(f"bench quality --part: {name!r} is not a section name (lower-case letters, digits and '-')")
+    return name
+
+
 def section_key(tier: str, part: str | None = None) -> str:
     """BENCHMARKS.md / JSON key of a tier's run, or of a named part of it (``--targets``)."""
     return SECTIONS[tier] + (f"-{part}" if part else "")
 
 
-def section_title(tier: str, part: str | None = None) -> str:
-    return f"Quality on the toy world ({tier} tier" + (f", targets {part.replace('-', ', ')})" if part else ")")
+def section_title(tier: str, part: str | None = None, targets: str | None = None) -> str:
+    """``targets``: the part's targets joined by '-' when ``part`` is a name given with ``--part``."""
+    if not part:
+        return f"Quality on the toy world ({tier} tier)"
+    named = targets and targets != part
+    return (f"Quality on the toy world ({tier} tier, targets {(targets if named else part).replace('-', ', ')}"
+            + (f"; part {part})" if named else ")"))
 
 
 def _rewrite_from_json(path: str) -> int:
@@ -694,7 +740,7 @@ def _rewrite_from_json(path: str) -> int:
         if result.get("runtime"):
             torch.set_num_threads(int(result["runtime"]["torch_threads"]))
         body = render_markdown(result)
-        write_section(key, section_title(result["tier"], result.get("part")), body,
+        write_section(key, section_title(result["tier"], result.get("part"), result.get("part_targets")), body,
                       result.get("command", COMMAND), data=result, json_path=path)
         print(body)
     return 0
@@ -705,8 +751,12 @@ def add_quality_cli(sub):
     s.add_argument("--tier", choices=["quick", "release"], default="quick",
                    help="quick: few prompts (CI runs it); release: >= 32 target images per prompt set, about 3x the "
                         "images, its own BENCHMARKS.md section")
-    s.add_argument("--shipped", action="store_true",
-                   help="also every shipped toy eraser for the run's targets (always on with --peers)")
+    s.add_argument("--shipped", nargs="?", const="all", default=None, metavar="FILES",
+                   help="also every shipped toy eraser for the run's targets (always on with --peers); a comma list of "
+                        "file stems (e.g. uce_triangle) takes only those")
+    s.add_argument("--part", default=None, metavar="NAME",
+                   help="with --targets: the part's section name (default: the targets joined by '-'), so a run of "
+                        "one new file does not replace the part's peer run")
     s.add_argument("--targets", default=None, metavar="NAMES",
                    help="also score these toy concepts (comma list, e.g. star,circle) and, with --shipped, the shipped "
                         "erasers for them; the run is a part of its tier with its own section (quality-release-star-circle)")

@@ -114,6 +114,23 @@ def test_headline_goes_first_and_parts_have_their_own_keys(tmp_path, monkeypatch
     assert Q.section_title("release", "star-circle") == "Quality on the toy world (release tier, targets star, circle)"
 
 
+def test_part_and_shipped_options():
+    from conceptgate import cli
+
+    a = cli.build_parser().parse_args(["bench", "quality", "--tier", "release", "--targets", "triangle", "--shipped",
+                                       "uce_triangle", "--part", "triangle-uce"])
+    assert Q.parse_shipped(a.shipped) == ["uce_triangle"] and Q.parse_part(a.part) == "triangle-uce"
+    b = cli.build_parser().parse_args(["bench", "quality", "--shipped"])
+    assert b.shipped == "all" and Q.parse_shipped(b.shipped) is None and Q.parse_shipped(None) is None
+    with pytest.raises(SystemExit, match="not a section name"):
+        Q.parse_part("Triangle UCE")
+    assert Q.section_key("release", "triangle-uce") == "quality-release-triangle-uce"
+    assert Q.section_title("release", "triangle-uce", "triangle") == \
+        "Quality on the toy world (release tier, targets triangle; part triangle-uce)"
+    assert Q.section_title("release", "star-circle", "star-circle") == \
+        "Quality on the toy world (release tier, targets star, circle)"
+
+
 def test_targets_option_names_the_part():
     targets, part = Q.parse_targets(" star, circle ")
     assert [(t.kind, t.index) for t in targets] == [("object", 3), ("object", 0)] and part == "star-circle"

@@ -294,6 +294,11 @@ def test_shipped_erasers_for_the_peer_targets(pipe):
     assert "spm_triangle" in names and "spm_striped" in names and "abo_triangle_to_square" in names
     assert not {"uce_star", "geom_watermark", "abo_circle_to_square"} & set(names)
     assert [n for n, _ in Q.shipped_configs(pipe, [STRIPED])] == ["spm_striped"]
+    assert [n for n, _ in Q.shipped_configs(pipe, [TRI, STRIPED], only=["spm_striped"])] == ["spm_striped"]
+    with pytest.raises(SystemExit, match="no shipped eraser 'spm_blorp'.*there are: .*spm_striped"):
+        Q.shipped_configs(pipe, [TRI], only=["spm_blorp"])
+    with pytest.raises(SystemExit, match="spm_striped.safetensors: it erases striped, not among the run's targets"):
+        Q.shipped_configs(pipe, [TRI], only=["spm_striped"])
 
 
 @pytest.mark.slow
