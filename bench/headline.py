@@ -153,6 +153,33 @@ def verdict_rows(sections: list[tuple[str, dict]]) -> list[dict]:
     return out
 
 
+def unpaired_rows(sections: list[tuple[str, dict]], verdicts: list[dict]) -> list[str]:
+    """ConceptGate erasers measured at the release tier in a part without peers whose targets are those of a
+    part with peers (a file added later, ``--part``): the same targets give the same prompt sets and seeds, so
+    their score is comparable with that run's peers; named as such, not counted as a verdict."""
+    from .peers import claims, is_conceptgate, mean_score
+
+    def targets_of(section):
+        return section.get("part_targets") or section.get("part")
+
+    with_peers = {targets_of(sec): key for key, sec in sections
+                  if targets_of(sec) and any(c.get("peer") for c in sec["configs"])}
+    out = []
+    for key, section in sections:
+        configs = section["configs"]
+        peer_key = with_peers.get(targets_of(section))
+        if peer_key is None or peer_key == key:
+            continue
+        for v in (v for v in verdicts if v["section"] == peer_key):
+            for i, c in enumerate(configs):
+                if is_conceptgate(c, i) and claims(c, v["target"]):
+                    base = mean_score(configs[0]["result"], v["target"])[0]
+                    out.append(f"{c['name']} on {v['target']} scores {_pct(mean_score(c['result'], v['target'])[0])} "
+                               f"in `{key}` (base {_pct(base)} in that run; in `{peer_key}` base {v['base']}, best "
+                               f"peer {v['peer']})")
+    return out
+
+
 def render(data: dict) -> str:
     sections = release_sections(data)
     rows, superseded = latest_rows(sections)
@@ -184,6 +211,10 @@ def render(data: dict) -> str:
                                    ("peer", "best peer row"), ("peers", "peer rows"), ("section", "from"),
                                    ("status", "status")]),
                   f"ConceptGate ahead on {ahead} of {len(verdicts)} targets with peers at the release tier."]
+        unpaired = unpaired_rows(sections, verdicts)
+        if unpaired:
+            lines += ["", "Measured at the release tier without peers in the same run (same prompts, seeds and "
+                      "judges as the peer run, so comparable, but not counted above): " + "; ".join(unpaired) + "."]
     peer_targets = {v["target"] for v in verdicts}
     without = sorted({r["target"].split(" (")[0] for r in rows if r["section"] != "geom"} - peer_targets)
     if without:

@@ -79,6 +79,23 @@ def test_peer_verdicts_of_a_release_run_join_the_headline():
                      "peer": "neg-triangle 72", "peers": "1", "status": "met"}]
     text = H.render({"quality-release-triangle": section})
     assert "ConceptGate ahead on 1 of 1 targets" in text and "were not run at the release tier" not in text
+    # a file added later, measured in a part without peers: named with its score, not counted as a verdict
+    section["part"] = "triangle"
+    later = _section([("uce", _sets(1.0))])
+    later.update(part="triangle-uce", part_targets="triangle")
+    for c, v in zip(later["configs"], (0.61, 0.99)):
+        for m in c["result"]["targets"][0]["sets"].values():
+            m["mean"] = _s(v)
+    text = H.render({"quality-release-triangle": section, "quality-release-triangle-uce": later})
+    assert "ConceptGate ahead on 1 of 1 targets" in text
+    assert ("without peers in the same run" in text and "uce on triangle scores 99 in `quality-release-triangle-uce` "
+            "(base 61 in that run; in `quality-release-triangle` base 60, best peer neg-triangle 72)" in text)
+    verdicts = H.verdict_rows([("quality-release-triangle", section)])
+    assert H.unpaired_rows([("quality-release-triangle", section)], verdicts) == []
+    other = _section([("uce", _sets(1.0))])  # another part's targets: other prompt sets, not comparable
+    other.update(part="triangle-striped")
+    assert H.unpaired_rows([("quality-release-triangle", section), ("quality-release-triangle-striped", other)],
+                           verdicts) == []
     section["peer_verdicts"][0].update(ahead=False, peers_not_behind=["neg-triangle"])
     assert H.verdict_rows([("x", section)])[0]["status"] == "**missed**: not behind: neg-triangle"
 
