@@ -602,7 +602,7 @@ def run_quality(args) -> int:
     shipped_names = []
     shipped_only = parse_shipped(getattr(args, "shipped", None))
     if peer_kinds or getattr(args, "shipped", None):  # the shipped erasers for these targets join as eraser rows
-        shipped = shipped_configs(pipe, targets, log=say, only=None if peer_kinds else shipped_only)
+        shipped = shipped_configs(pipe, targets, log=say, only=shipped_only)
         configs.extend(shipped)
         shipped_names = [n for n, _ in shipped]
     from ..adapters.progress import iterate
@@ -650,8 +650,8 @@ def run_quality(args) -> int:
     cmd = COMMAND + (" --full" if args.full else "") + (f" --tier {tier}" if tier == "release" else "") \
         + (" --in-context" if getattr(args, "in_context", False) else "") \
         + (" --no-edits" if getattr(args, "no_edits", False) else "") \
-        + (" --shipped" + (f" {','.join(shipped_only)}" if shipped_only else "")
-           if getattr(args, "shipped", None) and not peer_kinds else "") \
+        + (f" --shipped {','.join(shipped_only)}" if shipped_only else
+           " --shipped" if getattr(args, "shipped", None) and not peer_kinds else "") \
         + "".join(f" --stack {s}" for s in args.stack or [])
     if peer_kinds:
         cmd += " --peers" + ("" if peer_kinds == P.PEER_KINDS else f" {','.join(peer_kinds)}")
@@ -753,7 +753,7 @@ def add_quality_cli(sub):
                         "images, its own BENCHMARKS.md section")
     s.add_argument("--shipped", nargs="?", const="all", default=None, metavar="FILES",
                    help="also every shipped toy eraser for the run's targets (always on with --peers); a comma list of "
-                        "file stems (e.g. uce_triangle) takes only those")
+                        "file stems (e.g. uce_triangle) takes only those, with --peers too")
     s.add_argument("--part", default=None, metavar="NAME",
                    help="with --targets: the part's section name (default: the targets joined by '-'), so a run of "
                         "one new file does not replace the part's peer run")
