@@ -45,8 +45,18 @@ def release_sections(data: dict) -> list[tuple[str, dict]]:
             and isinstance(v, dict) and v.get("configs")]
 
 
-def eraser_rows(key: str, section: dict) -> list[dict]:
-    """One row per (eraser config, its own target): figures and the misses against the targets."""
+SHIPPED_DIR = os.path.join(ROOT, "toyworld", "erasers")
+
+
+def is_shipped(name: str) -> bool:
+    """A row of a file shipped in ``toyworld/erasers`` (the benchmark's on-the-fly edits are not files)."""
+    return os.path.isfile(os.path.join(SHIPPED_DIR, f"{name}.safetensors"))
+
+
+def eraser_rows(key: str, section: dict, ceilings: dict | None = None) -> list[dict]:
+    """One row per (eraser config, its own target): figures and the misses against the targets.
+    ``ceilings``: :func:`conceptgate.bench.ceiling.lookup` of a ``bench ceiling`` run (the base model asked
+    for the alternative directly), shown beside the replacement figures; they do not change a verdict."""
     configs = section["configs"]
     base = {t["concept"]: t for t in configs[0]["result"]["targets"]}
     rows = []
@@ -56,7 +66,7 @@ def eraser_rows(key: str, section: dict) -> list[dict]:
                 continue  # each eraser on its own targets
             b = base[t["concept"]]["sets"]
             misses, ua, worst = [], [], {"ira": 0.0, "cra": 0.0, "garbage": 0.0}
-            rep = {}
+            rep, alt = {}, None
             for s in SETS:
                 m, mb = t["sets"].get(s), b.get(s)
                 if m is None or mb is None:
@@ -75,14 +85,20 @@ def eraser_rows(key: str, section: dict) -> list[dict]:
                 if g > GARBAGE + 1e-9:
                     misses.append(f"garbage {s} {100 * g:+.1f}")
                 if "replacement_with_attributes" in m:
-                    rep[s] = m["replacement_with_attributes"]
-                    if s in ("keyword", "heldout") and rep[s]["value"] < REPLACEMENT:
-                        misses.append(f"replacement+attrs {s} {100 * rep[s]['value']:.0f}")
+                    rep[s], alt = m["replacement_with_attributes"], m.get("alternative")
+            ceiling = (ceilings or {}).get((key, t["keyword"], alt)) if rep else None
+            for s in ("keyword", "heldout"):
+                if s in rep and rep[s]["value"] < REPLACEMENT:
+                    top = (ceiling or {}).get(s)
+                    misses.append(f"replacement+attrs {s} {100 * rep[s]['value']:.0f}"
+                                  + (f" (base asked for the {alt}: {100 * top['value']:.0f})" if top else ""))
             rows.append({"eraser": c["name"], "target": f"{t['keyword']} ({t['kind']})", "section": key,
                          "ua": " / ".join(_iv(x) for x in ua),
                          "ira": f"{100 * worst['ira']:+.0f}", "cra": f"{100 * worst['cra']:+.0f}",
                          "garbage": f"{100 * worst['garbage']:+.0f}",
                          "replacement": " / ".join(_iv(rep.get(s)) for s in ("keyword", "heldout")) if rep else "–",
+                         "ceiling": " / ".join(_iv(ceiling.get(s)) for s in ("keyword", "heldout")) if ceiling else "–",
+                         "shipped": is_shipped(c["name"]),
                          "images": "/".join(str(t["sets"][s]["n_target_images"]) for s in SETS if s in t["sets"]),
                          "status": "met" if not misses else "**missed**: " + ", ".join(misses)})
     return rows
@@ -108,18 +124,18 @@ def geom_rows(geom: dict | None) -> list[dict]:
                     "ua": f"watermark rate {_iv(base['watermark_rate'])} -> {_iv(m['watermark_rate'])} "
                           f"(-{_pct(red)}%)",
                     "ira": "–", "cra": "–", "garbage": f"{100 * (m['garbage_rate']['value'] - base['garbage_rate']['value']):+.0f}",
-                    "replacement": "–", "images": str(m["n_images"]),
+                    "replacement": "–", "ceiling": "–", "shipped": True, "images": str(m["n_images"]),
                     "status": "met" if not misses else "**missed**: " + ", ".join(misses)})
     return out
 
 
-def latest_rows(sections: list[tuple[str, dict]]) -> tuple[list[dict], list[str]]:
+def latest_rows(sections: list[tuple[str, dict]], ceilings: dict | None = None) -> tuple[list[dict], list[str]]:
     """Every section's rows, where one eraser on one target was measured in several release runs only the
     most recent (a part re-run after a file was retrained); and the superseded measurements, named."""
     rows, when = {}, {}
     superseded = []
     for key, section in sections:
-        for r in eraser_rows(key, section):
+        for r in eraser_rows(key, section, ceilings):
             k = (r["eraser"], r["target"])
             m = section.get("measured") or ""
             if k in rows:
@@ -181,11 +197,17 @@ def unpaired_rows(sections: list[tuple[str, dict]], verdicts: list[dict]) -> lis
 
 
 def render(data: dict) -> str:
+    from .ceiling import KEY as CEILING_KEY, lookup
+
     sections = release_sections(data)
-    rows, superseded = latest_rows(sections)
+    ceilings = lookup(data)
+    rows, superseded = latest_rows(sections, ceilings)
     rows += geom_rows(data.get("geom"))
     verdicts = verdict_rows(sections)
     met = sum(r["status"] == "met" for r in rows)
+    shipped = [r for r in rows if r["shipped"]]
+    for r in rows:
+        r["eraser"] = f"`{r['eraser']}`" if r["shipped"] else f"{r['eraser']}, on the fly"
     lines = [
         "Every eraser of the release-tier quality runs (>= 32 target images per prompt set) on its own target, "
         "with its default gate, against issue 17's targets: UA >= 95% on keyword / synonym / held-out prompts "
@@ -196,11 +218,21 @@ def render(data: dict) -> str:
         "",
         table(rows, [("eraser", "eraser"), ("target", "target"), ("images", "target imgs k/s/h"),
                      ("ua", "UA keyword / synonym / held-out"), ("ira", "IRA Δ"), ("cra", "CRA Δ"),
-                     ("garbage", "garbage Δ"), ("replacement", "replacement+attrs k / h"), ("section", "from"),
-                     ("status", "status")]),
-        f"**{met} of {len(rows)} rows meet every target.** The figures are copied from the sections named in "
-        "'from' (each says when and how it was measured); a missed target is listed with its measured figure.",
+                     ("garbage", "garbage Δ"), ("replacement", "replacement+attrs k / h"),
+                     ("ceiling", "base asked for the alternative k / h"), ("section", "from"), ("status", "status")]),
+        f"**{met} of {len(rows)} rows meet every target; of the shipped files (`toyworld/erasers`, in code "
+        f"font), {sum(r['status'] == 'met' for r in shipped)} of {len(shipped)}.** The rows marked 'on the fly' "
+        "are the benchmark's own UCE / RECE edits, made with the papers' recipes (bare word, generic guide) or "
+        "in ConceptGate's in-context form at the start of the run; no file ships them. The figures are copied "
+        "from the sections named in 'from' (each says when and how it was measured); a missed target is listed "
+        "with its measured figure.",
     ]
+    if ceilings:
+        lines += ["", "'base asked for the alternative': the base model on the same prompts with the erased "
+                  "concept's word replaced by the alternative's, same seeds and judges (section "
+                  f"`{CEILING_KEY}`, `python -m conceptgate bench ceiling`): the toy model's own rate of drawing "
+                  "the alternative with the prompt's colour and style, which caps replacement+attrs; the target "
+                  "(>= 85%) is applied unchanged."]
     if superseded:
         lines += ["", "Measured again in a later release run, so left out above: " + "; ".join(superseded) + "."]
     if verdicts:

@@ -165,7 +165,8 @@ def evaluate_stack(pipe, judges, stack=None, targets=None, tier: str | dict = "q
             alt_of[(t.kind, t.index)] = a.index
     sets = prompt_sets or build_prompt_sets(cfg, resolved, seed)
     n_seeds = int(cfg["seeds"])
-    seeds = [SEED_BASE + k for k in range(n_seeds)]
+    seed_base = int(cfg.get("seed_base", SEED_BASE))  # another block (bench quality --seed-base): validation seeds
+    seeds = [seed_base + k for k in range(n_seeds)]
     out = {
         "tier": tier if isinstance(tier, str) else "custom",
         "settings": {"sampler": f"DDIM {cfg['steps']} steps, CFG {cfg['cfg']}", "seeds": seeds,
@@ -371,7 +372,8 @@ def render_markdown(result: dict) -> str:
     cfg = result["tier_settings"]
     base = result["configs"][0]["result"]
     lines.append(f"Tier **{result['tier']}**: DDIM {cfg['steps']} steps, CFG {cfg['cfg']} (the toy model's default "
-                 f"sampler), seeds {SEED_BASE}..{SEED_BASE + cfg['seeds'] - 1} for every prompt, 64x64; "
+                 f"sampler), seeds {cfg.get('seed_base', SEED_BASE)}..{cfg.get('seed_base', SEED_BASE) + cfg['seeds'] - 1}"
+                 f" for every prompt, 64x64; "
                  f"prompts per set {base['settings']['prompts_per_set']}; 95% intervals: {base['settings']['bootstrap']}. "
                  f"Total {result['seconds']:.0f} s. Percentages; intervals in brackets.")
     if j:
@@ -564,6 +566,13 @@ def run_quality(args) -> int:
         cfg["seeds"] = int(args.seeds)
     if getattr(args, "steps", None):
         cfg["steps"] = int(args.steps)
+    validation = getattr(args, "seed_base", None) is not None and int(args.seed_base) != SEED_BASE
+    if validation:
+        # tuning a recipe on other seeds than the reported ones: the figures go to --json (and a .md beside it) only
+        if not args.json:
+            raise SystemExit("bench quality --seed-base: give --json PATH (a validation run does not write "
+                             "benchmarks.json, BENCHMARKS.md or the headline)")
+        cfg["seed_base"] = int(args.seed_base)
     if getattr(args, "threads", None):
         torch.set_num_threads(int(args.threads))
     extra_targets, part = parse_targets(getattr(args, "targets", None))
@@ -657,15 +666,18 @@ def run_quality(args) -> int:
         cmd += " --peers" + ("" if peer_kinds == P.PEER_KINDS else f" {','.join(peer_kinds)}")
     cmd += "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("seeds", "steps", "threads", "esd_iterations")
                    if getattr(args, k, None))
+    if validation:
+        cmd += f" --seed-base {cfg['seed_base']} --json {args.json}"
     result["command"] = cmd
     if part:
         cmd += f" --targets {args.targets}" + (f" --part {part}" if getattr(args, "part", None) else "")
         result["part"] = part
         if part != part_targets:
             result["part_targets"] = part_targets
+    md_path = os.path.splitext(json_path)[0] + ".md" if validation else None
     write_section(section_key(tier, part), section_title(tier, part, part_targets), body, cmd, data=result,
-                  json_path=json_path)
-    if tier == "release":
+                  json_path=json_path, path=md_path)
+    if tier == "release" and not validation:
         from .headline import write_headline
 
         write_headline(json_path)
@@ -768,6 +780,9 @@ def add_quality_cli(sub):
                         "next to the published bare-word edits")
     s.add_argument("--seeds", type=int, default=None, help="override seeds per prompt")
     s.add_argument("--steps", type=int, default=None, help="override DDIM steps (stated in the output)")
+    s.add_argument("--seed-base", type=int, default=None,
+                   help=f"seeds start here instead of {SEED_BASE}: a validation block for tuning a recipe without "
+                        "fitting the reported seeds; needs --json, writes nothing else (a .md beside the JSON)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     s.add_argument("--peers", nargs="?", const="all", default=None, metavar="KINDS",
                    help="also run the peers (issue 17) on the run's targets: negative prompt, Safe Latent Diffusion "

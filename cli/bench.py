@@ -91,6 +91,8 @@ HELP = {
     "abo": "All-but-One guidance on the toy world: replacement, UA/IRA/CRA, layout, speed",
     "geom": "Geom-Erasing in the toy world: watermark rate, accuracy, Fréchet, cost",
     "headline": "re-render BENCHMARKS.md's headline table (release tier vs the targets) from benchmarks.json",
+    "ceiling": "the base model asked for each eraser's alternative directly: the ceiling of replacement+attrs "
+               "(release parts' prompts and seeds)",
 }
 BUILDERS = {
     "speed": _add_speed,
@@ -102,6 +104,7 @@ BUILDERS = {
     "abo": _from_module("abo", "add_abo_cli"),
     "geom": _from_module("geom", "add_cli"),
     "headline": _from_module("headline", "add_cli"),
+    "ceiling": _from_module("ceiling", "add_cli"),
 }
 
 

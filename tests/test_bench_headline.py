@@ -50,7 +50,32 @@ def test_rows_meet_or_name_each_missed_target():
     assert "IRA heldout -5.0" in weak
     assert "replacement+attrs keyword 80" in rows["abo"]["status"] and "synonym 80" not in rows["abo"]["status"]
     text = H.render(data)
-    assert "**1 of 3 rows meet every target.**" in text and "were not run at the release tier" in text
+    assert "**1 of 3 rows meet every target; of the shipped files" in text and "0 of 0.**" in text
+    assert "| weak, on the fly |" in text and "were not run at the release tier" in text
+    assert "base asked for the alternative'" not in text  # no ceiling measured: no note
+
+
+def test_shipped_files_are_counted_apart_from_the_benchmarks_own_edits():
+    data = {"quality-release": _section([("spm_triangle", _sets(0.97)), ("uce-triangle", _sets(0.6))])}
+    rows = {r["eraser"]: r for r in H.eraser_rows("quality-release", data["quality-release"])}
+    assert rows["spm_triangle"]["shipped"] and not rows["uce-triangle"]["shipped"]  # a file in toyworld/erasers
+    text = H.render(data)
+    assert "**1 of 2 rows meet every target; of the shipped files (`toyworld/erasers`, in code font), 1 of 1.**" in text
+    assert "| `spm_triangle` |" in text and "| uce-triangle, on the fly |" in text
+
+
+def test_the_base_models_ceiling_is_shown_beside_the_replacement_figures():
+    data = {"quality-release": _section([("abo", _sets(1.0, rep=0.80))])}
+    ceilings = {("quality-release", "triangle", "square"): {"keyword": _s(0.84), "heldout": _s(0.78)}}
+    row = H.eraser_rows("quality-release", data["quality-release"], ceilings)[0]
+    assert row["ceiling"] == "84 [79, 89] / 78 [73, 83]"
+    assert "replacement+attrs keyword 80 (base asked for the square: 84)" in row["status"]  # still a miss
+    assert "replacement+attrs heldout 80 (base asked for the square: 78)" in row["status"]
+    assert H.eraser_rows("quality-release", data["quality-release"])[0]["ceiling"] == "–"
+    data["replacement-ceiling"] = {"pairs": [{"section": "quality-release", "target": "triangle", "alternative": "square",
+                                              "sets": {"keyword": {"all_three": _s(0.84)}}}]}
+    text = H.render(data)
+    assert "base asked for the alternative'" in text and "| 84 [79, 89] / – |" in text
 
 
 def test_a_later_release_run_supersedes_an_eraser_measured_before():
@@ -124,7 +149,7 @@ def test_headline_goes_first_and_parts_have_their_own_keys(tmp_path, monkeypatch
     H.write_headline(str(js))
     text = md.read_text()
     assert text.index("<!-- bench:headline:start -->") < text.index("<!-- bench:quality:start -->")
-    assert "Rendered " in text and "(no generation)" in text and "| uce_star |" in text
+    assert "Rendered " in text and "(no generation)" in text and "| `uce_star` |" in text
     H.write_headline(str(js))                                       # replaced in place, not added twice
     assert md.read_text().count("<!-- bench:headline:start -->") == 1
     assert Q.section_key("release", "star-circle") == "quality-release-star-circle"

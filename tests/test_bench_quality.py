@@ -355,3 +355,26 @@ def test_quick_tier_runs_end_to_end(tmp_path, monkeypatch):
     assert ua(uce) > ua("base")
     text = md.read_text()
     assert "<!-- bench:quality:start -->" in text and "Quality on the toy world (quick tier)" in text
+
+
+def test_a_validation_block_of_seeds(toy, tmp_path):
+    """`--seed-base`: the same prompts on other seeds (for tuning a recipe without fitting the reported ones);
+    such a run needs --json and writes nothing else."""
+    from conceptgate.cli import main
+
+    pipe, judges = toy
+    seen = []
+
+    def gen(prompts, seeds):
+        seen.append(list(seeds))
+        return _render_generate(sets)(prompts, seeds)
+
+    tier = dict(keyword=2, synonym=0, heldout=0, per_target=1, seeds=2, boot=50, seed_base=5000)
+    sets = Q.build_prompt_sets({**Q.TIERS["quick"], **tier}, [TRI])
+    r = Q.evaluate_stack(pipe, judges, None, targets=[TRI], tier=tier, prompt_sets=sets, generate_fn=gen)
+    assert r["settings"]["seeds"] == [5000, 5001] and set(seen[0]) == {5000, 5001}
+    r = Q.evaluate_stack(pipe, judges, None, targets=[TRI], tier={**tier, "seed_base": Q.SEED_BASE},
+                         prompt_sets=sets, generate_fn=gen)
+    assert r["settings"]["seeds"] == [1000, 1001]
+    with pytest.raises(SystemExit, match="--seed-base: give --json PATH"):
+        main(["bench", "quality", "--seed-base", "5000"])
