@@ -34,7 +34,6 @@ from .report import ROOT, table, write_section
 KEY = "replacement-ceiling"
 TITLE = "Replacement ceiling: the base model asked for the alternative directly"
 COMMAND = "python -m conceptgate bench ceiling"
-SETS = ("keyword", "synonym", "heldout")
 
 
 def rewrite_prompt(prompt: str, target: Target, alternative: int) -> str:
@@ -134,11 +133,9 @@ def lookup(data: dict) -> dict:
     return out
 
 
-def _pct(s) -> str:
-    return "–" if s is None else f"{100 * s['value']:.0f} [{100 * s['lo']:.0f}, {100 * s['hi']:.0f}]"
-
-
 def render(result: dict, data: dict) -> str:
+    from .headline import SETS, _iv
+
     rows = []
     for e in result["pairs"]:
         sec = data.get(e["section"], {})
@@ -149,8 +146,8 @@ def render(result: dict, data: dict) -> str:
                 measured[c["name"]] = t["sets"]
         for name, sets in measured.items():
             rows.append({"eraser": name, "pair": f"{e['target']} -> {e['alternative']}", "section": e["section"],
-                         **{f"c_{s}": _pct(e["sets"].get(s, {}).get("all_three")) for s in SETS},
-                         **{f"m_{s}": _pct(sets.get(s, {}).get("replacement_with_attributes")) for s in SETS},
+                         **{f"c_{s}": _iv(e["sets"].get(s, {}).get("all_three")) for s in SETS},
+                         **{f"m_{s}": _iv(sets.get(s, {}).get("replacement_with_attributes")) for s in SETS},
                          "images": "/".join(str(e["sets"][s]["n_images"]) for s in SETS if s in e["sets"])})
     rt = result["runtime"]
     return "\n".join([
