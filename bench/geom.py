@@ -6,7 +6,11 @@ the watermark; DDIM 25, CFG 5, the quality bench's seeds):
 * ``base``: empty negative prompt;
 * ``plain``: the negative prompt ``watermark``;
 * one row per Geom-Erasing eraser file (the shipped tokens and the ablation variants): the
-  learned tokens as the negative prompt (concept token + location tokens of the eraser's token set).
+  learned tokens as the negative prompt (concept token + location tokens of the eraser's token set);
+* with ``--regional K``: per strength ``K``, a row of the shipped tokens (or of each file given) in
+  ConceptGate's regional negation (:mod:`conceptgate.adapters.geom.regional`: the empty negative stays the
+  negative, the tokens enter as a separate negation term of strength ``K (w - 1)`` confined to the cells of
+  their location bins), side by side with the paper's rule on the same seeds.
 
 Per condition: watermark rate (learned judge), object / style / colour accuracy, all three, with
 95% prompt-cluster bootstrap intervals; Fréchet distance in judge features against renders of the
@@ -39,11 +43,14 @@ def default_erasers() -> list[str]:
 
 def run(eraser_files=None, n_prompts: int = 48, n_seeds: int = 4, batch: int = 48, token_set: str | None = None,
         log=print, write: bool = True, json_path: str | None = None, cache: str | None = None, only=None,
-        timing_batches: int = 0, timing_batch: int = 16) -> dict | None:
+        timing_batches: int = 0, timing_batch: int = 16, regional: tuple[float, ...] = (),
+        seed_base: int | None = None) -> dict | None:
     """Run the benchmark. ``cache``: a folder where each condition's images are stored (and reused);
     ``only``: generate just these conditions (names as in the table; for parallel processes on a shared
     machine) and return None; ``timing_batches``: measure the time ratio on that many extra interleaved
-    batches of ``timing_batch`` images (needed when the images came from several processes)."""
+    batches of ``timing_batch`` images (needed when the images came from several processes); ``regional``:
+    strengths of the regional-negation rows (of the files given, else of the shipped file); ``seed_base``:
+    first seed (default the quality bench's), for validation blocks the reported figures do not use."""
     from ..adapters import geom as G
     from ..adapters.files import load_eraser
     from ..toyworld import load_judges, load_pipeline
@@ -53,7 +60,7 @@ def run(eraser_files=None, n_prompts: int = 48, n_seeds: int = 4, batch: int = 4
     pipe, judges = load_pipeline(), load_judges()
     erasers = [G.validate(load_eraser(f)) for f in (eraser_files or default_erasers())]
     items = Q.build_prompt_sets({"keyword": n_prompts})["keyword"]
-    seeds = [Q.SEED_BASE + k for k in range(n_seeds)]
+    seeds = [(Q.SEED_BASE if seed_base is None else int(seed_base)) + k for k in range(n_seeds)]
     prompts = [p for p, _ in items for _ in seeds]
     labels = np.array([lab for _, lab in items for _ in seeds], np.int64).reshape(-1, 3)
     pids = np.repeat(np.arange(len(items)), n_seeds)
@@ -62,12 +69,20 @@ def run(eraser_files=None, n_prompts: int = 48, n_seeds: int = 4, batch: int = 4
     conds = [("base", "no negative prompt", None), ("plain", 'negative prompt "watermark"', None)]
     for e in erasers:
         conds.append((os.path.splitext(os.path.basename(e.source))[0], describe(e, token_set), e))
+    for e in (erasers if eraser_files else erasers[:1]) if regional else []:
+        for k in regional:
+            r = G.with_negation(e, "regional", k)
+            if token_set:
+                r.settings["token_set"] = token_set
+            conds.append((f"{os.path.splitext(os.path.basename(e.source))[0]}_regional{k:g}",
+                          f"regional negation x{k:g} (ConceptGate; not the paper's rule): " + describe(r, token_set), r))
     calls = {c[0]: 0 for c in conds}
     current = [None]
     handle = pipe.unet.register_forward_pre_hook(lambda m, a: calls.__setitem__(current[0], calls[current[0]] + 1))
     images = {c[0]: [] for c in conds}
     seconds = {c[0]: 0.0 for c in conds}
-    tag = f"p{len(items)}s{n_seeds}" + (f"_{token_set}" if token_set else "")
+    tag = (f"p{len(items)}s{n_seeds}" + (f"_{token_set}" if token_set else "")
+           + (f"_from{seed_base}" if seed_base is not None else ""))
     cached = {}
     if cache:
         os.makedirs(cache, exist_ok=True)
@@ -81,6 +96,11 @@ def run(eraser_files=None, n_prompts: int = 48, n_seeds: int = 4, batch: int = 4
         kw = dict(prompt=ps, num_inference_steps=25, guidance_scale=5.0, latents=Q._latents(pipe, ss),
                   output_type="pt", height=64, width=64)
         current[0] = name
+        if e is not None and G.negation_of(e) == "regional":
+            kw.pop("prompt")
+            t0 = time.perf_counter()
+            out = G.regional_generate(pipe, e, ps, negative_prompt=[""] * len(ps), **kw).images.float().cpu().clamp(0, 1)
+            return out, time.perf_counter() - t0
         if e is None:
             kw["negative_prompt"] = [""] * len(ps) if name == "base" else ["watermark"] * len(ps)
         else:
@@ -154,6 +174,7 @@ def run(eraser_files=None, n_prompts: int = 48, n_seeds: int = 4, batch: int = 4
         from .report import write_section
 
         cmd = COMMAND + (f" --prompts {n_prompts} --seeds {n_seeds}" if (n_prompts, n_seeds) != (48, 4) else "")
+        cmd += "".join(f" --regional {k:g}" for k in regional) + (f" --seed-base {seed_base}" if seed_base is not None else "")
         if cache:
             cmd += (f" --cache DIR (conditions generated into DIR by earlier or parallel --only runs), --timing-batches {timing_batches}"
                     f" --timing-batch {timing_batch}")
@@ -232,6 +253,10 @@ def add_cli(sub) -> None:
     p.add_argument("--timing-batch", type=int, default=16, help="images per timing batch")
     p.add_argument("--cache", default=None, help="folder keeping each condition's images (reused by later runs)")
     p.add_argument("--only", default=None, help="comma-separated conditions to generate into --cache, then stop")
+    p.add_argument("--regional", type=float, action="append", default=[], metavar="K",
+                   help="add a row of the shipped tokens (or of each file given) in ConceptGate's regional negation at "
+                        "strength K (repeatable)")
+    p.add_argument("--seed-base", type=int, default=None, help="first seed (validation blocks); needs --no-write")
     p.add_argument("--timing-batches", type=int, default=0,
                    help="measure the time ratio on this many extra interleaved batches (when images came from --cache)")
 
@@ -239,9 +264,11 @@ def add_cli(sub) -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         only = [x.strip() for x in args.only.split(",")] if args.only else None
+        if args.seed_base is not None and not args.no_write:
+            raise SystemExit("--seed-base is for validation blocks: add --no-write (and --json FILE to keep the figures)")
         r = run(args.erasers or None, args.prompts, args.seeds, args.batch, args.token_set, write=not args.no_write and only is None,
                 json_path=args.json, cache=args.cache, only=only, timing_batches=args.timing_batches,
-                timing_batch=args.timing_batch)
+                timing_batch=args.timing_batch, regional=tuple(args.regional), seed_base=args.seed_base)
         if r is None:
             print(f"generated {args.only} into {args.cache}")
             return 0

@@ -110,8 +110,9 @@ def geom_rows(geom: dict | None) -> list[dict]:
     base = geom["rows"][0]["metrics"]
     out = []
     for r in geom["rows"][1:]:
-        if r["name"] != "geom_watermark":
-            continue  # the shipped file; the ablations stay in their section
+        regional = r["name"].startswith("geom_watermark_regional")
+        if r["name"] != "geom_watermark" and not regional:
+            continue  # the shipped file (paper's rule and regional negation); the ablations stay in their section
         m, misses = r["metrics"], []
         red = r.get("wm_reduction")
         if red is None or red < GEOM_REDUCTION:
@@ -120,11 +121,13 @@ def geom_rows(geom: dict | None) -> list[dict]:
             d = m[k]["value"] - base[k]["value"]
             if abs(d) > GEOM_DRIFT + 1e-9:
                 misses.append(f"{k} {100 * d:+.1f}")
-        out.append({"eraser": r["name"], "target": "watermark (implicit)", "section": "geom",
+        out.append({"eraser": r["name"], "target": "watermark (implicit)", "section": "geom", "shipped": True,
+                    **({"label": f"`geom_watermark` in regional negation x{r['name'][len('geom_watermark_regional'):]} "
+                                 "(ConceptGate's rule, diffusers path)", "shipped": False} if regional else {}),
                     "ua": f"watermark rate {_iv(base['watermark_rate'])} -> {_iv(m['watermark_rate'])} "
                           f"(-{_pct(red)}%)",
                     "ira": "–", "cra": "–", "garbage": f"{100 * (m['garbage_rate']['value'] - base['garbage_rate']['value']):+.0f}",
-                    "replacement": "–", "ceiling": "–", "shipped": True, "images": str(m["n_images"]),
+                    "replacement": "–", "ceiling": "–", "images": str(m["n_images"]),
                     "status": "met" if not misses else "**missed**: " + ", ".join(misses)})
     return out
 
@@ -207,7 +210,7 @@ def render(data: dict) -> str:
     met = sum(r["status"] == "met" for r in rows)
     shipped = [r for r in rows if r["shipped"]]
     for r in rows:
-        r["eraser"] = f"`{r['eraser']}`" if r["shipped"] else f"{r['eraser']}, on the fly"
+        r["eraser"] = r.get("label") or (f"`{r['eraser']}`" if r["shipped"] else f"{r['eraser']}, on the fly")
     lines = [
         "Every eraser of the release-tier quality runs (>= 32 target images per prompt set) on its own target, "
         "with its default gate, against issue 17's targets: UA >= 95% on keyword / synonym / held-out prompts "
@@ -223,7 +226,11 @@ def render(data: dict) -> str:
         f"**{met} of {len(rows)} rows meet every target; of the shipped files (`toyworld/erasers`, in code "
         f"font), {sum(r['status'] == 'met' for r in shipped)} of {len(shipped)}.** The rows marked 'on the fly' "
         "are the benchmark's own UCE / RECE edits, made with the papers' recipes (bare word, generic guide) or "
-        "in ConceptGate's in-context form at the start of the run; no file ships them. The figures are copied "
+        "in ConceptGate's in-context form at the start of the run; no file ships them. "
+        + ("A 'regional negation' row is the shipped Geom file sampled with ConceptGate's rule instead of the "
+           "paper's negative prompt (not counted as a shipped file: the hosts apply the paper's rule). "
+           if any(r.get("label") for r in rows) else "")
+        + "The figures are copied "
         "from the sections named in 'from' (each says when and how it was measured); a missed target is listed "
         "with its measured figure.",
     ]

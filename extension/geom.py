@@ -115,6 +115,7 @@ class GeomTokens:
         device = _device(table)
         for col, entry in self.entries:
             e = G.validate(entry.eraser)
+            G.require_prompt_negation(e, "the webui extension")
             G.check_text_encoder(e, table.weight)  # width always; the fingerprint when the file has one
             plan = G.plan_negative(e, tok, "", window=G.WINDOW)
             ids, mask, values, _ = G.chunk_rows(tok, [plan.segments], window=G.WINDOW, max_chunks=None)

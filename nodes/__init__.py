@@ -7,7 +7,7 @@ lock.install()  # first: the operator lock must be in place even if a node modul
 
 from comfy_api.latest import ComfyExtension, io  # noqa: E402
 
-from . import nodes_abo, nodes_conceptgate, nodes_geom, nodes_toy, nodes_uce  # noqa: E402
+from . import nodes_abo, nodes_conceptgate, nodes_geom, nodes_geom_regional, nodes_toy, nodes_uce  # noqa: E402
 from ..adapters.progress import register_host_bar  # noqa: E402
 
 
@@ -19,7 +19,7 @@ def _comfy_bar(total):  # long work inside a node (calibration on first use, tra
 
 register_host_bar(_comfy_bar)
 
-NODES = [*nodes_conceptgate.NODES, *nodes_uce.NODES, *nodes_toy.NODES, *nodes_geom.NODES, *nodes_abo.NODES]
+NODES = [*nodes_conceptgate.NODES, *nodes_uce.NODES, *nodes_toy.NODES, *nodes_geom.NODES, *nodes_geom_regional.NODES, *nodes_abo.NODES]
 
 
 class ConceptGateExtension(ComfyExtension):

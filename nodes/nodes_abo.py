@@ -269,6 +269,9 @@ def patched_model(model, stack: EraserStack, clip):
     if KEY in getattr(model, "wrappers", {}).get(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, {}):
         raise EraserFileError("<stack>", "All-but-One guidance is already attached to this MODEL (Apply Eraser Stack "
                                          "attaches a stack's guidance erasers itself); attach it once")
+    if "conceptgate_geom_regional" in getattr(model, "wrappers", {}).get(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, {}):
+        raise EraserFileError("<stack>", "this MODEL already carries Geom-Erasing regional negation; both extend the "
+                                         "same batched prediction, so attach one of them per MODEL")
     runtime = AboRuntime(stack, clip)
     m = model.clone()
 

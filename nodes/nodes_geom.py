@@ -68,6 +68,7 @@ def comfy_tokens(clip, eraser, token_set=None, top_k=None, overflow=None) -> tup
 
 
 def encode_tokens(clip, eraser, token_set=None, top_k=None, overflow=None):
+    G.require_prompt_negation(eraser, "ComfyUI's Geom node")
     G.check_text_encoder(eraser, _table(clip))
     tokens, plan = comfy_tokens(clip, eraser, token_set, top_k, overflow)
     return clip.encode_from_tokens_scheduled(tokens), plan

@@ -137,6 +137,14 @@ def test_geom_row_from_its_own_section():
     assert [r["eraser"] for r in rows] == ["geom_watermark"] and rows[0]["status"] == "met"
     geom["rows"][1]["wm_reduction"] = 0.41
     assert "watermark reduction 41%" in H.geom_rows(geom)[0]["status"]
+    # the shipped file in regional negation: its own row, labelled, not counted as a shipped file
+    geom["rows"].append({"name": "geom_watermark_regional2", "metrics": metrics(0.1, 0.83), "wm_reduction": 0.71})
+    rows = H.geom_rows(geom)
+    assert [r["shipped"] for r in rows] == [True, False] and rows[1]["status"] == "met"
+    text = H.render({"geom": geom})
+    assert "| `geom_watermark` in regional negation x2 (ConceptGate's rule, diffusers path) |" in text
+    assert "A 'regional negation' row is the shipped Geom file" in text and "of the shipped files" in text
+    assert "A 'regional negation' row" not in H.render({"geom": {"rows": geom["rows"][:2]}})
 
 
 def test_headline_goes_first_and_parts_have_their_own_keys(tmp_path, monkeypatch):

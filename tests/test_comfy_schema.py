@@ -52,6 +52,10 @@ INTERFACE = {
         ("r", "top_k", "INT", 8), ("r", "overflow", "COMBO", "drop"), ("o", "negative", "CONDITIONING", None),
         ("o", "eraser", C, None), ("o", "stack", S, None)],
         ["CONDITIONING", "STRING"], ["negative", "info"]),
+    "ConceptGateGeomRegional": ("Geom-Erasing Regional Negation (ConceptGate)", False, [
+        ("r", "model", "MODEL", None), ("r", "clip", "CLIP", None), ("r", "source", "COMBO", None),
+        ("r", "strength", "FLOAT", 2.0), ("o", "eraser", C, None)],
+        ["MODEL", "STRING"], ["model", "info"]),
     "ConceptGateLoadEraser": ("Load Eraser (ConceptGate)", False, [
         ("r", "eraser_name", "COMBO", None), ("o", "concepts", "STRING", "")],
         [C, "STRING"], ["eraser", "info"]),

@@ -358,9 +358,12 @@ def test_bench_geom_tiny_run(pipe, tmp_path):
     assert BG.run([str(f)], n_prompts=2, n_seeds=1, batch=2, write=False, log=lambda s: None,
                   cache=str(tmp_path / "c"), only=["base"]) is None
     r = BG.run([str(f)], n_prompts=2, n_seeds=1, batch=2, write=False, log=lambda s: None, cache=str(tmp_path / "c"),
-               timing_batches=1, timing_batch=1)
+               timing_batches=1, timing_batch=1, regional=(2.0,))
     names = [row["name"] for row in r["rows"]]
-    assert names == ["base", "plain", "geom_tiny"] and r["n_images"] == 2
-    assert {row["unet_calls"] for row in r["rows"]} == {25}
+    assert names == ["base", "plain", "geom_tiny", "geom_tiny_regional2"] and r["n_images"] == 2
+    assert {row["unet_calls"] for row in r["rows"]} == {25}  # regional: its extra rows ride in the same calls
+    regional = r["rows"][3]
+    assert regional["settings"]["negation"] == "regional" and regional["settings"]["negation_strength"] == 2.0
+    assert regional["description"].startswith("regional negation x2 (ConceptGate; not the paper's rule)")
     md = BG.render_markdown(r)
-    assert "| geom_tiny |" in md and ("misses" in md or "meets" in md)
+    assert "| geom_tiny |" in md and "| geom_tiny_regional2 |" in md and ("misses" in md or "meets" in md)

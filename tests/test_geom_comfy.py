@@ -131,3 +131,86 @@ def test_eraser_input_and_wrong_encoder_refused(executor, setup, tmp_path):
     wide.source = "/somewhere/geom_sd15.safetensors"
     with pytest.raises(IncompatibleModelError, match="geom_sd15.safetensors.*768-d"):
         GeomNegative.execute(clip=clip, source="none", token_set="observed", top_k=8, overflow="drop", eraser=wide)
+    # an eraser set to ConceptGate's regional negation: this node only makes negative prompts, so it refuses
+    from conceptgate.adapters.errors import UnsupportedEraser
+
+    with pytest.raises(UnsupportedEraser, match="regional negation, which ComfyUI's Geom node does not apply"):
+        GeomNegative.execute(clip=clip, source="none", token_set="observed", top_k=8, overflow="drop",
+                             eraser=G.with_negation(e, "regional"))
+
+
+# ------------------------------------------------------------------ regional negation (ConceptGate's rule)
+def _ksample(model, positive, negative, cfg=5.0, steps=3, seed=5):
+    import nodes
+
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def test_regional_node_at_strength_one_on_one_cell_is_the_papers_negative(executor, setup):
+    """Grid 1: one cell covers the image, so k = 1 is exactly 'Geom-Erasing Negative' on the same sampler."""
+    from conceptgate.nodes.nodes_geom import GeomNegative
+    from conceptgate.nodes.nodes_geom_regional import GeomRegional
+    from conceptgate.nodes.nodes_toy import load_toy_for_comfy
+
+    e, clip, _ = setup
+    one = G.make_eraser("watermark", e.tensors["locations"][:1], e.tensors["concept"], 1, [4], e.text_fingerprint)
+    model = load_toy_for_comfy()[0]
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red star"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    (paper_neg, _) = GeomNegative.execute(clip=clip, source="none", token_set="observed", top_k=8, overflow="drop",
+                                          negative=neg, eraser=one).result
+    (patched, info) = GeomRegional.execute(model=model, clip=clip, source="none", strength=1.0, eraser=one).result
+    assert "regional negation x1 on 1 cell(s) of grid 1" in info
+    ours, paper = _ksample(patched, pos, neg), _ksample(model, pos, paper_neg)
+    plain = _ksample(model, pos, neg)
+    assert (ours - paper).abs().max() < 1e-3 < (paper - plain).abs().max()
+    # CFG 1: no negative branch, nothing to steer away from (the paper's negative does nothing there either)
+    torch.testing.assert_close(_ksample(patched, pos, neg, cfg=1.0), _ksample(model, pos, neg, cfg=1.0))
+
+
+def test_regional_rule_in_comfy_steps(executor, setup):
+    """The post-CFG function is the rule, confined to the observed bins' cells, one extra row per step."""
+    from conceptgate.nodes.nodes_geom_regional import patched_model
+    from conceptgate.nodes.nodes_toy import load_toy_for_comfy
+    from conceptgate.adapters.abo.guidance import denoised_from_eps, eps_from_denoised, region_map
+
+    e, clip, _ = setup
+    model = load_toy_for_comfy()[0]
+    patched, runtime = patched_model(model, clip, e, 2.0)
+    assert runtime.region == (4, (15, 12, 0))  # the observed bins, most frequent first
+    g = torch.Generator().manual_seed(0)
+    x, dn, dp, dt = (torch.randn(2, 4, 16, 16, generator=g) for _ in range(4))
+    sigma, w = torch.tensor([1.5, 1.5]), 5.0
+    cfg = dn + w * (dp - dn)
+    runtime.pending = {"x": x, "tokens": dt}
+    got = runtime.post_cfg({"denoised": cfg, "input": x, "sigma": sigma, "cond_scale": w, "uncond_denoised": dn})
+    eps = [eps_from_denoised(x, d, sigma) for d in (dn, dp, dt)]
+    want = denoised_from_eps(x, G.regional_rule(*eps, region_map(4, [15, 12, 0], (16, 16)), w, 2.0), sigma)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got[..., 4:12, :] - cfg[..., 4:12, :]).abs().max() < 1e-5  # rows 4..11 hold no observed bin: plain CFG
+    assert (got[..., :4, :4] - cfg[..., :4, :4]).abs().min() > 0  # bin 0 (top left) is pushed
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red star"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    out = _ksample(patched, pos, neg, steps=3)
+    assert runtime.calls == 3 and torch.isfinite(out).all()  # one batched call per step carried the extra row
+    assert (out - _ksample(model, pos, neg, steps=3)).abs().max() > 1e-4
+
+
+def test_regional_and_abo_on_one_model_are_refused(executor, setup):
+    from conceptgate.adapters import EraserStack
+    from conceptgate.adapters.abo import abo_eraser
+    from conceptgate.adapters.errors import EraserFileError
+    from conceptgate.nodes import nodes_abo
+    from conceptgate.nodes.nodes_geom_regional import patched_model
+    from conceptgate.nodes.nodes_toy import load_toy_for_comfy
+
+    e, clip, _ = setup
+    model = load_toy_for_comfy()[0]
+    stack = EraserStack().with_eraser(abo_eraser("triangle", "square"))
+    with_abo = nodes_abo.patched_model(model, stack, clip)[0]
+    with pytest.raises(EraserFileError, match="already carries All-but-One guidance"):
+        patched_model(with_abo, clip, e)
+    with_regional = patched_model(model, clip, e)[0]
+    with pytest.raises(EraserFileError, match="already carries Geom-Erasing regional negation"):
+        nodes_abo.patched_model(with_regional, stack, clip)

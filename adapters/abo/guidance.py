@@ -174,13 +174,16 @@ class Term:
 
     ``erase`` / ``alternative`` are the texts whose predictions the rule subtracts; ``words`` is set by
     :func:`in_prompt_terms` (the texts are then whole prompts): the concept and alternative it swapped,
-    for reports and infotexts."""
+    for reports and infotexts. ``region`` (``(grid, bins)``, default None = the whole image) confines the
+    term to those cells of a ``grid x grid`` partition of the image (Geom-Erasing's regional negation,
+    :mod:`conceptgate.adapters.geom.regional`, reuses these rows and folds)."""
 
     gamma: float
     erase: str
     alternative: str
     eraser: str = ""
     words: tuple[str, str] | None = field(default=None, compare=False)
+    region: tuple[int, tuple[int, ...]] | None = None
 
     @property
     def label(self) -> tuple[str, str]:
@@ -357,9 +360,20 @@ class AboPlan:
 
         for i, row in enumerate(self.terms):
             for t in row:
+                weight = t.gamma if t.region is None else t.gamma * region_map(*t.region, out.shape[-2:]).to(out)
                 for j in range(r):
-                    out[i * r + j] += t.gamma * (pick(i, t.erase, j) - pick(i, t.alternative, j))
+                    out[i * r + j] += weight * (pick(i, t.erase, j) - pick(i, t.alternative, j))
         return out
+
+
+def region_map(grid: int, bins: Sequence[int], size) -> torch.Tensor:
+    """``[H, W]`` float map, 1 on the cells ``m * grid + n`` (row ``m``, column ``n``) of a ``grid x grid``
+    partition of an ``H x W`` latent (cell edges at ``floor(k * H / grid)``), 0 elsewhere."""
+    h, w = int(size[0]), int(size[1])
+    rows = torch.div(torch.arange(h) * grid, h, rounding_mode="floor")
+    cols = torch.div(torch.arange(w) * grid, w, rounding_mode="floor")
+    cell = rows[:, None] * grid + cols[None, :]
+    return torch.isin(cell, torch.tensor(sorted(set(int(b) for b in bins)), dtype=torch.long)).float()
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

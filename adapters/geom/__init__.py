@@ -21,7 +21,9 @@ The package:
 * the eraser (``Eraser(kind="conditioning", method="geom", tensors={"concept", "locations"})``),
   its validation; :mod:`.embedding`: export / import of standard textual-inversion embedding files that ComfyUI
   (``embedding:name``) and A1111 (``embeddings/``) load natively;
-* :mod:`.trainer`: the training loop (textual-inversion style, checkpoints and resume).
+* :mod:`.trainer`: the training loop (textual-inversion style, checkpoints and resume);
+* :mod:`.regional`: ConceptGate's regional negation (not the paper's rule, selectable per eraser): the
+  tokens as a separate negation term confined to the cells of their location bins (diffusers only so far).
 
 Deviations from the paper (see README, "Geom-Erasing"): the paper's full text was not available;
 grid size, ``alpha`` and the inference token set are not published, so they are options with
@@ -34,6 +36,8 @@ portable artefact).
 from ..registry import Mechanism, register_conditioning, register_default_gate_rule, register_mechanism
 from .detectors import CocoDetector, Detection, write_coco
 from .embedding import eraser_from_ti, export_ti, load_ti, ti_metadata, ti_vectors
+from .regional import (DEFAULT_REGIONAL_STRENGTH, NEGATIONS, negation_of, regional_generate, regional_rule, regional_strength,
+                       require_prompt_negation, with_negation)
 from .negative import NegativePlan, concept_segments, diffusers_handler, encode_negative, plan_negative, select_bins
 from .tokens import (METHOD, OVERFLOW, TI_KEY, TI_META, TOKEN_SETS, WINDOW, VectorOverride, check_text_encoder,
                      chunk_rows, covered_bins, embedding_table, encode_segments, make_eraser, region_mask,

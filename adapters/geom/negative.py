@@ -118,6 +118,9 @@ def diffusers_handler(pipe, entries, prompts, gates, negative=None) -> dict:
         raise ValueError("Geom-Erasing: one token set per stack on the diffusers path "
                          f"({', '.join(e.eraser.name for e in entries)} given)")
     e = validate(entries[0].eraser)
+    from .regional import require_prompt_negation
+
+    require_prompt_negation(e, "a GatedPipeline stack")
     on = (torch.as_tensor(gates).reshape(len(prompts), -1)[:, 0] >= 0.5).tolist()
     if getattr(pipe, "text_encoder_2", None) is not None:
         return sdxl_negative(e, pipe, negative, on)

@@ -1,0 +1,140 @@
+"""Regional negation: ConceptGate's way of using Geom-Erasing tokens (a deviation from the paper, selectable).
+
+The paper puts the concept + location tokens into the **negative prompt**. With CFG scale ``w``, the
+user's negative ``e_n`` (usually empty) and ``d(c) = eps(x, c) - eps(x, e_n)``, the sampler then follows::
+
+    eps_hat = eps(x, e_n) + w d(e_p) - (w - 1) d(e_n + tokens)             (paper: tokens as the negative)
+
+over the whole image. On the toy model this push away from the tokens also washes out the object's
+colour (-7.8 colour points for -41% watermarks; every stronger variant of the tokens, lower alpha or more
+guidance, removes more and loses more colour). The location tokens already say *where* the concept
+sits, so regional negation keeps the user's negative as the negative and adds the tokens as a separate
+negation term (composable diffusion's NOT) confined to the image cells of the bins the tokens name::
+
+    eps_hat = eps(x, e_n) + w d(e_p) - k (w - 1) M * d(e_n + tokens)           (regional, strength k)
+
+``M`` is 1 on the cells of the location tokens in the negative (the eraser's token set, e.g. the bins
+observed in training), 0 elsewhere (:func:`~conceptgate.adapters.abo.guidance.region_map`). With ``k = 1``
+and ``M = 1`` everywhere the rule is the paper's exactly (tested). Outside ``M`` the image is sampled as
+without the eraser, so a concept that appears where no training box was is not erased there: the paper's
+negative prompt acts everywhere. ``k`` (default 2) was chosen on validation seeds (toyworld/erasers/README.md).
+
+Cost: one extra UNet row per firing prompt (the tokens' prediction; the plain negative's is the batch's own
+unconditional row), batched into the same UNet call by All-but-One's extra-row hooks
+(:class:`~conceptgate.adapters.abo.pipeline.AboUNetHooks`), whose fold this rule is an instance of (a term
+``gamma M [eps(e_n + tokens) - eps(e_n)]`` with ``gamma = k (w - 1) / w``).
+
+Where it runs: :func:`regional_generate` on plain diffusers SD1.x pipelines. :class:`GatedPipeline` stacks,
+ComfyUI and the webuis apply the paper's negative prompt and refuse an eraser set to ``regional``
+(:func:`require_prompt_negation`) rather than apply a different rule than the file asks for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from ..eraser import Eraser
+from ..errors import UnsupportedEraser
+from .negative import encode_negative, plan_negative
+from .tokens import encode_segments, validate
+
+NEGATIONS = ("prompt", "regional")
+DEFAULT_REGIONAL_STRENGTH = 2.0
+
+
+def negation_of(eraser: Eraser) -> str:
+    """``prompt`` (the paper's negative prompt, the default) or ``regional``."""
+    mode = (eraser.settings or {}).get("negation", "prompt")
+    if mode not in NEGATIONS:
+        raise ValueError(f"{eraser.source or eraser.name}: unknown Geom negation {mode!r} ({', '.join(NEGATIONS)})")
+    return mode
+
+
+def regional_strength(eraser: Eraser) -> float:
+    return float((eraser.settings or {}).get("negation_strength", DEFAULT_REGIONAL_STRENGTH))
+
+
+def with_negation(eraser: Eraser, mode: str, strength: float | None = None) -> Eraser:
+    """A copy of ``eraser`` set to ``mode`` (and regional ``strength``); the tensors are shared, not copied."""
+    if mode not in NEGATIONS:
+        raise ValueError(f"unknown Geom negation {mode!r} ({', '.join(NEGATIONS)})")
+    settings = dict(eraser.settings or {}, negation=mode)
+    if strength is not None:
+        if not strength > 0:
+            raise ValueError(f"regional negation strength must be > 0, got {strength}")
+        settings["negation_strength"] = float(strength)
+    return dataclasses.replace(eraser, settings=settings)
+
+
+def require_prompt_negation(eraser: Eraser, where: str) -> None:
+    """Raise :class:`UnsupportedEraser` when ``eraser`` asks for regional negation on a path that only
+    applies negative prompts (fail closed: the file's rule or nothing)."""
+    if negation_of(eraser) != "prompt":
+        raise UnsupportedEraser(f"{eraser.source or eraser.name}: this Geom-Erasing eraser is set to regional negation, "
+                                f"which {where} does not apply (it uses the tokens as a negative prompt); use "
+                                "conceptgate.adapters.geom.regional_generate on diffusers, or set negation='prompt'")
+
+
+def regional_rule(eps_neg: torch.Tensor, eps_pos: torch.Tensor, eps_tokens: torch.Tensor, mask: torch.Tensor,
+                  w: float, strength: float) -> torch.Tensor:
+    """The formula on tensors (reference for the hooked path): ``eps_n + w (eps_p - eps_n) - k (w - 1) M (eps_t - eps_n)``."""
+    return eps_neg + w * (eps_pos - eps_neg) - strength * (w - 1) * mask * (eps_tokens - eps_neg)
+
+
+def region_of(eraser: Eraser, tokenizer, negative: str = "") -> tuple[int, tuple[int, ...]]:
+    """``(grid, bins)``: the bins whose location tokens the negative carries (after the 75-token policy)."""
+    plan = plan_negative(eraser, tokenizer, negative)
+    return int(eraser.settings["grid"]), tuple(plan.bins)
+
+
+def regional_terms(eraser: Eraser, tokenizer, text_encoder, negatives: Sequence[str], on: Sequence[bool], w: float):
+    """(terms, hidden): one :class:`~conceptgate.adapters.abo.guidance.Term` per firing row and the encodings
+    ``{key: [77, D]}`` the extra-row hooks look up (the tokens' negative under a private key, the plain
+    negative under its text)."""
+    from ..abo.guidance import Term
+
+    validate(eraser)
+    k = regional_strength(eraser)
+    gamma = k * (w - 1.0) / w if w > 1.0 else 0.0  # no unconditional branch at w <= 1: the paper's negative does nothing either
+    terms, hidden = [], {}
+    for neg, fires in zip(negatives, on):
+        if not fires or gamma == 0.0:
+            terms.append([])
+            continue
+        key = f"\x00geom:{eraser.name}:{neg}"  # cannot collide with a prompt text
+        if key not in hidden:
+            hidden[key] = encode_negative(eraser, tokenizer, text_encoder, [neg])[0]
+            hidden[neg] = encode_segments(tokenizer, text_encoder, [[neg]])[0]
+        terms.append([Term(gamma, key, neg, eraser.name, words=(eraser.settings.get("concept_name", "geom"), "regional"),
+                           region=region_of(eraser, tokenizer, neg))])
+    return terms, hidden
+
+
+def regional_generate(pipe, eraser: Eraser, prompts: Sequence[str], guidance_scale: float = 7.5, negative_prompt=None,
+                      on: Sequence[bool] | None = None, **kwargs):
+    """One call of a diffusers SD1.x ``pipe`` with ``eraser``'s tokens as a regional negation (rows where
+    ``on``, default all); ``negative_prompt`` stays the pipeline's negative. Returns the pipeline output."""
+    from ..abo.pipeline import AboUNetHooks
+
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise UnsupportedEraser(f"{eraser.source or eraser.name}: regional negation runs on one-encoder (SD1.x/2.x) "
+                                "pipelines in this version, not SDXL")
+    prompts = list(prompts)
+    negs = ([negative_prompt] * len(prompts) if isinstance(negative_prompt, str) or negative_prompt is None
+            else list(negative_prompt))
+    negs = ["" if n is None else n for n in negs]
+    on = [True] * len(prompts) if on is None else list(on)
+    terms, hidden = regional_terms(eraser, pipe.tokenizer, pipe.text_encoder, negs, on, guidance_scale)
+    hooks = AboUNetHooks(pipe.unet).attach()
+    try:
+        with hooks.active(terms, hidden, with_uncond=guidance_scale > 1.0):
+            return pipe(prompt=prompts, negative_prompt=negs, guidance_scale=guidance_scale, **kwargs)
+    finally:
+        hooks.detach()
+
+
+__all__ = ["DEFAULT_REGIONAL_STRENGTH", "NEGATIONS", "negation_of", "region_of", "regional_generate", "regional_rule",
+           "regional_strength", "regional_terms", "require_prompt_negation", "with_negation"]
