@@ -12,7 +12,8 @@ Targets (issue 17, toy world, each eraser with its default gate):
 * garbage no higher than the base model's + 3 points;
 * All-but-One (an eraser that names an alternative): replacement with the prompt's colour and style
   >= 85% on keyword and held-out prompts;
-* Geom: watermark rate down >= 70%, object / style / colour within 2 points of base.
+* Geom: watermark rate down >= 70%, object / style / colour within 2 points of base, Fréchet not worse than
+  the plain negative's; the shipped file and, beside it, the same file in regional negation at its default strength.
 """
 
 from __future__ import annotations
@@ -108,11 +109,15 @@ def geom_rows(geom: dict | None) -> list[dict]:
     if not geom or not geom.get("rows"):
         return []
     base = geom["rows"][0]["metrics"]
+    plain = next((r["metrics"] for r in geom["rows"] if r["name"] == "plain"), None)
+    from ..adapters.geom.regional import DEFAULT_REGIONAL_STRENGTH
+
+    regional_name = f"geom_watermark_regional{DEFAULT_REGIONAL_STRENGTH:g}"
     out = []
     for r in geom["rows"][1:]:
-        regional = r["name"].startswith("geom_watermark_regional")
+        regional = r["name"] == regional_name
         if r["name"] != "geom_watermark" and not regional:
-            continue  # the shipped file (paper's rule and regional negation); the ablations stay in their section
+            continue  # the shipped file (paper's rule; regional negation at its default strength); the rest stays in its section
         m, misses = r["metrics"], []
         red = r.get("wm_reduction")
         if red is None or red < GEOM_REDUCTION:
@@ -121,9 +126,11 @@ def geom_rows(geom: dict | None) -> list[dict]:
             d = m[k]["value"] - base[k]["value"]
             if abs(d) > GEOM_DRIFT + 1e-9:
                 misses.append(f"{k} {100 * d:+.1f}")
+        if plain is not None and m.get("frechet") is not None and m["frechet"] > plain["frechet"]:
+            misses.append(f"Fréchet {m['frechet']:.1f} > plain negative {plain['frechet']:.1f}")
         out.append({"eraser": r["name"], "target": "watermark (implicit)", "section": "geom", "shipped": True,
                     **({"label": f"`geom_watermark` in regional negation x{r['name'][len('geom_watermark_regional'):]} "
-                                 "(ConceptGate's rule, diffusers path)", "shipped": False} if regional else {}),
+                                 "(ConceptGate's rule: diffusers and ComfyUI)", "shipped": False} if regional else {}),
                     "ua": f"watermark rate {_iv(base['watermark_rate'])} -> {_iv(m['watermark_rate'])} "
                           f"(-{_pct(red)}%)",
                     "ira": "–", "cra": "–", "garbage": f"{100 * (m['garbage_rate']['value'] - base['garbage_rate']['value']):+.0f}",
@@ -217,7 +224,8 @@ def render(data: dict) -> str:
         "(95% intervals in brackets); IRA and CRA within 3 points of the base model in the same run (worst "
         "change over the three sets); garbage at most base + 3 points (worst change); for erasers that name an "
         "alternative, the alternative drawn with the prompt's colour and style >= 85% on keyword / held-out "
-        "prompts; Geom (its own benchmark): watermark rate down >= 70%, object/style/colour within 2 points.",
+        "prompts; Geom (its own benchmark): watermark rate down >= 70%, object/style/colour within 2 points, "
+        "Fréchet not worse than the plain negative's.",
         "",
         table(rows, [("eraser", "eraser"), ("target", "target"), ("images", "target imgs k/s/h"),
                      ("ua", "UA keyword / synonym / held-out"), ("ira", "IRA Δ"), ("cra", "CRA Δ"),
@@ -228,7 +236,8 @@ def render(data: dict) -> str:
         "are the benchmark's own UCE / RECE edits, made with the papers' recipes (bare word, generic guide) or "
         "in ConceptGate's in-context form at the start of the run; no file ships them. "
         + ("A 'regional negation' row is the shipped Geom file sampled with ConceptGate's rule instead of the "
-           "paper's negative prompt (not counted as a shipped file: the hosts apply the paper's rule). "
+           "paper's negative prompt, at its default strength (not counted as a shipped file: the file's own rule "
+           "is the paper's; the webui extension does not offer the regional one yet). "
            if any(r.get("label") for r in rows) else "")
         + "The figures are copied "
         "from the sections named in 'from' (each says when and how it was measured); a missed target is listed "

@@ -139,12 +139,18 @@ def test_geom_row_from_its_own_section():
     assert "watermark reduction 41%" in H.geom_rows(geom)[0]["status"]
     # the shipped file in regional negation: its own row, labelled, not counted as a shipped file
     geom["rows"].append({"name": "geom_watermark_regional2", "metrics": metrics(0.1, 0.83), "wm_reduction": 0.71})
-    rows = H.geom_rows(geom)
+    geom["rows"].append({"name": "geom_watermark_regional2.5", "metrics": metrics(0.1, 0.83), "wm_reduction": 0.75})
+    rows = H.geom_rows(geom)  # the default strength only (2); other strengths stay in the geom section
     assert [r["shipped"] for r in rows] == [True, False] and rows[1]["status"] == "met"
     text = H.render({"geom": geom})
-    assert "| `geom_watermark` in regional negation x2 (ConceptGate's rule, diffusers path) |" in text
+    assert "| `geom_watermark` in regional negation x2 (ConceptGate's rule: diffusers and ComfyUI) |" in text
     assert "A 'regional negation' row is the shipped Geom file" in text and "of the shipped files" in text
     assert "A 'regional negation' row" not in H.render({"geom": {"rows": geom["rows"][:2]}})
+    # Fréchet against the plain negative's, as the geom section reads the target
+    for r, fd in zip(geom["rows"], (200.0, 190.0)):  # base, geom_watermark
+        r["metrics"]["frechet"] = fd
+    geom["rows"].insert(1, {"name": "plain", "metrics": metrics(0.33, 0.84) | {"frechet": 185.0}})
+    assert H.geom_rows(geom)[0]["status"].endswith("Fréchet 190.0 > plain negative 185.0")
 
 
 def test_headline_goes_first_and_parts_have_their_own_keys(tmp_path, monkeypatch):
