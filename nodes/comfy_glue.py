@@ -280,3 +280,37 @@ def gates_for_conditioning(stack: EraserStack, clip, conditioning, banks: BankCa
     if best is None:
         best = torch.zeros(len(stack.entries))
     return best, best_report
+
+
+# ------------------------------------------------------------------ batch extensions (extra CFG rows)
+#: MODEL wrapper keys of the patches that append rows to the sampler's batched prediction and fold them back
+#: after CFG (All-but-One guidance, Geom-Erasing regional negation): one of them per MODEL, since each expects
+#: the plain ``[positive, negative]`` batch
+BATCH_EXTENSIONS = {"conceptgate_abo": "All-but-One guidance", "conceptgate_geom_regional": "Geom-Erasing regional negation"}
+
+
+def attach_batch_extension(model, key: str, runtime, source: str):
+    """A clone of ``model`` with ``runtime.calc_cond_batch_wrapper`` as its CALC_COND_BATCH wrapper under ``key``
+    and ``runtime.post_cfg`` as a post-CFG function. Raises :class:`EraserFileError` naming ``source`` when the
+    model already carries a batch extension."""
+    from ..adapters.errors import EraserFileError
+
+    present = getattr(model, "wrappers", {}).get(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, {})
+    for k, what in BATCH_EXTENSIONS.items():
+        if k in present:
+            raise EraserFileError(source, f"this MODEL already carries {what}, already attached by an earlier node "
+                                  "(Apply Eraser Stack attaches a stack's guidance erasers itself); both extend the "
+                                  "same batched prediction, so attach one of them, once, per MODEL")
+    m = model.clone()
+
+    # plain closures, not bound methods: ModelPatcher.clone() deep-copies model_options, which would copy a
+    # bound method's runtime (and its CLIP) and split the state the wrapper and the post-CFG function share
+    def wrapper(executor, model_, conds, x_in, timestep, model_options):
+        return runtime.calc_cond_batch_wrapper(executor, model_, conds, x_in, timestep, model_options)
+
+    def post_cfg(args):
+        return runtime.post_cfg(args)
+
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, key, wrapper)
+    m.set_model_sampler_post_cfg_function(post_cfg)
+    return m

@@ -266,26 +266,8 @@ class AboRuntime:
 
 def patched_model(model, stack: EraserStack, clip):
     """A clone of ``model`` running the stack's ABO guidance under the stock samplers."""
-    if KEY in getattr(model, "wrappers", {}).get(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, {}):
-        raise EraserFileError("<stack>", "All-but-One guidance is already attached to this MODEL (Apply Eraser Stack "
-                                         "attaches a stack's guidance erasers itself); attach it once")
-    if "conceptgate_geom_regional" in getattr(model, "wrappers", {}).get(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, {}):
-        raise EraserFileError("<stack>", "this MODEL already carries Geom-Erasing regional negation; both extend the "
-                                         "same batched prediction, so attach one of them per MODEL")
     runtime = AboRuntime(stack, clip)
-    m = model.clone()
-
-    # plain closures, not bound methods: ModelPatcher.clone() deep-copies model_options, which would copy a
-    # bound method's runtime (and its CLIP) and split the state the wrapper and the post-CFG function share
-    def wrapper(executor, model_, conds, x_in, timestep, model_options):
-        return runtime.calc_cond_batch_wrapper(executor, model_, conds, x_in, timestep, model_options)
-
-    def post_cfg(args):
-        return runtime.post_cfg(args)
-
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, KEY, wrapper)
-    m.set_model_sampler_post_cfg_function(post_cfg)
-    return m, runtime
+    return comfy_glue.attach_batch_extension(model, KEY, runtime, "<stack>"), runtime
 
 
 class AboGuider(comfy.samplers.CFGGuider):

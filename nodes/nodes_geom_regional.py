@@ -21,22 +21,17 @@ import uuid
 
 import torch
 
-import comfy.patcher_extension
 import comfy.samplers
 from comfy_api.latest import io
 
 from ..adapters import geom as G
 from ..adapters.abo.guidance import denoised_from_eps, eps_from_denoised, region_map
 from ..adapters.errors import EraserFileError, UnsupportedEraser
+from . import comfy_glue
 from .nodes_geom import NONE, _table, comfy_tokens, load_source, source_files
 from .v3 import CATEGORY, Eraser, check_choices
 
 KEY = "conceptgate_geom_regional"
-ABO_KEY = "conceptgate_abo"
-
-
-def _wrappers(model) -> dict:
-    return getattr(model, "wrappers", {}).get(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, {})
 
 
 class RegionalRuntime:
@@ -74,7 +69,7 @@ class RegionalRuntime:
         self._conds[key] = new
         return new
 
-    def wrapper(self, executor, model, conds, x_in, timestep, model_options):
+    def calc_cond_batch_wrapper(self, executor, model, conds, x_in, timestep, model_options):
         negative = conds[1] if len(conds) > 1 else None
         self.pending = None
         if negative is None:  # CFG 1: no negative branch, nothing to steer away from
@@ -104,24 +99,8 @@ class RegionalRuntime:
 
 def patched_model(model, clip, eraser, strength: float = G.DEFAULT_REGIONAL_STRENGTH):
     """A clone of ``model`` sampling with ``eraser``'s tokens as a regional negation; the runtime too."""
-    present = _wrappers(model)
-    if KEY in present or ABO_KEY in present:
-        which = "Geom-Erasing regional negation" if KEY in present else "All-but-One guidance"
-        raise EraserFileError(eraser.source or eraser.name, f"this MODEL already carries {which}; both extend the "
-                              "same batched prediction, so attach one of them per MODEL")
     runtime = RegionalRuntime(clip, eraser, strength)
-    m = model.clone()
-
-    # plain closures: ModelPatcher.clone() deep-copies model_options, which would split a bound method's state
-    def wrapper(executor, model_, conds, x_in, timestep, model_options):
-        return runtime.wrapper(executor, model_, conds, x_in, timestep, model_options)
-
-    def post_cfg(args):
-        return runtime.post_cfg(args)
-
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, KEY, wrapper)
-    m.set_model_sampler_post_cfg_function(post_cfg)
-    return m, runtime
+    return comfy_glue.attach_batch_extension(model, KEY, runtime, eraser.source or eraser.name), runtime
 
 
 class GeomRegional(io.ComfyNode):
