@@ -237,7 +237,7 @@ def render(data: dict) -> str:
         "in ConceptGate's in-context form at the start of the run; no file ships them. "
         + ("A 'regional negation' row is the shipped Geom file sampled with ConceptGate's rule instead of the "
            "paper's negative prompt, at its default strength (not counted as a shipped file: the file's own rule "
-           "is the paper's; the webui extension does not offer the regional one yet). "
+           "is the paper's; `geom-negation` writes a regional copy). "
            if any(r.get("label") for r in rows) else "")
         + "The figures are copied "
         "from the sections named in 'from' (each says when and how it was measured); a missed target is listed "

@@ -1,4 +1,5 @@
-"""``python -m conceptgate inspect|convert``: what an eraser file holds, and pickles to safetensors."""
+"""``python -m conceptgate inspect|convert|geom-negation``: what an eraser file holds, pickles to safetensors,
+and a Geom-Erasing file's negation rule (for hosts that read the rule from the file: the webuis, stacks)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,29 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_geom_negation(args) -> int:
+    """A copy of a Geom-Erasing file set to the paper's negative prompt or ConceptGate's regional negation
+    (the tensors unchanged; the input file is never rewritten)."""
+    import os
+
+    from ..adapters.files import load_eraser, save_eraser
+    from ..adapters.geom import METHOD, with_negation
+
+    if os.path.abspath(args.out) == os.path.abspath(args.file):
+        print(f"{args.out}: is the input file; write the copy to another path", file=sys.stderr)
+        return 2
+    eraser = load_eraser(args.file)
+    if eraser.method != METHOD:
+        print(f"{args.file}: is a {eraser.method} eraser, not Geom-Erasing tokens", file=sys.stderr)
+        return 2
+    mode = "regional" if args.regional is not None else "prompt"
+    out = with_negation(eraser, mode, args.regional)
+    sha = save_eraser(out, args.out)
+    rule = f"regional negation x{args.regional:g}" if args.regional is not None else "the paper's negative prompt"
+    print(f"wrote {args.out} (sha256 {sha[:12]}): {eraser.name} with {rule}")
+    return 0
+
+
 def add_cli(sub, path=None) -> None:
     p = sub.add_parser("inspect", help="print what an eraser file holds and every validation problem")
     p.add_argument("files", nargs="+", help=".safetensors eraser files")
@@ -115,3 +139,13 @@ def add_cli(sub, path=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--concepts", default="", help="comma-separated erased concepts to record")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("geom-negation", help="copy a Geom-Erasing file set to ConceptGate's regional negation (or back "
+                                             "to the paper's negative prompt), for the webuis and stacks")
+    p.add_argument("file", help="a Geom-Erasing .safetensors file (not changed)")
+    p.add_argument("--out", required=True, help="where to write the copy")
+    rule = p.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--regional", type=float, metavar="K", help="regional negation at strength K (2 is the default "
+                                                                   "chosen on validation seeds)")
+    rule.add_argument("--prompt", action="store_true", help="the paper's rule: the tokens as the negative prompt")
+    p.set_defaults(func=cmd_geom_negation)

@@ -41,8 +41,8 @@ from ..adapters.gate import EncodedText, GateReport, positions_mask, to_window
 from ..adapters.gate import BankCache
 from ..adapters.stack import EraserStack
 from . import ldm
-from .abo import A1111Guidance, image_terms, swapped_texts
-from .geom import GeomTokens
+from .abo import A1111Guidance, abo_only, image_terms, swapped_texts
+from .geom import PRIVATE, GeomTokens
 from .text import HostTextEncoder, conditioning_hidden, subprompts
 
 log = logging.getLogger("conceptgate")
@@ -92,7 +92,8 @@ class A1111Runtime:
             ldm.check_fits(self.stack, self.layout, names, self.dm)
             self.hooks = RowGatedDeltas(self.stack, lambda n: self.dm.get_submodule(names[n]))
         self.geom = GeomTokens(self.stack, sd_model)  # encoded now, before sampling
-        self.abo = A1111Guidance(self.stack, sd_model)
+        regional = {e.eraser.name for c, e in self.geom.entries if c in self.geom.regional}
+        self.abo = A1111Guidance(self.stack, sd_model, uncond_terms=regional)  # regional negation rides its rows
         self._pre = None
 
     def attach(self) -> "A1111Runtime":
@@ -160,16 +161,25 @@ class A1111Runtime:
         if self.geom:  # Geom-Erasing: tokens on the unconditional rows of the images whose gate fires
             params.text_uncond = self.geom.append(params.text_uncond, per_image)
         sources, terms = [], [[] for _ in range(n_images)]
-        if self.abo:  # All-but-One: rows between the conditional and the unconditional ones
+        if self.abo:  # All-but-One (and Geom regional negation): rows between the conditional and the unconditional ones
             terms = image_terms(self.stack, encoded, self.banks, known, image_of_row, n_images, texts)
+            private = {}
+            if self.geom.regional:  # the negative as the UNet sees it this step, after any prompt-mode tokens
+                regional = self.geom.regional_terms(per_image)
+                private = self.geom.regional_texts(params.text_uncond, regional)
+                terms = [a + r for a, r in zip(terms, regional)]
             first_row = [image_of_row.index(i) if i in image_of_row else 0 for i in range(n_images)]
             single = [image_of_row.count(i) == 1 for i in range(n_images)]
-            sources = self.abo.extend(params, terms, n_cond, first_row, single, texts)
+            sources = self.abo.extend(params, terms, n_cond, first_row, single, texts, private)
         uncond_rows = per_image.clone()
         for j, entry in enumerate(self.stack.entries):
             if entry.gate.cond_only:
                 uncond_rows[:, j] = 0.0
-        cond_rows = torch.cat([coeffs, per_image[sources]]) if sources else coeffs  # extra rows: their image's
+        extra_rows = per_image[sources] if sources else None  # extra rows: their image's coefficients
+        if sources and self.geom.regional:  # regional negation's rows are negatives: the unconditional rows' coefficients
+            negative = [t.startswith(PRIVATE) for t in self.abo.step["plan"].texts]
+            extra_rows = torch.where(torch.tensor(negative)[:, None], uncond_rows[sources], extra_rows)
+        cond_rows = torch.cat([coeffs, extra_rows]) if sources else coeffs
         self.table = RowTable(cond_rows, uncond_rows)
         self._rows_of_step = (cond_rows.shape[0], n_images)
         self.image_gates = per_image
@@ -177,7 +187,7 @@ class A1111Runtime:
             self.first_report = report
         if self.first_images is None:
             self.first_images = {"coeffs": per_image.clone(), "geom": [list(a) for a in self.geom.applied] if self.geom else None,
-                                 "abo": terms if self.abo else None}
+                                 "abo": abo_only(terms, self.abo.uncond_terms) if self.abo else None}
 
     def on_cfg_denoised(self, params):
         if self.abo and self.table is not None:

@@ -43,6 +43,7 @@ ComfyUI); an image whose gate is 0 adds no rows, and a step where no image fires
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 
@@ -150,22 +151,24 @@ class A1111Guidance:
     """Rows in A1111's CFG batch (see the module doc). One per generation; ``extend`` / ``denoised`` /
     ``after_cfg`` are called from the three CFG callbacks of every step."""
 
-    def __init__(self, stack: EraserStack, sd_model):
+    def __init__(self, stack: EraserStack, sd_model, uncond_terms: set[str] | frozenset = frozenset()):
         self.stack = stack
         self.entries = abo_entries(stack)
-        self.conds = TextConditionings(stack, sd_model) if self.entries else None
+        self.uncond_terms = set(uncond_terms)  # erasers whose terms act only with the unconditional branch
+        self.conds = TextConditionings(stack, sd_model) if self.entries or self.uncond_terms else None
         self.step: dict | None = None
         self.last_terms: list[list[Term]] = []
         self.calls = 0
         self.extra_rows = 0
 
     def __bool__(self):
-        return bool(self.entries)
+        return bool(self.entries) or bool(self.uncond_terms)
 
     def extend(self, params, terms: list[list[Term]], n_cond: int, first_row: list[int], single_part: list[bool],
-               row_texts: list[str] | None = None):
+               row_texts: list[str] | None = None, private: dict[str, torch.Tensor] | None = None):
         """Add the rows the firing terms need to this step's CFG batch (``params``: CFGDenoiserParams).
         ``row_texts``: each conditional row's AND-part text (in-prompt terms erase with the row itself).
+        ``private``: conditionings made this step under keys no prompt has (Geom regional negation).
         Returns the images the extra rows belong to (for the per-row weight coefficients)."""
         self.step = None
         self.last_terms = terms
@@ -175,6 +178,7 @@ class A1111Guidance:
         ctx = cond["crossattn"] if isinstance(cond, dict) else cond
         vectors = cond.get("vector") if isinstance(cond, dict) else None
         held = dict(self.conds.texts)
+        held.update({k: (v, None) for k, v in (private or {}).items()})
         for r, text in enumerate(row_texts or []):  # the part as the UNet sees it this step
             if text not in held:
                 held[text] = (ctx[r], vectors[r] if vectors is not None else None)
@@ -232,12 +236,25 @@ class A1111Guidance:
         step, self.step = self.step, None
         if step is None or step["x_out"] is None:
             return denoised
-        corr = step["plan"].correction(step["cond"], None, step["extra"]) * step["w"]
+        plan = at_cfg_scale(step["plan"], self.uncond_terms, step["w"])
+        corr = plan.correction(step["cond"], None, step["extra"]) * step["w"]
         d = step["denoiser"]
         mask = getattr(d, "mask", None)
         if mask is not None and not getattr(d, "mask_before_denoising", False):
             corr = corr * d.nmask  # the webui blended in the original latents already: leave those areas
         return denoised - corr.to(denoised)
+
+
+def at_cfg_scale(plan: AboPlan, erasers: set[str], w: float) -> AboPlan:
+    """``plan`` with the terms of ``erasers`` (Geom regional negation, whose ``gamma`` is its strength ``k``)
+    weighted ``k (w - 1) / w`` for this step's CFG scale ``w``: the caller multiplies by ``w``, giving the
+    rule's ``k (w - 1)``; 0 where the webui skipped the unconditional branch (``w`` = 1), as the paper's
+    negative would do nothing there."""
+    if not erasers:
+        return plan
+    scale = (w - 1.0) / w if w > 1.0 else 0.0
+    return dataclasses.replace(plan, terms=[[dataclasses.replace(t, gamma=t.gamma * scale) if t.eraser in erasers else t
+                                              for t in row] for row in plan.terms])
 
 
 def _insert(t: torch.Tensor, at: int, rows: torch.Tensor) -> torch.Tensor:
@@ -251,17 +268,30 @@ COND = 0  # Forge's chunk marks in transformer_options["cond_or_uncond"]
 class ForgeGuidance:
     """The rule on a Forge UNet patcher (a clone made in ``process_before_every_sampling``)."""
 
-    def __init__(self, stack: EraserStack, sd_model):
+    def __init__(self, stack: EraserStack, sd_model, uncond_terms: set[str] | frozenset = frozenset()):
         self.stack = stack
         self.entries = abo_entries(stack)
-        self.conds = TextConditionings(stack, sd_model) if self.entries else None
+        self.uncond_terms = set(uncond_terms)  # erasers whose terms act only with the unconditional branch
+        self.conds = TextConditionings(stack, sd_model) if self.entries or self.uncond_terms else None
         self.terms: list[list[Term]] = []
+        self.private: dict[str, torch.Tensor] = {}  # this step's conditionings under private keys (Geom regional)
         self.step: dict | None = None
         self.calls = 0
         self.extra_rows = 0
 
     def __bool__(self):
-        return bool(self.entries)
+        return bool(self.entries) or bool(self.uncond_terms)
+
+    def _texts(self) -> dict:
+        return {**self.conds.texts, **{k: (v, None) for k, v in self.private.items()}}
+
+    def _terms_now(self, w: float) -> list[list[Term]]:
+        """This step's terms: those of ``uncond_terms`` erasers only with an unconditional branch (``w`` > 1)
+        and their conditionings made this step (none when the pass has no negative)."""
+        if not self.uncond_terms:
+            return self.terms
+        return [[t for t in row if t.eraser not in self.uncond_terms or (w > 1.0 and t.erase in self.private)]
+                for row in self.terms]
 
     def install(self, unet, terms: list[list[Term]]):
         """Attach to ``unet`` (a clone the glue owns) for one sampling pass with these per-image terms."""
@@ -289,10 +319,10 @@ class ForgeGuidance:
         return unet
 
     # ------------------------------------------------------------- rows
-    def _layout(self, B: int) -> tuple[list[list[str]], AboPlan]:
+    def _layout(self, B: int, terms: list[list[Term]]) -> tuple[list[list[str]], AboPlan]:
         """Chunks of B rows (chunk s, row i: the s-th text image i needs) and the lookup into them."""
         needed = []
-        for row in self.terms:
+        for row in terms:
             n = []
             for t in row:
                 for text in (t.erase, t.alternative):
@@ -302,14 +332,14 @@ class ForgeGuidance:
         slots = max(len(n) for n in needed)
         filler = next(n[0] for n in needed if n)
         chunks = [[n[s] if s < len(n) else filler for n in needed] for s in range(slots)]
-        plan = AboPlan(self.terms)
+        plan = AboPlan(terms)
         for i, n in enumerate(needed):
             for s, text in enumerate(n):
                 plan.lookup[(i, text)] = ("extra", s * B + i)
         return chunks, plan
 
     def _extra_conditioning(self, chunks, B, like: dict, length: int) -> dict:
-        texts = self.conds.texts
+        texts = self._texts()
         ctx = torch.cat([torch.stack([_fit_length(texts[t][0], length) for t in chunk]) for chunk in chunks])
         c = {"c_crossattn": ctx.to(like["c_crossattn"])}
         y = like.get("y")
@@ -330,8 +360,12 @@ class ForgeGuidance:
         rows = x_in.shape[0]
         if rows != len(cou) * B or x_in.shape[1:] != step["x"].shape[1:]:
             return call(apply_model, args)  # not the step's batch (area conds, another extension's pass)
-        chunks, plan = self._layout(B)
-        texts_len = [self.conds.texts[t][0].shape[0] for ch in chunks for t in ch]
+        terms = self._terms_now(step["w"])
+        if not any(terms):
+            return call(apply_model, args)
+        chunks, plan = self._layout(B, terms)
+        texts = self._texts()
+        texts_len = [texts[t][0].shape[0] for ch in chunks for t in ch]
         main_len = c["c_crossattn"].shape[1]
         length = _lcm(main_len, *texts_len)
         extra_c = self._extra_conditioning(chunks, B, c, length)
@@ -370,7 +404,7 @@ class ForgeGuidance:
         denoised = args["denoised"]
         if step is None or step["out"] is None:
             return denoised
-        corr = step["plan"].correction(denoised, None, step["out"])
+        corr = at_cfg_scale(step["plan"], self.uncond_terms, step["w"]).correction(denoised, None, step["out"])
         return denoised - (step["w"] * corr).to(denoised)
 
 
@@ -380,3 +414,9 @@ def _marks(cond_or_uncond: list[int], B: int, sigmas: torch.Tensor) -> dict:
     cond_idx = [k * B + j for k, c in enumerate(cond_or_uncond) if c == COND for j in range(B)]
     uncond_idx = [k * B + j for k, c in enumerate(cond_or_uncond) if c != COND for j in range(B)]
     return {"cond_mark": mark, "cond_indices": cond_idx, "uncond_indices": uncond_idx}
+
+
+def abo_only(terms: list[list[Term]], other: set[str]) -> list[list[Term]]:
+    """Per image, the All-but-One terms (for the infotext): those of ``other`` erasers (Geom regional
+    negation, reported with the Geom key) left out."""
+    return [[t for t in row if t.eraser not in other] for row in terms]

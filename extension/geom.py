@@ -24,6 +24,19 @@ touched (bit-identical).
 Encoding happens before sampling (A1111: ``process_batch``; Forge: ``process_before_every_sampling``, while
 the text encoder is loaded); the tokens are appended at every step in ``on_cfg_denoiser``, which A1111 and
 Forge both fire before the UNet with a writable ``text_uncond``.
+
+Erasers saved with ``settings["negation"] = "regional"`` (ConceptGate's rule,
+:mod:`conceptgate.adapters.geom.regional`) leave the negative alone. Per firing image ``i`` they become a
+term of All-but-One's extra-row machinery (:mod:`.abo`, which joins its rows to the webui's CFG batch)::
+
+    d_hat_i = d_cfg_i - k (w - 1) M [d(x_i, n_i + tokens) - d(x_i, n_i)]
+
+with ``n_i`` the image's negative conditioning as the UNet sees it this step (after any prompt-mode tokens),
+``d`` the webui's x0 predictions (linear in epsilon at fixed ``x``, ``sigma``: the core's epsilon rule
+exactly), ``M`` the cells of the location bins the tokens carry and ``w`` the CFG scale. Where the webui
+skips the unconditional branch (CFG 1, NGMS) the term does nothing, as the paper's negative would not.
+Cost: two extra rows per firing image (A1111: the webui may skip its own unconditional row, so it is not
+reused; Forge: two chunks of ``B`` rows).
 """
 
 from __future__ import annotations
@@ -36,10 +49,14 @@ import torch
 from torch import nn
 
 from ..adapters import geom as G
+from ..adapters.abo.guidance import Term
 from ..adapters.errors import IncompatibleModelError
 from ..adapters.stack import EraserStack
 
 ON = 0.5  # coefficient from which an image gets the tokens
+PRIVATE = "\x00"  # private keys of the per-step texts start with it: never a prompt's text
+REGIONAL_KEY = PRIVATE + "geom-regional:{name}:{image}"
+NEGATIVE_KEY = PRIVATE + "negative:{image}"
 
 
 def geom_entries(stack: EraserStack) -> list[tuple[int, object]]:
@@ -95,7 +112,8 @@ class GeomTokens:
         self.entries = geom_entries(stack)
         self.encoded: dict[int, torch.Tensor] = {}  # column -> [77 * k, D]
         self.plans: dict[int, G.NegativePlan] = {}
-        self.applied: list[list[int]] = []  # per image of the last step: the columns appended
+        self.applied: list[list[int]] = []  # per image of the last step: the columns appended (or regional)
+        self.regional: set[int] = set()  # columns set to regional negation (not appended to the negative)
         if self.entries:
             self._encode(sd_model)
 
@@ -115,7 +133,8 @@ class GeomTokens:
         device = _device(table)
         for col, entry in self.entries:
             e = G.validate(entry.eraser)
-            G.require_prompt_negation(e, "the webui extension")
+            if G.negation_of(e) == "regional":
+                self.regional.add(col)
             G.check_text_encoder(e, table.weight)  # width always; the fingerprint when the file has one
             plan = G.plan_negative(e, tok, "", window=G.WINDOW)
             ids, mask, values, _ = G.chunk_rows(tok, [plan.segments], window=G.WINDOW, max_chunks=None)
@@ -133,14 +152,60 @@ class GeomTokens:
         """Per image, the geom columns whose coefficient is >= 0.5, in stack order."""
         return [[col for col, _ in self.entries if float(per_image[i, col]) >= ON] for i in range(per_image.shape[0])]
 
+    @property
+    def appends(self) -> bool:
+        """Whether any entry uses the paper's negative prompt (the others are regional terms)."""
+        return any(col not in self.regional for col, _ in self.entries)
+
+    def regional_terms(self, per_image: torch.Tensor) -> list[list[Term]]:
+        """Per image, one term per firing regional entry, erase = the image's negative + tokens, alternative =
+        its negative, under the private keys :meth:`regional_texts` fills each step. ``gamma`` is the strength
+        ``k``; the step's CFG scale turns it into ``k (w - 1) / w`` (:func:`.abo.at_cfg_scale`)."""
+        out: list[list[Term]] = [[] for _ in range(per_image.shape[0])]
+        if not self.regional:
+            return out
+        names = dict((c, e.eraser) for c, e in self.entries)
+        for i, cols in enumerate(self.firing(per_image)):
+            for col in cols:
+                if col in self.regional:
+                    e = names[col]
+                    out[i].append(Term(G.regional_strength(e), REGIONAL_KEY.format(name=e.name, image=i),
+                                       NEGATIVE_KEY.format(image=i), e.name,
+                                       words=(e.settings.get("concept_name", "geom"), "regional"),
+                                       region=(int(e.settings["grid"]), tuple(self.plans[col].bins))))
+        return out
+
+    def regional_texts(self, uncond, terms: list[list[Term]]) -> dict[str, torch.Tensor]:
+        """The ``[L, D]`` conditionings behind the private keys of ``terms``, from this step's negative
+        (``text_uncond``: tensor or SDXL dict; None when the webui has none this pass)."""
+        if uncond is None or not any(terms):
+            return {}
+        ctx = uncond["crossattn"] if isinstance(uncond, dict) else uncond
+        if ctx.shape[0] != len(terms):
+            raise ValueError(f"Geom-Erasing: the negative conditioning has {ctx.shape[0]} rows for {len(terms)} images")
+        cols = {e.eraser.name: c for c, e in self.entries}
+        out = {}
+        for i, row in enumerate(terms):
+            for t in row:
+                if t.erase in out:
+                    continue
+                tokens = self.encoded[cols[t.eraser]].to(ctx.device, ctx.dtype)
+                if tokens.shape[-1] != ctx.shape[-1]:
+                    raise IncompatibleModelError("Geom-Erasing", f"the negative conditioning is {ctx.shape[-1]}-d, "
+                                                                f"the tokens {tokens.shape[-1]}-d")
+                out[t.erase] = torch.cat([ctx[i], tokens], 0)
+                out[t.alternative] = ctx[i]
+        return out
+
     def append(self, uncond, per_image: torch.Tensor):
         """``uncond`` (the webui's ``text_uncond``: a tensor [B, L, D] or SDXL's dict) with the tokens appended
         to the rows whose gate fires; the same object when none fires."""
         on = self.firing(per_image)
+        self.applied = on  # regional columns included: the infotext lists them too
+        on = [[c for c in cols if c not in self.regional] for cols in on]
         if uncond is None:  # no negative this pass (Forge's hires pass at CFG 1): nothing to append to
             self.applied = [[] for _ in on]
             return uncond
-        self.applied = on
         if not any(on):
             return uncond
         ctx = uncond["crossattn"] if isinstance(uncond, dict) else uncond
@@ -165,7 +230,8 @@ class GeomTokens:
         if image >= len(self.applied) or not self.applied[image]:
             return None
         names = dict((c, e.eraser.name) for c, e in self.entries)
-        return ", ".join(f"{names[c]}:{self.plans[c].own_tokens} tokens" for c in self.applied[image])
+        return ", ".join(f"{names[c]}:{self.plans[c].own_tokens} tokens" + (" regional" if c in self.regional else "")
+                         for c in self.applied[image])
 
 
 def _device(table: nn.Embedding):

@@ -12,7 +12,9 @@ ABO adapters)   ``on_cfg_denoiser``)                               (:mod:`.forge
                                                                    each eraser at its strongest gate over the batch
 ``conditioning`` learned tokens appended to each image's           the same, on Forge's conditioning path (Forge
 (Geom-Erasing)  unconditional conditioning in ``on_cfg_denoiser``  fires ``on_cfg_denoiser`` before
-                (:mod:`.geom`), per image                          ``sampling_function``), per image
+                (:mod:`.geom`), per image; a file set to regional  ``sampling_function``), per image; regional:
+                negation: two rows per firing image, the           the rows join the guidance chunks below
+                guidance path below
 ``guidance``    erase / alternative rows inserted into the CFG     conditioning modifier + model function wrapper
 (All-but-One)   batch in ``on_cfg_denoiser``, their predictions    (rows joined to the batched ``apply_model``
                 kept in ``on_cfg_denoised``, the rule in           call) + post-CFG function on the same unet

@@ -115,6 +115,7 @@ class GenerationState:
         self._banks: dict[int, BankCache] = {}
         self._forge: dict = {}  # (stack, model) -> (GeomTokens, ForgeGuidance), made once per generation
         self.forge_geom = None  # the GeomTokens of the current Forge pass
+        self.forge_guidance = None  # its ForgeGuidance when it has terms (Geom regional negation's rows are set per step)
         self.forge_per_image: torch.Tensor | None = None  # [B, E] per-image coefficients of the current pass
         self.batch_images: dict | None = None  # per image of the batch: applied coefficients, geom, ABO terms
         self.records: dict[int, dict] = {}  # infotext per image of the job (global index)
@@ -193,6 +194,9 @@ class GenerationState:
         if _host.is_forge(self.host):  # Forge: only the Geom-Erasing tokens are added here (weights are patched)
             if self.forge_geom and self.forge_per_image is not None:
                 params.text_uncond = self.forge_geom.append(params.text_uncond, self.forge_per_image)
+                if self.forge_guidance is not None and self.forge_geom.regional:  # regional negation: this step's negative
+                    terms = self.forge_guidance.terms
+                    self.forge_guidance.private = self.forge_geom.regional_texts(params.text_uncond, terms)
             return
         if getattr(p, TAGS_ATTR, None) is not None and self.stack is not self.stack_for(getattr(p, TAGS_ATTR, None)):
             self.sync_a1111(p, sd_model)  # hires pass with other <erase:...> tags
@@ -229,7 +233,7 @@ class GenerationState:
     # ------------------------------------------------------------- Forge
     def forge_before_sampling(self, p):
         from . import forge
-        from .abo import ForgeGuidance, image_terms
+        from .abo import ForgeGuidance, abo_only, image_terms
         from .geom import GeomTokens
         from .text import HostTextEncoder
 
@@ -245,7 +249,9 @@ class GenerationState:
         gates = forge.batch_gates(stack, sd_model, prompts, banks)  # the text encoder is loaded now
         key = (id(stack), id(sd_model))
         if key not in self._forge:
-            self._forge[key] = (stack, GeomTokens(stack, sd_model), ForgeGuidance(stack, sd_model))
+            geom = GeomTokens(stack, sd_model)
+            regional = {e.eraser.name for c, e in geom.entries if c in geom.regional}
+            self._forge[key] = (stack, geom, ForgeGuidance(stack, sd_model, uncond_terms=regional))
         _, geom, guidance = self._forge[key]
         unet = sd_model.forge_objects.unet
         per_row = forge.per_row_enabled() and any(e.enabled for _, e in stack.weight_entries)
@@ -263,11 +269,16 @@ class GenerationState:
             self.release()
             unet, files = unet.clone(), []
         terms = [[] for _ in prompts]
+        self.forge_guidance = None
         if guidance:
             terms = image_terms(stack, gates.encoded, banks, gates.tokens_known, gates.image_of_row, len(prompts),
                                 gates.texts)
             guidance.conds.add(t for row in terms for term in row for t in (term.erase, term.alternative))
+            if geom.regional:  # Geom regional negation: its rows' conditionings come with each step's negative
+                terms = [a + r for a, r in zip(terms, geom.regional_terms(gates.per_image))]
+            guidance.private = {}
             guidance.install(unet, terms)
+            self.forge_guidance = guidance
         sd_model.forge_objects.unet = unet
         self.forge_files = files
         self.image_gates = gates.per_image
@@ -281,7 +292,7 @@ class GenerationState:
             self.report = gates.report
         if not hr:
             self.batch_images = {"coeffs": applied, "geom": [list(a) for a in geom.applied] if geom else None,
-                                 "abo": terms if guidance else None}
+                                 "abo": abo_only(terms, guidance.uncond_terms) if guidance else None}
 
     # ------------------------------------------------------------- results
     def used(self) -> list[UsedEraser]:

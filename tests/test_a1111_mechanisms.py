@@ -129,23 +129,6 @@ def test_geom_on_sdxl_is_refused(world, kinds):
             h.run("a red triangle", args("wm:1", "always"))
 
 
-def test_geom_set_to_regional_negation_is_refused(world, kinds):
-    """The webui glue appends tokens to the negative only: a file asking for ConceptGate's regional negation
-    stops the generation with the file's name instead of being applied with another rule."""
-    from conceptgate.adapters import UnsupportedEraser
-
-    path = os.path.join(world["folder"], "wm_regional.safetensors")
-    save_eraser(G.with_negation(kinds["geom"], "regional"), path)
-    try:
-        with a1111_stub.installed("a1111") as processing:
-            h = Host(world, processing)
-            with pytest.raises(UnsupportedEraser, match="wm_regional.*regional negation, which the webui extension"):
-                h.run("a red triangle", args("wm_regional:1", "always"))
-    finally:
-        os.remove(path)
-
-
-
 # ------------------------------------------------------------------ All-but-One
 @torch.no_grad()
 def test_abo_one_a1111_step_equals_the_diffusers_path(world, kinds):

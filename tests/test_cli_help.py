@@ -8,7 +8,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ("inspect", "convert", "gate", "calibrate", "toyworld", "edit", "bench", "train", "demo")
+COMMANDS = ("inspect", "convert", "geom-negation", "gate", "calibrate", "toyworld", "edit", "bench", "train", "demo")
 # sub-commands whose options are all plain: their --help must be light too
 LIGHT = (("edit", "uce"), ("edit", "rece"), ("edit", "import"), ("train", "spm"), ("train", "geom"),
          ("bench", "speed"), ("bench", "rece-attack"))

@@ -126,3 +126,32 @@ def test_settings_are_checked_and_paths_without_it_refuse(pipe, eraser):
     with pytest.raises(UnsupportedEraser, match="geom_watermark.*regional negation.*GatedPipeline"):
         with GatedPipeline(pipe, EraserStack().with_eraser(regional)) as gp:
             gp(["a red triangle"], guidance_scale=5.0, num_inference_steps=1, output_type="latent")
+
+
+def test_cli_writes_a_regional_copy_and_leaves_the_input_alone(tmp_path, eraser, capsys):
+    """``geom-negation`` is how a webui or stack user gets the regional rule: a copy of the file with the rule
+    in its settings, the tensors unchanged; the input is never rewritten, other kinds are refused."""
+    import hashlib
+
+    from conceptgate.cli import main
+
+    def sha(p):
+        with open(p, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    before = sha(SHIPPED)
+    out = tmp_path / "wm_regional.safetensors"
+    assert main(["geom-negation", SHIPPED, "--out", str(out), "--regional", "2.5"]) == 0
+    assert sha(SHIPPED) == before
+    copy = G.validate(load_eraser(str(out)))
+    assert G.negation_of(copy) == "regional" and G.regional_strength(copy) == 2.5
+    assert copy.tensors.keys() == eraser.tensors.keys()
+    assert all(torch.equal(copy.tensors[k], eraser.tensors[k]) for k in eraser.tensors)
+    back = tmp_path / "wm_prompt.safetensors"
+    assert main(["geom-negation", str(out), "--out", str(back), "--prompt"]) == 0
+    assert G.negation_of(load_eraser(str(back))) == "prompt"
+    assert main(["geom-negation", str(out), "--out", str(out), "--prompt"]) == 2  # in place: refused
+    assert "is the input file" in capsys.readouterr().err
+    other = os.path.join(os.path.dirname(SHIPPED), "uce_star.safetensors")
+    assert main(["geom-negation", other, "--out", str(tmp_path / "x.safetensors"), "--regional", "2"]) == 2
+    assert not (tmp_path / "x.safetensors").exists()

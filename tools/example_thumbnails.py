@@ -3,6 +3,7 @@ template browser looks for): each workflow is converted to the API format, run i
 executor on the toy model, and up to four of its preview images are saved side by side, upscaled 2x.
 
     python tools/example_thumbnails.py            # from the checkout, with the test extras installed
+    python tools/example_thumbnails.py geom_toy_regional   # only these workflows (names without .json)
 """
 
 import glob
@@ -14,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
-def main() -> int:
+def main(names=()) -> int:
     os.environ.setdefault("CONCEPTGATE_POLICY", "")
     import numpy as np
     from PIL import Image
@@ -26,7 +27,13 @@ def main() -> int:
     import folder_paths
     import nodes
 
-    for path in sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json"))):
+    paths = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
+    if names:
+        paths = [p for p in paths if os.path.splitext(os.path.basename(p))[0] in names]
+        if len(paths) != len(set(names)):
+            print(f"unknown workflow name among {', '.join(names)}", file=sys.stderr)
+            return 2
+    for path in paths:
         outputs = executor.run(to_api(json.load(open(path)), nodes.NODE_CLASS_MAPPINGS))
         images = [img for o in outputs.values() for img in o.get("images", [])]
         if not images:
@@ -46,4 +53,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -23,7 +23,8 @@ The package:
   (``embedding:name``) and A1111 (``embeddings/``) load natively;
 * :mod:`.trainer`: the training loop (textual-inversion style, checkpoints and resume);
 * :mod:`.regional`: ConceptGate's regional negation (not the paper's rule, selectable per eraser): the
-  tokens as a separate negation term confined to the cells of their location bins (diffusers only so far).
+  tokens as a separate negation term confined to the cells of their location bins (diffusers, ComfyUI's
+  regional node, the webui extension).
 
 Deviations from the paper (see README, "Geom-Erasing"): the paper's full text was not available;
 grid size, ``alpha`` and the inference token set are not published, so they are options with

@@ -24,9 +24,11 @@ unconditional row), batched into the same UNet call by All-but-One's extra-row h
 (:class:`~conceptgate.adapters.abo.pipeline.AboUNetHooks`), whose fold this rule is an instance of (a term
 ``gamma M [eps(e_n + tokens) - eps(e_n)]`` with ``gamma = k (w - 1) / w``).
 
-Where it runs: :func:`regional_generate` on plain diffusers SD1.x pipelines. :class:`GatedPipeline` stacks,
-ComfyUI and the webuis apply the paper's negative prompt and refuse an eraser set to ``regional``
-(:func:`require_prompt_negation`) rather than apply a different rule than the file asks for.
+Where it runs: :func:`regional_generate` on plain diffusers SD1.x pipelines, ComfyUI's *Geom-Erasing Regional
+Negation* node (``nodes/nodes_geom_regional.py``) and the webui extension for a file set to ``regional``
+(``extension/geom.py``; ``python -m conceptgate geom-negation`` writes such a copy). :class:`GatedPipeline`
+stacks and ComfyUI's negative-prompt nodes apply the paper's negative prompt and refuse an eraser set to
+``regional`` (:func:`require_prompt_negation`) rather than apply a different rule than the file asks for.
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ def require_prompt_negation(eraser: Eraser, where: str) -> None:
     if negation_of(eraser) != "prompt":
         raise UnsupportedEraser(f"{eraser.source or eraser.name}: this Geom-Erasing eraser is set to regional negation, "
                                 f"which {where} does not apply (it uses the tokens as a negative prompt); use "
-                                "conceptgate.adapters.geom.regional_generate on diffusers, or set negation='prompt'")
+                                "conceptgate.adapters.geom.regional_generate on diffusers, ComfyUI's 'Geom-Erasing "
+                                "Regional Negation' node or the webui extension, or a copy set back with "
+                                "'python -m conceptgate geom-negation FILE --out COPY --prompt'")
 
 
 def regional_rule(eps_neg: torch.Tensor, eps_pos: torch.Tensor, eps_tokens: torch.Tensor, mask: torch.Tensor,

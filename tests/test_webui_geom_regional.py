@@ -1,0 +1,189 @@
+"""Geom-Erasing regional negation in the webuis (ConceptGate's rule, ``settings["negation"] = "regional"``),
+replayed against the host stand-in on the real tiny UNet and text encoder.
+
+Every step of A1111 (batched, skipped unconditional branch, a stack with All-but-One and a prompt-mode Geom
+eraser) and of Forge (HEAD and ``ldm_patched``: one call, split calls, CFG 1) equals the rule computed by
+hand from the model's own predictions::
+
+    d_hat = d_cfg - k (w - 1) M [d(x, n + tokens) - d(x, n)]
+
+with ``tokens`` encoded by the core builder and the text encoder (not the glue), ``M`` the cells of the
+location bins (3 of the 4 quadrants here), ``n`` the image's negative as the UNet sees it; images whose
+gate is closed get nothing and a batch where none fires is bit-identical with no extra rows.
+"""
+
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+
+import a1111_stub
+from conceptgate.adapters import save_eraser
+from conceptgate.adapters import geom as G
+from conceptgate.adapters.abo.guidance import region_map
+from test_a1111_forge import ForgeHost
+from test_a1111_mechanisms import HOSTS, TOL, Spy, _ctx, _field, _relative, args, geom_encoding, host_for, kinds  # noqa: F401
+from test_a1111_webui import Host, world  # noqa: F401  (module fixture)
+
+K = 1.5  # not the default, so a strength read from the wrong place shows
+
+
+@pytest.fixture(scope="module")
+def regional(world, kinds):
+    eraser = G.with_negation(kinds["geom"], "regional", K)
+    eraser = dataclasses.replace(eraser, name="wm_reg")
+    path = os.path.join(world["folder"], "wm_reg.safetensors")
+    save_eraser(eraser, path)
+    tokens, plan = geom_encoding(world, kinds["geom"])
+    yield {"tokens": tokens, "grid": int(eraser.settings["grid"]), "bins": tuple(plan.bins)}
+    os.remove(path)
+
+
+def _mask(regional, like):
+    return region_map(regional["grid"], regional["bins"], like.shape[-2:]).to(like)
+
+
+@torch.no_grad()
+def reference_a1111(h, p, spy, regional, fires, abo_terms=None, s_min_uncond=0.0):
+    """A1111's CFG over the AND parts, minus the ABO terms, minus k (w - 1) M [d(n + tokens) - d(n)] on
+    the firing images (nothing where the unconditional branch was skipped)."""
+    dm = h.sd_model.model.diffusion_model
+    conds_list = p.c[0]
+    B = len(conds_list)
+
+    def text(t):
+        return _ctx(h.sd_model.get_learned_conditioning([t]))[0]
+
+    def d(x, s, ctx):
+        return dm(x[None], timesteps=s[None], context=ctx[None])[0]
+
+    out = []
+    for step, ((x_ext, sig, cond, uncond), result) in enumerate(zip(spy.denoiser, spy.after)):
+        xs, ss = x_ext[-B:], sig[-B:]
+        skipped = step % 2 and s_min_uncond > 0 and float(ss[0]) < s_min_uncond
+        w = 1.0 if skipped else p.cfg_scale
+        for i, parts in enumerate(conds_list):
+            cs = [d(xs[i], ss[i], _ctx(cond)[k]) for k, _ in parts]
+            n = _ctx(uncond)[i]
+            u = cs[0] if skipped else d(xs[i], ss[i], n)
+            want = u + sum(pw * w * (c - u) for c, (_, pw) in zip(cs, parts))
+            for gamma, erase, alt in (abo_terms or [[]] * B)[i]:
+                want = want - w * gamma * (d(xs[i], ss[i], text(erase)) - d(xs[i], ss[i], text(alt)))
+            if fires[i] and not skipped:
+                with_tokens = torch.cat([n, regional["tokens"].to(n)])
+                want = want - K * (w - 1) * _mask(regional, want) * (d(xs[i], ss[i], with_tokens) - d(xs[i], ss[i], n))
+            out.append(_relative(result[i], want))
+    return out
+
+
+A1111_CASES = {
+    "batched": dict(prompt=["a watermark on a red triangle", "a green square"], batch_size=2),
+    "skipped-uncond": dict(prompt=["a watermark on a blue circle", "a watermark"], batch_size=2, s_min_uncond=100.0,
+                           steps=3),
+    "with-abo-and-prompt-mode": dict(prompt=["a watermark on a red triangle", "a red triangle"], batch_size=2,
+                                     erasers="abo_tri:0.8, wm:1, wm_reg:1"),
+}
+A1111_FIRES = {"batched": [True, False], "skipped-uncond": [True, True], "with-abo-and-prompt-mode": [True, False]}
+A1111_ABO = {"with-abo-and-prompt-mode": [[(0.8, "triangle", "square")], [(0.8, "triangle", "square")]]}
+
+
+@pytest.mark.parametrize("case", list(A1111_CASES))
+def test_regional_every_a1111_step_equals_the_rule_by_hand(world, kinds, regional, case):
+    sc = dict(A1111_CASES[case])
+    with a1111_stub.installed("a1111") as processing:
+        h = Host(world, processing)
+        spy = Spy(sys.modules["modules.script_callbacks"])
+        p, processed = h.run(sc.pop("prompt"), args(sc.pop("erasers", "wm_reg:1"), "tokens"), **sc)
+        errors = reference_a1111(h, p, spy, regional, A1111_FIRES[case], A1111_ABO.get(case), sc.get("s_min_uncond", 0.0))
+        assert max(errors) < TOL, errors
+        if case == "batched":  # the negative itself is untouched (the tokens act through their own rows)
+            assert _ctx(spy.denoiser[0][3]).shape[1] == 77
+            assert spy.denoiser[0][0].shape[0] == 2 + 2 + 2  # conds, the firing image's two rows, unconds
+        for i, fires in enumerate(A1111_FIRES[case]):
+            info = processed.infotexts[i]
+            geom = [n.strip() for n in (_field(info, "ConceptGate Geom") or "").split(",")]
+            assert ("wm_reg" in geom) == fires, info
+            want_abo = bool(A1111_ABO.get(case, [[]] * 2)[i])
+            assert ("ConceptGate All-but-One:" in info) == want_abo, info  # regional terms are not reported as ABO
+
+
+FORGE_CASES = {
+    "one-call": dict(prompt=["a watermark on a red triangle", "a green square"], batch_size=2),
+    "split-calls": dict(prompt=["a green square", "a watermark on a blue circle"], batch_size=2,
+                        opts={"forge_split_calls": True}),
+    "cfg-1": dict(prompt=["a watermark on a red triangle", "a blue circle"], batch_size=2, cfg_scale=1.0),
+}
+FORGE_FIRES = {"one-call": [True, False], "split-calls": [False, True], "cfg-1": [True, False]}
+
+
+@pytest.mark.parametrize("kind", ["forge", "forge-legacy"])
+@pytest.mark.parametrize("case", list(FORGE_CASES))
+@torch.no_grad()
+def test_regional_every_forge_step_equals_the_rule_by_hand(world, kinds, regional, kind, case):
+    sc = dict(FORGE_CASES[case])
+    with a1111_stub.installed(kind) as processing:
+        h = ForgeHost(world, processing, legacy=kind == "forge-legacy")
+        for k, v in sc.pop("opts", {}).items():
+            setattr(h.shared.opts, k, v)
+        p, processed = h.run(sc.pop("prompt"), args("wm_reg:1", "tokens"), **sc)
+        cfg1 = sc.get("cfg_scale") == 1.0
+        checks = reference_forge_regional(h, p, regional, FORGE_FIRES[case], cfg1)
+        assert max(checks) < TOL, checks
+        for i, fires in enumerate(FORGE_FIRES[case]):
+            assert (_field(processed.infotexts[i], "ConceptGate Geom") == "wm_reg") == fires, processed.infotexts[i]
+            assert "ConceptGate All-but-One" not in processed.infotexts[i]
+
+
+def reference_forge_regional(h, p, regional, fires, cfg1):
+    """Forge's CFG (one AND part per image), minus k (w - 1) M [d(n + tokens) - d(n)] on the firing images."""
+    model = p.sampled_unets[0].model
+    cond, uncond = _ctx(p.c[1]), _ctx(p.uc)
+    out = []
+    for x, sig, result in p.denoisers[0].results:
+        for i, f in enumerate(fires):
+            def d(ctx):
+                return model.apply_model(x[i][None], sig[i][None], c_crossattn=ctx[None])[0]
+            c = d(cond[p.c[0][i][0][0]])
+            if cfg1:
+                want = c
+            else:
+                n = uncond[i]
+                u = d(n)
+                want = u + p.cfg_scale * (c - u)
+                if f:
+                    with_tokens = torch.cat([n, regional["tokens"].to(n)])
+                    want = want - K * (p.cfg_scale - 1) * _mask(regional, want) * (d(with_tokens) - d(n))
+            out.append(_relative(result[i], want))
+    return out
+
+
+@pytest.mark.parametrize("kind", HOSTS)
+@torch.no_grad()
+def test_regional_gate_zero_adds_no_rows_and_is_bit_identical(world, kinds, regional, kind):
+    with a1111_stub.installed(kind) as processing:
+        h = host_for(kind, world, processing)
+        dm = h.sd_model.forge_objects.unet.model.diffusion_model if kind != "a1111" else h.dm
+        counts = []
+        dm.register_forward_pre_hook(lambda m, a, k: counts.append(a[0].shape[0]), with_kwargs=True)
+        prompts = ["a green square", "a yellow star"]
+        _, plain = h.run(prompts, [False, "", "None", "additive", "tokens", False], batch_size=2)
+        n_plain = list(counts)
+        counts.clear()
+        p, off = h.run(prompts, args("wm_reg:1", "tokens"), batch_size=2)
+        assert counts == n_plain
+        assert all(torch.equal(a, b) for a, b in zip(plain.images, off.images))
+        counts.clear()
+        _, on = h.run(["a watermark", "a yellow star"], args("wm_reg:1", "tokens"), batch_size=2)
+        assert sum(counts) > sum(n_plain)
+        assert not torch.allclose(on.images[0], plain.images[0], atol=1e-4)
+
+
+def test_regional_on_sdxl_is_refused(world, kinds, regional):
+    from conceptgate.adapters import IncompatibleModelError
+
+    with a1111_stub.installed("a1111") as processing:
+        h = Host(world, processing, sdxl=True)
+        with pytest.raises(IncompatibleModelError, match="two text encoders"):
+            h.run("a watermark", args("wm_reg:1", "always"))
