@@ -513,6 +513,11 @@ def describe(path) -> tuple[dict, list[str]]:
     )
     if e.tensors:
         info["vectors"] = {k: list(t.shape) for k, t in e.tensors.items()}
+    if e.method == "geom":  # how hosts use the tokens (the paper's negative prompt or ConceptGate's regional rule)
+        mode = (e.settings or {}).get("negation", "prompt")
+        info["negation"] = ("the paper's negative prompt" if mode == "prompt" else
+                            f"regional x{float(e.settings.get('negation_strength', 2.0)):g} (ConceptGate's rule)"
+                            if mode == "regional" else f"unknown ({str(mode)[:40]!r})")
     info["gate"] = (f"context, calibrated (threshold {e.gate.calibration.threshold:.3g}, names "
                     f"{', '.join(e.gate.names)}; fired on {e.gate.rates.get('negatives_fired', '?')} of neutral prompts, "
                     f"its probe half on {e.gate.rates.get('probe_positives_fired', '?')} of concept prompts)"

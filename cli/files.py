@@ -116,6 +116,9 @@ def cmd_geom_negation(args) -> int:
     if os.path.abspath(args.out) == os.path.abspath(args.file):
         print(f"{args.out}: is the input file; write the copy to another path", file=sys.stderr)
         return 2
+    if args.regional is not None and not args.regional > 0:
+        print(f"--regional must be > 0 (2 is the default strength), got {args.regional:g}", file=sys.stderr)
+        return 2
     eraser = load_eraser(args.file)
     if eraser.method != METHOD:
         print(f"{args.file}: is a {eraser.method} eraser, not Geom-Erasing tokens", file=sys.stderr)

@@ -155,3 +155,10 @@ def test_cli_writes_a_regional_copy_and_leaves_the_input_alone(tmp_path, eraser,
     other = os.path.join(os.path.dirname(SHIPPED), "uce_star.safetensors")
     assert main(["geom-negation", other, "--out", str(tmp_path / "x.safetensors"), "--regional", "2"]) == 2
     assert not (tmp_path / "x.safetensors").exists()
+    assert main(["geom-negation", SHIPPED, "--out", str(tmp_path / "x.safetensors"), "--regional", "0"]) == 2
+    assert "must be > 0" in capsys.readouterr().err
+
+    from conceptgate.adapters.files import describe
+
+    assert describe(str(out))[0]["negation"] == "regional x2.5 (ConceptGate's rule)"
+    assert describe(SHIPPED)[0]["negation"] == "the paper's negative prompt"
