@@ -174,7 +174,8 @@ class GatedPipeline:
 
     * weight erasers (SPM, UCE/RECE, the All-but-One adapter): per-row forward hooks;
     * conditioning erasers (Geom-Erasing): the registry's handler builds ``negative_prompt_embeds``,
-      the learned tokens appended to the rows whose gate fires;
+      the learned tokens appended to the rows whose gate fires; those acting through extra CFG rows
+      (Geom regional negation: the registry's row terms) are folded by the row session instead;
     * guidance erasers (All-but-One): the registry's guidance session adds their rows to the
       pipeline's CFG batch (one UNet call per step) and corrects the conditional prediction.
 
@@ -210,14 +211,21 @@ class GatedPipeline:
         self.hooks: RowGatedDeltas | None = None
         self.last_report: GateReport | None = None
         self.last_coefficients: torch.Tensor | None = None
-        from .registry import conditioning_handler, guidance_session  # a missing handler raises here, not mid-call
+        from .registry import (GUIDANCE_SESSIONS, conditioning_handler, guidance_session, row_session_method,
+                               row_terms)  # a missing handler raises here, not mid-call
 
         self.sessions = {}
+        #: conditioning entries acting through extra CFG rows (Geom regional negation), folded by the row session
+        self.row_entries = [i for i, e in enumerate(self.stack.entries)
+                            if e.enabled and e.eraser.kind == "conditioning" and row_terms(e.eraser) is not None]
+        self._negatives: list[str] | None = None
         for e in self.stack.entries:
             if e.enabled and e.eraser.kind == "guidance" and e.eraser.method not in self.sessions:
                 self.sessions[e.eraser.method] = guidance_session(e.eraser)(self)
-            if e.enabled and e.eraser.kind == "conditioning":
+            if e.enabled and e.eraser.kind == "conditioning" and row_terms(e.eraser) is None:
                 conditioning_handler(e.eraser)
+        if self.row_entries and row_session_method() not in self.sessions:
+            self.sessions[row_session_method()] = GUIDANCE_SESSIONS[row_session_method()](self)
 
     # UNet -> the GatedPipeline whose hooks are on it: one stack's hooks per UNet at a time
     _in_use: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -285,7 +293,7 @@ class GatedPipeline:
 
         groups: dict[str, list[int]] = {}
         for i, e in enumerate(self.stack.entries):
-            if e.enabled and e.eraser.kind == "conditioning":
+            if e.enabled and e.eraser.kind == "conditioning" and i not in self.row_entries:
                 groups.setdefault(e.eraser.method, []).append(i)
         if not groups:
             return {}
@@ -303,6 +311,26 @@ class GatedPipeline:
             extra.update(conditioning_handler(entries[0].eraser)(self.pipe, entries, prompts, coeffs[:, idx],
                                                                   negative=negative))
         return extra
+
+    def row_terms(self, prompts, guidance_scale: float):
+        """(terms per prompt, encodings) of the entries acting through extra CFG rows, for this call's
+        gates (:attr:`last_coefficients`) and negatives; the row session folds them."""
+        from .registry import row_terms
+
+        terms: list[list] = [[] for _ in prompts]
+        hidden: dict = {}
+        if not self.row_entries or self.last_coefficients is None:
+            return terms, hidden
+        groups: dict = {}
+        for i in self.row_entries:
+            groups.setdefault(row_terms(self.stack.entries[i].eraser), []).append(i)
+        for fn, idx in groups.items():
+            t, h = fn(self, [self.stack.entries[i] for i in idx], prompts, self.last_coefficients[:, idx],
+                      self._negatives, guidance_scale)
+            for k, row in enumerate(t):
+                terms[k].extend(row)
+            hidden.update(h)
+        return terms, hidden
 
     def _sdxl_call(self, prompts, encoded, prompt_embeds, extra, kwargs) -> dict:
         """SDXL: the pipeline encodes the prompt itself (CLIP skip passed on: its own path reads
@@ -328,6 +356,9 @@ class GatedPipeline:
         coeffs, report = self.coefficients(prompts, prompt_embeds, encoded)
         self.last_report, self.last_coefficients = report, coeffs
         rows = cfg_rows(self.stack, coeffs, with_uncond=guidance_scale > 1.0)
+        negative = kwargs.get("negative_prompt")  # row terms (Geom regional negation) read the rows' negatives
+        self._negatives = None if negative is None else (
+            [negative] * len(prompts) if isinstance(negative, str) else list(negative))
         call = dict(prompt=prompts) if prompt_embeds is None else dict(prompt_embeds=prompt_embeds)
         extra = self._conditioning_kwargs(prompts, coeffs, kwargs)
         if self.sdxl:

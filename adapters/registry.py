@@ -16,6 +16,12 @@ look a handler up by ``(kind, method)`` instead of importing a mechanism: data f
   replace the sampling call for guidance erasers; ``sample(**extra_pipe_kwargs)`` runs the default
   sampler (weight erasers hooked, conditioning keyword arguments applied) if the handler only wraps it.
 
+* **row terms** ``(uses_rows(eraser) -> bool, fn(gated_pipeline, entries, prompts, gates, negatives,
+  guidance_scale) -> (terms, hidden))``: conditioning erasers that act through extra CFG rows instead of
+  pipeline arguments (Geom-Erasing's regional negation): per prompt, :class:`~.abo.guidance.Term` s and the
+  encodings they name, folded by the **row session** (the guidance session of the method registered with
+  :func:`register_row_session`: All-but-One's, which already batches such rows).
+
 Weight erasers need no handler: every host applies them through the one hook mechanism
 (:mod:`.hooks`) or its own LoRA patching.
 """
@@ -49,6 +55,12 @@ GUIDANCE_HANDLERS: dict[str, Callable] = {}
 GUIDANCE_SESSIONS: dict[str, Callable] = {}
 
 
+#: ``method -> (uses_rows, fn)`` (see the module docstring)
+ROW_TERMS: dict[str, tuple[Callable, Callable]] = {}
+#: the guidance method whose session folds row terms (``{"method": ...}`` once registered)
+ROW_SESSION: dict[str, str] = {}
+
+
 def register_mechanism(mechanism: Mechanism) -> None:
     MECHANISMS[mechanism.name] = mechanism
 
@@ -71,6 +83,29 @@ def register_guidance(method: str, fn: Callable) -> None:
 def register_guidance_session(method: str, fn: Callable) -> None:
     """Plug in how :class:`~.diffusers_host.GatedPipeline` runs guidance erasers of ``method``."""
     GUIDANCE_SESSIONS[method] = fn
+
+
+def register_row_terms(method: str, uses_rows: Callable, fn: Callable) -> None:
+    """Conditioning erasers of ``method`` for which ``uses_rows(eraser)`` act through extra CFG rows."""
+    ROW_TERMS[method] = (uses_rows, fn)
+
+
+def register_row_session(method: str) -> None:
+    """The guidance session of ``method`` folds the row terms of every mechanism."""
+    ROW_SESSION["method"] = method
+
+
+def row_terms(eraser) -> Callable | None:
+    """``fn`` of :func:`register_row_terms` when ``eraser`` acts through extra CFG rows, else None."""
+    entry = ROW_TERMS.get(eraser.method)
+    return entry[1] if entry is not None and entry[0](eraser) else None
+
+
+def row_session_method() -> str:
+    method = ROW_SESSION.get("method")
+    if method is None:
+        raise UnsupportedEraser("no session folds extra CFG rows (register_row_session)")
+    return method
 
 
 def check_eraser(eraser, path=None) -> None:

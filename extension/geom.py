@@ -49,12 +49,12 @@ import torch
 from torch import nn
 
 from ..adapters import geom as G
-from ..adapters.abo.guidance import Term
+from ..adapters.abo.guidance import NEGATIVE_ROW, Term
 from ..adapters.errors import IncompatibleModelError
 from ..adapters.stack import EraserStack
 
 ON = 0.5  # coefficient from which an image gets the tokens
-PRIVATE = "\x00"  # private keys of the per-step texts start with it: never a prompt's text
+PRIVATE = NEGATIVE_ROW  # private keys of the per-step texts (negatives) start with it: never a prompt's text
 REGIONAL_KEY = PRIVATE + "geom-regional:{name}:{image}"
 NEGATIVE_KEY = PRIVATE + "negative:{image}"
 

@@ -1,6 +1,7 @@
 """Geom-Erasing's regional negation (ConceptGate's deviation, :mod:`conceptgate.adapters.geom.regional`): the cell
 map, the rule's identity with the paper's negative prompt, the hooked diffusers path against a hand-written
-sampling loop, closed gates, one extra row per firing prompt, and the paths that refuse it."""
+sampling loop, closed gates, one extra row per firing prompt, GatedPipeline stacks (alone and with All-but-One),
+the CLI copy, and the paths that refuse it."""
 
 import os
 
@@ -120,11 +121,94 @@ def test_settings_are_checked_and_paths_without_it_refuse(pipe, eraser):
         G.with_negation(eraser, "regional", 0.0)
     with pytest.raises(ValueError, match="unknown Geom negation"):
         G.with_negation(eraser, "everywhere")
-    from conceptgate.adapters.diffusers_host import GatedPipeline
+    from conceptgate.adapters.stack import EraserStack
+    from conceptgate.adapters.registry import conditioning_handler
+
+    entry = EraserStack().with_eraser(regional).entries[0]
+    with pytest.raises(UnsupportedEraser, match="geom_watermark.*regional negation.*negative-prompt handler"):
+        conditioning_handler(regional)(pipe, [entry], ["a red triangle"], torch.ones(1, 1))
+
+
+def _stack(*erasers, rule=None):
+    from conceptgate.adapters import GateSettings
     from conceptgate.adapters.stack import EraserStack
 
-    with pytest.raises(UnsupportedEraser, match="geom_watermark.*regional negation.*GatedPipeline"):
-        with GatedPipeline(pipe, EraserStack().with_eraser(regional)) as gp:
+    stack = EraserStack()
+    for e in erasers:
+        stack = stack.with_eraser(e, gate=GateSettings(rule=rule) if rule else None)
+    return stack
+
+
+def test_gated_pipeline_stack_equals_regional_generate(pipe, eraser):
+    """A regional file in a GatedPipeline stack (the registry's row terms, folded by All-but-One's session):
+    the same latents as regional_generate with the gate's on/off per prompt, the user's negative kept, one UNet
+    call per step with one extra row per firing prompt."""
+    from conceptgate.adapters.diffusers_host import GatedPipeline
+
+    regional = G.with_negation(eraser, "regional", 2.0)
+    prompts = ["a red triangle with a watermark", "a blue circle, striped"]
+    lat = _latents(pipe, 2, seed=5)
+    calls = []
+    h = pipe.unet.conv_in.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        with GatedPipeline(pipe, _stack(regional, rule="tokens")) as gp:
+            got = gp(prompts, guidance_scale=5.0, negative_prompt=["blurry"] * 2, num_inference_steps=STEPS,
+                     latents=lat.clone(), output_type="latent").images
+            on = (gp.last_coefficients[:, 0] >= 0.5).tolist()
+    finally:
+        h.remove()
+    assert on == [True, False]  # the tokens rule: only the prompt that names the watermark
+    assert calls == [5] * STEPS
+    want = G.regional_generate(pipe, regional, prompts, guidance_scale=5.0, negative_prompt="blurry", on=on,
+                               num_inference_steps=STEPS, latents=lat.clone(), output_type="latent").images
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    plain = pipe(prompt=prompts, negative_prompt=["blurry"] * 2, guidance_scale=5.0, num_inference_steps=STEPS,
+                 latents=lat.clone(), output_type="latent").images
+    torch.testing.assert_close(got[1], plain[1], rtol=1e-5, atol=1e-5)  # closed gate: the plain image
+    assert (got[0] - plain[0]).abs().max() > 1e-3
+
+
+def test_gated_pipeline_regional_with_all_but_one_in_one_call(pipe, eraser):
+    """All-but-One and regional negation share the extra-row hooks: one UNet call per step carrying both
+    mechanisms' rows; each mechanism's terms are reported apart."""
+    from conceptgate.adapters.abo import abo_eraser
+    from conceptgate.adapters.diffusers_host import GatedPipeline
+
+    regional = G.with_negation(eraser, "regional", 2.0)
+    abo = abo_eraser("triangle", "square", name="abo_tri")
+    prompts = ["a red triangle, flat", "a blue circle, flat"]
+    lat = _latents(pipe, 2, seed=9)
+    calls = []
+    h = pipe.unet.conv_in.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        with GatedPipeline(pipe, _stack(abo, regional, rule="tokens").with_entry(1, gate=__import__(
+                "conceptgate.adapters", fromlist=["GateSettings"]).GateSettings(rule="always"))) as gp:
+            both = gp(prompts, guidance_scale=5.0, num_inference_steps=STEPS, latents=lat.clone(),
+                      output_type="latent").images
+            session = gp.sessions["abo"]
+            abo_terms, row_terms = session.last_terms, session.last_row_terms
+    finally:
+        h.remove()
+    assert [len(t) for t in abo_terms] == [1, 0] and [len(t) for t in row_terms] == [1, 1]
+    assert len(set(calls)) == 1 and len(calls) == STEPS and calls[0] > 4  # one call per step, extra rows in it
+    with GatedPipeline(pipe, _stack(abo, rule="tokens")) as gp:
+        abo_only = gp(prompts, guidance_scale=5.0, num_inference_steps=STEPS, latents=lat.clone(),
+                      output_type="latent").images
+    want_regional = G.regional_generate(pipe, regional, prompts, guidance_scale=5.0, num_inference_steps=STEPS,
+                                        latents=lat.clone(), output_type="latent").images
+    torch.testing.assert_close(both[1], want_regional[1], rtol=1e-5, atol=1e-5)  # no ABO term on the circle
+    assert (both[0] - abo_only[0]).abs().max() > 1e-3 and (both[0] - want_regional[0]).abs().max() > 1e-3
+
+
+def test_gated_pipeline_refuses_two_geom_token_sets(pipe, eraser):
+    from conceptgate.adapters.diffusers_host import GatedPipeline
+
+    regional = G.with_negation(eraser, "regional", 2.0)
+    import dataclasses
+
+    other = dataclasses.replace(eraser, name="geom_other")
+    with pytest.raises(ValueError, match="one token set per stack"):
+        with GatedPipeline(pipe, _stack(regional, other)) as gp:
             gp(["a red triangle"], guidance_scale=5.0, num_inference_steps=1, output_type="latent")
 
 

@@ -9,7 +9,8 @@ Only the abstract is public: both forms here are reconstructions, documented in 
   ``weight`` eraser, method ``abo``, applied by every host's weight path).
 """
 
-from ..registry import Mechanism, register_check, register_guidance, register_guidance_session, register_mechanism
+from ..registry import (Mechanism, register_check, register_guidance, register_guidance_session, register_mechanism,
+                        register_row_session)
 from .guidance import (KIND, METHOD, RULE, AboPlan, Term, abo_entries, abo_eraser, abo_rule, alternative_of,
                        check_abo_eraser, denoised_from_eps, encode_texts, eps_from_denoised, guidance_terms,
                        in_prompt_terms, is_abo, load_abo, save_abo, swap_in_prompt, terms_from_gates, uses_prompt)
@@ -20,6 +21,7 @@ register_mechanism(Mechanism("abo", "All-but-One (Hong et al., AAAI 2024; recons
 register_check(KIND, METHOD, check_abo_eraser)
 register_guidance(METHOD, diffusers_handler)
 register_guidance_session(METHOD, AboSession)
+register_row_session(METHOD)  # its extra-row hooks also fold Geom regional negation
 
 __all__ = ["KIND", "METHOD", "RULE", "AboGuidedPipeline", "AboPlan", "AboUNetHooks", "Term", "abo_entries",
            "abo_eraser", "abo_generate", "abo_rule", "alternative_of", "check_abo_eraser", "denoised_from_eps",

@@ -168,6 +168,11 @@ def _sigma_like(sigma, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- gates
 
 
+#: texts starting with it are private keys of negatives (Geom regional negation's rows): never a prompt's
+#: text, and their extra rows take the unconditional rows' weight-eraser coefficients
+NEGATIVE_ROW = "\x00"
+
+
 @dataclass(frozen=True)
 class Term:
     """One firing eraser on one prompt: ``gamma`` (gate x strength), what is erased, toward what.

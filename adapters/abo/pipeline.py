@@ -32,7 +32,7 @@ from ..diffusers_host import DiffusersTextEncoder, GatedPipeline, gate_encoder_f
 from ..errors import UnsupportedEraser
 from ..gate import entry_gates
 from ..gate import BankCache
-from .guidance import AboPlan, Term, abo_entries, encode_texts, guidance_terms, in_prompt_terms, terms_from_gates
+from .guidance import NEGATIVE_ROW, AboPlan, Term, abo_entries, encode_texts, guidance_terms, in_prompt_terms, terms_from_gates
 
 
 class AboUNetHooks(HookSet):
@@ -126,7 +126,12 @@ class AboUNetHooks(HookSet):
             prev_rows = self.row_hooks.state
             cur = self.row_hooks.current()
             rows = cur.repeat_interleave(B // cur.shape[0], 0)
-            self.row_hooks.set_coefficients(torch.cat([rows, rows[idx.cpu()]]))
+            src = idx.cpu()
+            if state["uncond"]:  # a negative's extra row (Geom regional negation) is weighted as the uncond rows
+                neg = torch.tensor([plan.texts[k].startswith(NEGATIVE_ROW) for k in range(len(plan.sources))
+                                    for _ in range(r)], dtype=torch.bool)
+                src = torch.where(neg, src - off, src)
+            self.row_hooks.set_coefficients(torch.cat([rows, rows[src]]))
         self.extra_rows += len(idx)
         self._local.pending = (plan, B, P, r, prev_rows)
         return tuple(args), kwargs
@@ -178,7 +183,8 @@ class AboSession:
         self.unet_hooks = AboUNetHooks(gated.pipe.unet)
         self._texts: dict = {}
         self._pooled: dict = {}
-        self.last_terms: list[list[Term]] | None = None
+        self.last_terms: list[list[Term]] | None = None  # All-but-One's own
+        self.last_row_terms: list[list[Term]] | None = None  # other mechanisms' (Geom regional negation)
 
     def attach(self):
         self.unet_hooks.row_hooks = self.gated.hooks
@@ -199,6 +205,11 @@ class AboSession:
         self.last_terms = terms
         texts = encode_texts(self.gated.encoder, terms, self._texts)
         pooled = encode_pooled(self.gated.encoder, texts, self._pooled)
+        rows, hidden = self.gated.row_terms(prompts, guidance_scale)  # other mechanisms' terms (Geom regional)
+        if any(rows):
+            terms = [a + b for a, b in zip(terms, rows)]
+            texts = {**texts, **hidden}
+        self.last_row_terms = rows
         return self.unet_hooks.active(terms, texts, with_uncond=guidance_scale > 1.0, text_pooled=pooled)
 
 

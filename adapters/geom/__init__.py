@@ -34,11 +34,12 @@ setting also trains tokens only (the paper fine-tunes the UNet jointly there, wh
 portable artefact).
 """
 
-from ..registry import Mechanism, register_conditioning, register_default_gate_rule, register_mechanism
+from ..registry import (Mechanism, register_conditioning, register_default_gate_rule, register_mechanism,
+                        register_row_terms)
 from .detectors import CocoDetector, Detection, write_coco
 from .embedding import eraser_from_ti, export_ti, load_ti, ti_metadata, ti_vectors
 from .regional import (DEFAULT_REGIONAL_STRENGTH, NEGATIONS, negation_of, regional_generate, regional_rule, regional_strength,
-                       require_prompt_negation, with_negation)
+                       regional_stack_terms, require_prompt_negation, uses_regional_rows, with_negation)
 from .negative import NegativePlan, concept_segments, diffusers_handler, encode_negative, plan_negative, select_bins
 from .tokens import (METHOD, OVERFLOW, TI_KEY, TI_META, TOKEN_SETS, WINDOW, VectorOverride, check_text_encoder,
                      chunk_rows, covered_bins, embedding_table, encode_segments, make_eraser, region_mask,
@@ -46,5 +47,6 @@ from .tokens import (METHOD, OVERFLOW, TI_KEY, TI_META, TOKEN_SETS, WINDOW, Vect
 
 register_mechanism(Mechanism("geom", "Geom-Erasing (Liu et al., ECCV 2024)", (("conditioning", METHOD),)))
 register_conditioning(METHOD, diffusers_handler)
+register_row_terms(METHOD, uses_regional_rows, regional_stack_terms)  # regional negation: GatedPipeline's extra rows
 # an implicit concept is not asked for by the prompt: its tokens join every negative by default
 register_default_gate_rule(METHOD, "always")

@@ -120,7 +120,7 @@ def diffusers_handler(pipe, entries, prompts, gates, negative=None) -> dict:
     e = validate(entries[0].eraser)
     from .regional import require_prompt_negation
 
-    require_prompt_negation(e, "a GatedPipeline stack")
+    require_prompt_negation(e, "the negative-prompt handler")  # GatedPipeline sends regional ones to its row session
     on = (torch.as_tensor(gates).reshape(len(prompts), -1)[:, 0] >= 0.5).tolist()
     if getattr(pipe, "text_encoder_2", None) is not None:
         return sdxl_negative(e, pipe, negative, on)

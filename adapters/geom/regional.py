@@ -24,11 +24,12 @@ unconditional row), batched into the same UNet call by All-but-One's extra-row h
 (:class:`~conceptgate.adapters.abo.pipeline.AboUNetHooks`), whose fold this rule is an instance of (a term
 ``gamma M [eps(e_n + tokens) - eps(e_n)]`` with ``gamma = k (w - 1) / w``).
 
-Where it runs: :func:`regional_generate` on plain diffusers SD1.x pipelines, ComfyUI's *Geom-Erasing Regional
+Where it runs: :func:`regional_generate` on plain diffusers SD1.x pipelines, :class:`GatedPipeline` stacks
+(the registry's row terms, :func:`regional_stack_terms`, folded by All-but-One's session), ComfyUI's *Geom-Erasing Regional
 Negation* node (``nodes/nodes_geom_regional.py``) and the webui extension for a file set to ``regional``
-(``extension/geom.py``; ``python -m conceptgate geom-negation`` writes such a copy). :class:`GatedPipeline`
-stacks and ComfyUI's negative-prompt nodes apply the paper's negative prompt and refuse an eraser set to
-``regional`` (:func:`require_prompt_negation`) rather than apply a different rule than the file asks for.
+(``extension/geom.py``; ``python -m conceptgate geom-negation`` writes such a copy). The
+negative-prompt paths (ComfyUI's Geom node, the registry's conditioning handler) apply the paper's negative
+prompt and refuse an eraser set to ``regional`` (:func:`require_prompt_negation`) rather than apply a different rule than the file asks for.
 """
 
 from __future__ import annotations
@@ -94,11 +95,12 @@ def region_of(eraser: Eraser, tokenizer, negative: str = "") -> tuple[int, tuple
     return int(eraser.settings["grid"]), tuple(plan.bins)
 
 
-def regional_terms(eraser: Eraser, tokenizer, text_encoder, negatives: Sequence[str], on: Sequence[bool], w: float):
+def regional_terms(eraser: Eraser, tokenizer, text_encoder, negatives: Sequence[str], on: Sequence[bool], w: float,
+                   clip_skip: int | None = None):
     """(terms, hidden): one :class:`~conceptgate.adapters.abo.guidance.Term` per firing row and the encodings
     ``{key: [77, D]}`` the extra-row hooks look up (the tokens' negative under a private key, the plain
-    negative under its text)."""
-    from ..abo.guidance import Term
+    negative under its text, which the hooks find as the batch's own unconditional row)."""
+    from ..abo.guidance import NEGATIVE_ROW, Term
 
     validate(eraser)
     k = regional_strength(eraser)
@@ -108,12 +110,43 @@ def regional_terms(eraser: Eraser, tokenizer, text_encoder, negatives: Sequence[
         if not fires or gamma == 0.0:
             terms.append([])
             continue
-        key = f"\x00geom:{eraser.name}:{neg}"  # cannot collide with a prompt text
+        key = f"{NEGATIVE_ROW}geom:{eraser.name}:{neg}"  # cannot collide with a prompt text; a negative's row
         if key not in hidden:
-            hidden[key] = encode_negative(eraser, tokenizer, text_encoder, [neg])[0]
-            hidden[neg] = encode_segments(tokenizer, text_encoder, [[neg]])[0]
+            hidden[key] = encode_negative(eraser, tokenizer, text_encoder, [neg], clip_skip=clip_skip)[0]
+            hidden[neg] = encode_segments(tokenizer, text_encoder, [[neg]], clip_skip=clip_skip)[0]
         terms.append([Term(gamma, key, neg, eraser.name, words=(eraser.settings.get("concept_name", "geom"), "regional"),
                            region=region_of(eraser, tokenizer, neg))])
+    return terms, hidden
+
+
+def uses_regional_rows(eraser: Eraser) -> bool:
+    """Whether ``eraser`` acts through extra CFG rows (regional negation) rather than the negative prompt."""
+    return eraser.method == "geom" and negation_of(eraser) == "regional"
+
+
+def regional_stack_terms(gated, entries, prompts: Sequence[str], gates: torch.Tensor, negatives, guidance_scale: float):
+    """The registry's row terms for :class:`~conceptgate.adapters.diffusers_host.GatedPipeline`: per prompt,
+    the regional terms of ``entries`` whose coefficient (gate x strength, ``gates[:, k]``) is >= 0.5 (on / off,
+    as the negative-prompt handler), and their encodings. SD1.x/2.x only."""
+    pipe = gated.pipe
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        names = ", ".join(e.eraser.source or e.eraser.name for e in entries)
+        raise UnsupportedEraser(f"{names}: regional negation runs on one-encoder (SD1.x/2.x) pipelines in this "
+                                "version, not SDXL")
+    geoms = [e for e in gated.stack.entries if e.enabled and e.eraser.method == "geom"]
+    if len(geoms) > 1:  # the negative-prompt handler's limit too: the two would need each other's negative
+        raise ValueError("Geom-Erasing: one token set per stack on the diffusers path "
+                         f"({', '.join(e.eraser.name for e in geoms)} given)")
+    negs = ["" if n is None else n for n in (negatives or [""] * len(prompts))]
+    terms: list[list] = [[] for _ in prompts]
+    hidden: dict[str, torch.Tensor] = {}
+    clip_skip = getattr(gated.encoder, "clip_skip", None)
+    for k, entry in enumerate(entries):
+        on = (torch.as_tensor(gates).reshape(len(prompts), -1)[:, k] >= 0.5).tolist()
+        t, h = regional_terms(entry.eraser, pipe.tokenizer, pipe.text_encoder, negs, on, guidance_scale, clip_skip)
+        for i, row in enumerate(t):
+            terms[i].extend(row)
+        hidden.update(h)
     return terms, hidden
 
 
@@ -141,4 +174,5 @@ def regional_generate(pipe, eraser: Eraser, prompts: Sequence[str], guidance_sca
 
 
 __all__ = ["DEFAULT_REGIONAL_STRENGTH", "NEGATIONS", "negation_of", "region_of", "regional_generate", "regional_rule",
-           "regional_strength", "regional_terms", "require_prompt_negation", "with_negation"]
+           "regional_stack_terms", "regional_strength", "regional_terms", "require_prompt_negation", "uses_regional_rows",
+           "with_negation"]
