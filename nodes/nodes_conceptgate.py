@@ -226,16 +226,16 @@ class ApplyStack(io.ComfyNode):
                                "eraser at its own gate. official: the SPM reference arithmetic (factors summed: gate "
                                "squared, cross terms)."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Your negative prompt. Geom-Erasing erasers "
-                                      "in the stack append their tokens to it (output 'negative'); other kinds leave it "
-                                      "as it is."),
+                                      "in the stack append their tokens to it (output 'negative'); one set to regional "
+                                      "negation patches the MODEL instead; other kinds leave it as it is."),
                 io.Boolean.Input("allow_other_base", default=False, optional=True, tooltip="A UCE/RECE edit file is "
                                  "the exact solution only for the model it was solved on, and is refused on another "
                                  "(base fingerprint). On: apply it anyway, as an approximation. Trained erasers (SPM, "
                                  "All-but-One) are meant to transfer to fine-tunes and are never refused for this."),
             ],
             outputs=[
-                io.Model.Output("model_out", display_name="model", tooltip="MODEL with the weight and All-but-One "
-                                "guidance erasers attached (for any sampler that uses the model's CFG: KSampler, "
+                io.Model.Output("model_out", display_name="model", tooltip="MODEL with the weight, All-but-One "
+                                "guidance and Geom regional-negation erasers attached (for any sampler that uses the model's CFG: KSampler, "
                                 "SamplerCustomAdvanced with CFGGuider)."),
                 io.String.Output("gate_report", display_name="gate_report",
                                  tooltip="The gate each eraser took for the positive prompt."),
@@ -273,6 +273,8 @@ class ApplyStack(io.ComfyNode):
             notes.append("(All-but-One guidance attached: its rows join the sampler's CFG batch, gated per prompt)")
         negative, geom_notes = geom_negative(clip, stack, coeffs, negative)
         notes += geom_notes
+        patched, regional_notes = geom_regional(patched, clip, stack, coeffs)
+        notes += regional_notes
         text = "\n".join([report.text()] + notes)
         if policy is not None:
             text += "\n[locked by the operator, applied to every image whatever this graph says: " + ", ".join(
@@ -290,7 +292,10 @@ def geom_negative(clip, stack: EraserStack, coeffs, negative=None) -> tuple[list
     Geom node's defaults; and report lines. Without ``negative``: the empty prompt's conditioning."""
     from .nodes_geom import append_tokens
 
-    entries = [(i, e) for i, e in enumerate(stack.entries) if e.enabled and e.eraser.kind == "conditioning"]
+    from ..adapters.geom import uses_regional_rows
+
+    entries = [(i, e) for i, e in enumerate(stack.entries) if e.enabled and e.eraser.kind == "conditioning"
+               and not uses_regional_rows(e.eraser)]  # regional negation files: geom_regional
     if negative is None:
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     notes = []
@@ -301,6 +306,31 @@ def geom_negative(clip, stack: EraserStack, coeffs, negative=None) -> tuple[list
         else:
             notes.append(f"(Geom-Erasing: {e.eraser.name} not appended, gate {float(coeffs[i]):.3f})")
     return negative, notes
+
+
+def geom_regional(model, clip, stack: EraserStack, coeffs) -> tuple[object, list[str]]:
+    """``model`` with the regional-negation patch of every enabled Geom-Erasing entry set to it
+    (``negation="regional"``) whose coefficient (from the positive) is >= 0.5, at the file's strength, as the
+    Geom-Erasing Regional Negation node attaches it; and report lines. One such entry per MODEL, and not beside
+    All-but-One guidance (both extend the same batched prediction): refused with the file named."""
+    from ..adapters.errors import UnsupportedEraser
+    from ..adapters.geom import regional_strength, uses_regional_rows
+    from .nodes_geom_regional import patched_model
+
+    entries = [(i, e) for i, e in enumerate(stack.entries) if e.enabled and uses_regional_rows(e.eraser)]
+    notes = []
+    firing = [(i, e) for i, e in entries if float(coeffs[i]) >= 0.5]
+    if len(firing) > 1:
+        raise UnsupportedEraser(f"{', '.join(e.eraser.source or e.eraser.name for _, e in firing)}: one Geom-Erasing "
+                                "eraser in regional negation per MODEL in this version")
+    for i, e in entries:
+        if float(coeffs[i]) < 0.5:
+            notes.append(f"(Geom-Erasing: {e.eraser.name} regional negation not attached, gate {float(coeffs[i]):.3f})")
+            continue
+        model, runtime = patched_model(model, clip, e.eraser, regional_strength(e.eraser))
+        notes.append(f"(Geom-Erasing: {e.eraser.name} as regional negation x{regional_strength(e.eraser):g} on "
+                     f"{len(runtime.region[1])} cell(s); the negative is left as it is)")
+    return model, notes
 
 
 class TextEncode(io.ComfyNode):

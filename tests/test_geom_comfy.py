@@ -214,3 +214,38 @@ def test_regional_and_abo_on_one_model_are_refused(executor, setup):
     with_regional = patched_model(model, clip, e)[0]
     with pytest.raises(EraserFileError, match="already carries Geom-Erasing regional negation"):
         nodes_abo.patched_model(with_regional, stack, clip)
+
+
+def test_apply_stack_attaches_a_regional_file_like_the_node(executor, setup):
+    """A file set to regional negation in a stack: Apply Eraser Stack attaches the regional patch at the file's
+    strength where the gate (from the positive) fires, leaves the negative alone, and samples exactly as the
+    Regional Negation node; a closed gate attaches nothing; beside All-but-One guidance it is refused."""
+    from conceptgate.adapters import EraserStack, GateSettings
+    from conceptgate.adapters.abo import abo_eraser
+    from conceptgate.adapters.errors import EraserFileError
+    from conceptgate.nodes.nodes_conceptgate import ApplyStack
+    from conceptgate.nodes.nodes_geom_regional import GeomRegional
+    from conceptgate.nodes.nodes_toy import load_toy_for_comfy
+
+    e, clip, _ = setup
+    regional = G.with_negation(e, "regional", 1.5)
+    model = load_toy_for_comfy()[0]
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red star"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
+
+    def apply(stack):
+        return ApplyStack.execute(model=model, clip=clip, stack=stack, positive=pos, mode="per-row",
+                                  combine="additive", negative=neg).result
+
+    patched, report, negative = apply(EraserStack().with_eraser(regional, gate=GateSettings(rule="always")))
+    assert "regional negation x1.5" in report and negative is neg
+    (node_model, _) = GeomRegional.execute(model=model, clip=clip, source="none", strength=1.5, eraser=e).result
+    torch.testing.assert_close(_ksample(patched, pos, negative), _ksample(node_model, pos, neg))
+    assert (_ksample(patched, pos, neg) - _ksample(model, pos, neg)).abs().max() > 1e-4
+    closed, report, _ = apply(EraserStack().with_eraser(regional, gate=GateSettings(rule="tokens")))
+    assert "not attached, gate 0.000" in report
+    torch.testing.assert_close(_ksample(closed, pos, neg), _ksample(model, pos, neg))
+    both = EraserStack().with_eraser(abo_eraser("star", "heart"), gate=GateSettings(rule="always")).with_eraser(
+        regional, gate=GateSettings(rule="always"))
+    with pytest.raises(EraserFileError, match="already carries All-but-One guidance"):
+        apply(both)
