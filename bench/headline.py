@@ -131,7 +131,8 @@ def geom_rows(geom: dict | None) -> list[dict]:
         out.append({"eraser": r["name"], "target": "watermark (implicit)", "section": "geom", "shipped": True,
                     **({"label": f"`geom_watermark` in regional negation x{r['name'][len('geom_watermark_regional'):]} "
                                  "(ConceptGate's rule: diffusers and ComfyUI)", "shipped": False} if regional else {}),
-                    "ua": f"watermark rate {_iv(base['watermark_rate'])} -> {_iv(m['watermark_rate'])} "
+                    "ua": f"watermark rate {_iv(base.get('watermark_rate_crossed', base['watermark_rate']))} -> "
+                          f"{_iv(m.get('watermark_rate_crossed', m['watermark_rate']))} "
                           f"(-{_pct(red)}%)",
                     "ira": "–", "cra": "–", "garbage": f"{100 * (m['garbage_rate']['value'] - base['garbage_rate']['value']):+.0f}",
                     "replacement": "–", "ceiling": "–", "images": str(m["n_images"]),

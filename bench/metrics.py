@@ -33,6 +33,30 @@ def cluster_bootstrap(num, den, n_boot: int = 1000, seed: int = 0, alpha: float 
     return point, float(lo), float(hi), reps
 
 
+def crossed_bootstrap(values, prompt_ids, seed_ids, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05):
+    """Mean of ``values`` (one per image) and its percentile bootstrap interval resampling prompts **and**
+    seeds, independently (a crossed design: every prompt is sampled with the same seeds, so an unlucky seed
+    moves every prompt's images at once, which resampling prompts alone does not see). Each replicate weighs
+    image (p, s) by how often prompt p and seed s were drawn. Returns ``(point, lo, hi)``."""
+    v = np.asarray(values, np.float64)
+    pid, sid = np.asarray(prompt_ids), np.asarray(seed_ids)
+    if len(v) == 0:
+        nan = float("nan")
+        return nan, nan, nan
+    _, pid = np.unique(pid, return_inverse=True)
+    _, sid = np.unique(sid, return_inverse=True)
+    n_p, n_s = int(pid.max()) + 1, int(sid.max()) + 1
+    rng = np.random.default_rng(seed)
+    reps = np.empty(n_boot)
+    for b in range(n_boot):
+        wp = np.bincount(rng.integers(0, n_p, n_p), minlength=n_p)
+        ws = np.bincount(rng.integers(0, n_s, n_s), minlength=n_s)
+        w = wp[pid] * ws[sid]
+        reps[b] = (w * v).sum() / w.sum() if w.sum() else np.nan
+    lo, hi = np.nanquantile(reps, [alpha / 2, 1 - alpha / 2])
+    return float(v.mean()), float(lo), float(hi)
+
+
 def _stat(num, den, n_boot, seed):
     p, lo, hi, reps = cluster_bootstrap(num, den, n_boot, seed)
     return {"value": p, "lo": lo, "hi": hi, "n": int(np.asarray(den).sum())}, reps

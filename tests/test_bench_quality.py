@@ -98,6 +98,28 @@ def test_bootstrap_resamples_prompts_not_images():
     assert set(np.round(reps, 6)) <= {0.0, 0.5, 1.0} and lo == 0.0 and hi == 1.0
 
 
+def test_crossed_bootstrap_sees_the_seed_effect_that_prompt_clusters_miss():
+    """Every prompt sampled with the same seeds: a seed that draws the concept for every prompt moves all
+    prompts at once. Resampling prompts only cannot see it; the crossed bootstrap (prompts and seeds) can."""
+    from conceptgate.bench.metrics import crossed_bootstrap
+
+    rng = np.random.default_rng(1)
+    P, S = 32, 4
+    v = (rng.random((P, S)) < np.array([0.05, 0.6, 0.1, 0.5])[None]).astype(float)  # strong seed effect
+    pid, sid = np.repeat(np.arange(P), S), np.tile(np.arange(S) + 5000, P)
+    point, lo, hi = crossed_bootstrap(v.ravel(), pid, sid, 500, 0)
+    _, clo, chi, _ = Q.cluster_bootstrap(v.sum(1), np.full(P, S), 500, 0)
+    assert point == pytest.approx(v.mean()) and lo <= point <= hi
+    assert hi - lo > 2 * (chi - clo)
+    assert crossed_bootstrap(v.ravel(), pid, sid, 500, 0) == (point, lo, hi)  # deterministic
+    # no seed effect: the same order of width as the prompt-cluster interval
+    w = np.repeat(rng.random(P) < 0.3, S).astype(float)
+    _, lo2, hi2 = crossed_bootstrap(w, pid, sid, 500, 0)
+    _, clo2, chi2, _ = Q.cluster_bootstrap(w.reshape(P, S).sum(1), np.full(P, S), 500, 0)
+    assert (hi2 - lo2) == pytest.approx(chi2 - clo2, rel=0.35)
+    assert crossed_bootstrap(np.ones(8), np.arange(8) // 2, np.arange(8) % 2, 50)[:3] == (1.0, 1.0, 1.0)
+
+
 @pytest.mark.parametrize("n,m,d", [(20, 30, 64), (40, 40, 16), (5, 9, 200)])
 def test_fast_frechet_matches_the_toyworld_reference(n, m, d):
     from conceptgate.toyworld.judges import frechet_distance
