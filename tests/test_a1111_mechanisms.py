@@ -171,9 +171,10 @@ def _relative(got, want) -> float:
     return ((got - want).abs().max() / max(1.0, float(want.abs().max()))).item()
 
 
-def reference_a1111(h, p, spy, terms_of_image, s_min_uncond=0.0):
+def reference_a1111(h, p, spy, terms_of_image, s_min_uncond=0.0, extra=None):
     """Every step's result computed by hand from the UNet's own predictions: A1111's CFG over the AND parts
-    minus cfg * sum gamma [d(erase) - d(alternative)] (cfg 1 where the uncond was skipped)."""
+    minus cfg * sum gamma [d(erase) - d(alternative)] (cfg 1 where the uncond was skipped), minus
+    ``extra(i, d, negative, cfg, skipped)`` where given (``d(ctx)``: image i's prediction this step)."""
     dm = h.sd_model.model.diffusion_model
     conds_list = p.c[0]
     B = len(conds_list)
@@ -198,6 +199,8 @@ def reference_a1111(h, p, spy, terms_of_image, s_min_uncond=0.0):
             want = u + sum(w * scale * (c - u) for c, (_, w) in zip(cs, parts))
             for gamma, erase, alt in terms_of_image[i]:
                 want = want - scale * gamma * (d(xs[i], ss[i], text(erase)) - d(xs[i], ss[i], text(alt)))
+            if extra is not None:
+                want = want - extra(i, lambda ctx: d(xs[i], ss[i], ctx), _ctx(uncond)[i], scale, skipped)
             den = p.denoisers[0]
             if den.mask is not None:  # img2img inpainting: the kept area is the init image's, as the webui blends
                 want = want * den.nmask[0] + den.init_latent[0] * den.mask[0]
@@ -268,7 +271,8 @@ def test_abo_gate_zero_adds_no_rows_and_is_bit_identical(world, kinds, kind):
         assert sum(counts) > sum(n_plain)
 
 
-def reference_forge(h, p, terms_of_image, cfg1=False):
+def reference_forge(h, p, terms_of_image, cfg1=False, extra=None):
+    """As :func:`reference_a1111` on Forge's sampling path (``extra(i, d, negative, cfg, cfg1)``)."""
     model = p.sampled_unets[0].model
     conds_list, cond_t = p.c
     uncond_t = p.uc
@@ -294,6 +298,8 @@ def reference_forge(h, p, terms_of_image, cfg1=False):
                 e = _ctx(h.sd_model.get_learned_conditioning([erase]))[0]
                 a = _ctx(h.sd_model.get_learned_conditioning([alt]))[0]
                 want = want - scale * gamma * (d(x[i], sig[i], e) - d(x[i], sig[i], a))
+            if extra is not None:
+                want = want - extra(i, lambda ctx: d(x[i], sig[i], ctx), _ctx(uncond_t)[i], scale, cfg1)
             out.append(_relative(result[i], want))
     return out
 

@@ -24,7 +24,8 @@ from conceptgate.adapters import save_eraser
 from conceptgate.adapters import geom as G
 from conceptgate.adapters.abo.guidance import region_map
 from test_a1111_forge import ForgeHost
-from test_a1111_mechanisms import HOSTS, TOL, Spy, _ctx, _field, _relative, args, geom_encoding, host_for, kinds  # noqa: F401
+from test_a1111_mechanisms import (HOSTS, TOL, Spy, _ctx, _field, args, geom_encoding, host_for, kinds,  # noqa: F401
+                                   reference_a1111, reference_forge)
 from test_a1111_webui import Host, world  # noqa: F401  (module fixture)
 
 K = 1.5  # not the default, so a strength read from the wrong place shows
@@ -45,37 +46,16 @@ def _mask(regional, like):
     return region_map(regional["grid"], regional["bins"], like.shape[-2:]).to(like)
 
 
-@torch.no_grad()
-def reference_a1111(h, p, spy, regional, fires, abo_terms=None, s_min_uncond=0.0):
-    """A1111's CFG over the AND parts, minus the ABO terms, minus k (w - 1) M [d(n + tokens) - d(n)] on
-    the firing images (nothing where the unconditional branch was skipped)."""
-    dm = h.sd_model.model.diffusion_model
-    conds_list = p.c[0]
-    B = len(conds_list)
-
-    def text(t):
-        return _ctx(h.sd_model.get_learned_conditioning([t]))[0]
-
-    def d(x, s, ctx):
-        return dm(x[None], timesteps=s[None], context=ctx[None])[0]
-
-    out = []
-    for step, ((x_ext, sig, cond, uncond), result) in enumerate(zip(spy.denoiser, spy.after)):
-        xs, ss = x_ext[-B:], sig[-B:]
-        skipped = step % 2 and s_min_uncond > 0 and float(ss[0]) < s_min_uncond
-        w = 1.0 if skipped else p.cfg_scale
-        for i, parts in enumerate(conds_list):
-            cs = [d(xs[i], ss[i], _ctx(cond)[k]) for k, _ in parts]
-            n = _ctx(uncond)[i]
-            u = cs[0] if skipped else d(xs[i], ss[i], n)
-            want = u + sum(pw * w * (c - u) for c, (_, pw) in zip(cs, parts))
-            for gamma, erase, alt in (abo_terms or [[]] * B)[i]:
-                want = want - w * gamma * (d(xs[i], ss[i], text(erase)) - d(xs[i], ss[i], text(alt)))
-            if fires[i] and not skipped:
-                with_tokens = torch.cat([n, regional["tokens"].to(n)])
-                want = want - K * (w - 1) * _mask(regional, want) * (d(xs[i], ss[i], with_tokens) - d(xs[i], ss[i], n))
-            out.append(_relative(result[i], want))
-    return out
+def regional_term(regional, fires):
+    """The term by hand, for the reference loops: k (w - 1) M [d(n + tokens) - d(n)] on firing images, nothing
+    where the unconditional branch was skipped (or at CFG 1)."""
+    def extra(i, d, negative, w, skipped):
+        if not fires[i] or skipped:
+            return 0.0
+        with_tokens = torch.cat([negative, regional["tokens"].to(negative)])
+        diff = d(with_tokens) - d(negative)
+        return K * (w - 1) * _mask(regional, diff) * diff
+    return extra
 
 
 A1111_CASES = {
@@ -96,7 +76,8 @@ def test_regional_every_a1111_step_equals_the_rule_by_hand(world, kinds, regiona
         h = Host(world, processing)
         spy = Spy(sys.modules["modules.script_callbacks"])
         p, processed = h.run(sc.pop("prompt"), args(sc.pop("erasers", "wm_reg:1"), "tokens"), **sc)
-        errors = reference_a1111(h, p, spy, regional, A1111_FIRES[case], A1111_ABO.get(case), sc.get("s_min_uncond", 0.0))
+        errors = reference_a1111(h, p, spy, A1111_ABO.get(case, [[], []]), sc.get("s_min_uncond", 0.0),
+                                 extra=regional_term(regional, A1111_FIRES[case]))
         assert max(errors) < TOL, errors
         if case == "batched":  # the negative itself is untouched (the tokens act through their own rows)
             assert _ctx(spy.denoiser[0][3]).shape[1] == 77
@@ -129,34 +110,11 @@ def test_regional_every_forge_step_equals_the_rule_by_hand(world, kinds, regiona
             setattr(h.shared.opts, k, v)
         p, processed = h.run(sc.pop("prompt"), args("wm_reg:1", "tokens"), **sc)
         cfg1 = sc.get("cfg_scale") == 1.0
-        checks = reference_forge_regional(h, p, regional, FORGE_FIRES[case], cfg1)
+        checks = reference_forge(h, p, [[], []], cfg1, extra=regional_term(regional, FORGE_FIRES[case]))
         assert max(checks) < TOL, checks
         for i, fires in enumerate(FORGE_FIRES[case]):
             assert (_field(processed.infotexts[i], "ConceptGate Geom") == "wm_reg") == fires, processed.infotexts[i]
             assert "ConceptGate All-but-One" not in processed.infotexts[i]
-
-
-def reference_forge_regional(h, p, regional, fires, cfg1):
-    """Forge's CFG (one AND part per image), minus k (w - 1) M [d(n + tokens) - d(n)] on the firing images."""
-    model = p.sampled_unets[0].model
-    cond, uncond = _ctx(p.c[1]), _ctx(p.uc)
-    out = []
-    for x, sig, result in p.denoisers[0].results:
-        for i, f in enumerate(fires):
-            def d(ctx):
-                return model.apply_model(x[i][None], sig[i][None], c_crossattn=ctx[None])[0]
-            c = d(cond[p.c[0][i][0][0]])
-            if cfg1:
-                want = c
-            else:
-                n = uncond[i]
-                u = d(n)
-                want = u + p.cfg_scale * (c - u)
-                if f:
-                    with_tokens = torch.cat([n, regional["tokens"].to(n)])
-                    want = want - K * (p.cfg_scale - 1) * _mask(regional, want) * (d(with_tokens) - d(n))
-            out.append(_relative(result[i], want))
-    return out
 
 
 @pytest.mark.parametrize("kind", HOSTS)
