@@ -402,7 +402,13 @@ class ForgeGuidance:
     def post_cfg(self, args):
         step, self.step = self.step, None
         denoised = args["denoised"]
-        if step is None or step["out"] is None:
+        if step is None:
+            return denoised
+        if step["out"] is None:
+            if any(self._terms_now(step["w"])):  # terms fire, but no UNet call of the step took their rows
+                raise RuntimeError("ConceptGate: no UNet call of this step had the batch layout the All-but-One / "
+                                   "Geom regional rows join (area conditionings or another extension's pass?); the "
+                                   "generation is stopped rather than made without those erasers")
             return denoised
         corr = at_cfg_scale(step["plan"], self.uncond_terms, step["w"]).correction(denoised, None, step["out"])
         return denoised - (step["w"] * corr).to(denoised)

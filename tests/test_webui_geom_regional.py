@@ -145,3 +145,22 @@ def test_regional_on_sdxl_is_refused(world, kinds, regional):
         h = Host(world, processing, sdxl=True)
         with pytest.raises(IncompatibleModelError, match="two text encoders"):
             h.run("a watermark", args("wm_reg:1", "always"))
+
+
+@pytest.mark.parametrize("erasers", ["wm_reg:1", "abo_tri:1"])
+def test_forge_step_whose_calls_took_no_rows_stops_the_generation(world, kinds, regional, erasers, monkeypatch):
+    """Fail closed: when no UNet call of a step has the layout the rows join (area conditionings, another
+    extension's pass), Forge stops with a message instead of sampling that step without the eraser."""
+    from conceptgate.extension import abo
+
+    def never_matches(self, prev, apply_model, args):  # what wrap does for a batch it does not recognise
+        call = prev if prev is not None else (lambda fn, a: fn(a["input"], a["timestep"], **a["c"]))
+        return call(apply_model, args)
+
+    monkeypatch.setattr(abo.ForgeGuidance, "wrap", never_matches)
+    with a1111_stub.installed("forge") as processing:
+        h = ForgeHost(world, processing)
+        with pytest.raises(RuntimeError, match="stopped rather than made without"):
+            h.run(["a watermark on a red triangle"], args(erasers, "always"))
+        _, plain = h.run(["a green square"], args(erasers, "tokens"))  # nothing fires: no rows owed, no error
+        assert plain.images
