@@ -36,13 +36,14 @@ import logging
 
 import torch
 
+from ..adapters.abo.guidance import NEGATIVE_ROW
 from ..adapters.hooks import RowGatedDeltas
 from ..adapters.gate import EncodedText, GateReport, positions_mask, to_window
 from ..adapters.gate import BankCache
 from ..adapters.stack import EraserStack
 from . import ldm
 from .abo import A1111Guidance, abo_only, image_terms, swapped_texts
-from .geom import PRIVATE, GeomTokens
+from .geom import GeomTokens
 from .text import HostTextEncoder, conditioning_hidden, subprompts
 
 log = logging.getLogger("conceptgate")
@@ -92,8 +93,7 @@ class A1111Runtime:
             ldm.check_fits(self.stack, self.layout, names, self.dm)
             self.hooks = RowGatedDeltas(self.stack, lambda n: self.dm.get_submodule(names[n]))
         self.geom = GeomTokens(self.stack, sd_model)  # encoded now, before sampling
-        regional = {e.eraser.name for c, e in self.geom.entries if c in self.geom.regional}
-        self.abo = A1111Guidance(self.stack, sd_model, uncond_terms=regional)  # regional negation rides its rows
+        self.abo = A1111Guidance(self.stack, sd_model, uncond_terms=self.geom.regional_names)  # regional rides its rows
         self._pre = None
 
     def attach(self) -> "A1111Runtime":
@@ -177,7 +177,7 @@ class A1111Runtime:
                 uncond_rows[:, j] = 0.0
         extra_rows = per_image[sources] if sources else None  # extra rows: their image's coefficients
         if sources and self.geom.regional:  # regional negation's rows are negatives: the unconditional rows' coefficients
-            negative = [t.startswith(PRIVATE) for t in self.abo.step["plan"].texts]
+            negative = [t.startswith(NEGATIVE_ROW) for t in self.abo.step["plan"].texts]
             extra_rows = torch.where(torch.tensor(negative)[:, None], uncond_rows[sources], extra_rows)
         cond_rows = torch.cat([coeffs, extra_rows]) if sources else coeffs
         self.table = RowTable(cond_rows, uncond_rows)

@@ -54,9 +54,8 @@ from ..adapters.errors import IncompatibleModelError
 from ..adapters.stack import EraserStack
 
 ON = 0.5  # coefficient from which an image gets the tokens
-PRIVATE = NEGATIVE_ROW  # private keys of the per-step texts (negatives) start with it: never a prompt's text
-REGIONAL_KEY = PRIVATE + "geom-regional:{name}:{image}"
-NEGATIVE_KEY = PRIVATE + "negative:{image}"
+REGIONAL_KEY = NEGATIVE_ROW + "geom-regional:{name}:{image}"  # private keys of the per-step texts (negatives)
+NEGATIVE_KEY = NEGATIVE_ROW + "negative:{image}"
 
 
 def geom_entries(stack: EraserStack) -> list[tuple[int, object]]:
@@ -153,9 +152,9 @@ class GeomTokens:
         return [[col for col, _ in self.entries if float(per_image[i, col]) >= ON] for i in range(per_image.shape[0])]
 
     @property
-    def appends(self) -> bool:
-        """Whether any entry uses the paper's negative prompt (the others are regional terms)."""
-        return any(col not in self.regional for col, _ in self.entries)
+    def regional_names(self) -> set[str]:
+        """The names of the entries set to regional negation (their terms need the unconditional branch)."""
+        return {e.eraser.name for col, e in self.entries if col in self.regional}
 
     def regional_terms(self, per_image: torch.Tensor) -> list[list[Term]]:
         """Per image, one term per firing regional entry, erase = the image's negative + tokens, alternative =

@@ -250,8 +250,7 @@ class GenerationState:
         key = (id(stack), id(sd_model))
         if key not in self._forge:
             geom = GeomTokens(stack, sd_model)
-            regional = {e.eraser.name for c, e in geom.entries if c in geom.regional}
-            self._forge[key] = (stack, geom, ForgeGuidance(stack, sd_model, uncond_terms=regional))
+            self._forge[key] = (stack, geom, ForgeGuidance(stack, sd_model, uncond_terms=geom.regional_names))
         _, geom, guidance = self._forge[key]
         unet = sd_model.forge_objects.unet
         per_row = forge.per_row_enabled() and any(e.enabled for _, e in stack.weight_entries)
